@@ -1,0 +1,37 @@
+"""Calibration stage: stream sampled layer responses of a CNN into an HDF5 store.
+
+Forward hooks (:class:`ResponseRecorder`) sample each target layer's output y (pre-activation) at a fixed
+number of spatial positions per image (:func:`sample_positions`, deterministic in the seed, layer and image
+ordinal); :func:`calibrate` drives a model over calibration batches and writes the samples batch by batch
+(:class:`CalibrationWriter`), resuming an interrupted run; :func:`open_calibration` reads a complete store.
+
+This package is a stage of its own: it does not import ``lowrank_fm``, and it is the only one that imports
+h5py.
+"""
+
+from .recorder import ResponseRecorder, Samples, layer_spec
+from .run import calibrate, resolve_layers
+from .sampling import sample_positions
+from .store import (
+    FORMAT_VERSION,
+    CalibrationMismatchError,
+    CalibrationReader,
+    CalibrationWriter,
+    IncompleteCalibrationError,
+    open_calibration,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CalibrationMismatchError",
+    "CalibrationReader",
+    "CalibrationWriter",
+    "IncompleteCalibrationError",
+    "ResponseRecorder",
+    "Samples",
+    "calibrate",
+    "layer_spec",
+    "open_calibration",
+    "resolve_layers",
+    "sample_positions",
+]

@@ -1,0 +1,256 @@
+"""calibrate(): run a model over calibration batches and stream sampled layer responses to HDF5.
+
+Each batch is run once through the model under ``torch.no_grad()`` in eval mode; the
+:class:`~calibration.recorder.ResponseRecorder` samples the target layers' outputs and the batch is appended
+to the store at once, so memory stays flat whatever the number of images. An interrupted run resumes from
+the store's committed image count: batches already stored are drawn from the iterable but not run, and a
+batch that straddles the boundary is run with only its new images kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .recorder import ResponseRecorder, Samples, layer_spec
+from .sampling import check_positions_per_image
+from .store import CalibrationWriter
+
+__all__ = ["calibrate", "resolve_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
+    """Target modules of ``model`` by qualified name (as in ``model.named_modules()``).
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer_names : sequence of str
+        Distinct names of nn.Conv2d or nn.Linear modules.
+
+    Returns
+    -------
+    dict of str to nn.Module, in the order of ``layer_names``.
+
+    Raises
+    ------
+    ValueError
+        If the list is empty, has repeats, or names a module the model does not have.
+    TypeError
+        If a named module is not nn.Conv2d nor nn.Linear.
+    """
+    if isinstance(layer_names, str):
+        raise ValueError(f"layer_names must be a list of names, got the string {layer_names!r}")
+    names = list(layer_names)
+    if not names:
+        raise ValueError("layer_names must name at least one nn.Conv2d or nn.Linear layer, got none")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer_names has repeated names: {names}")
+    available = dict(model.named_modules())
+    missing = [name for name in names if name not in available]
+    if missing:
+        candidates = [n for n, m in available.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise ValueError(f"model has no module named {missing}; its Conv2d/Linear layers are {candidates}")
+    modules = {name: available[name] for name in names}
+    for name, module in modules.items():
+        try:
+            layer_spec(module)
+        except TypeError as err:
+            raise TypeError(f"layer {name!r}: {err}") from None
+    return modules
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            raise ValueError("a batch must be a Tensor of shape (B, ...) or a list of image tensors, got a scalar")
+        return int(batch.shape[0])
+    if isinstance(batch, list):
+        return len(batch)
+    raise TypeError(
+        f"a batch must be a Tensor of shape (B, ...) or a list of image tensors, got {type(batch).__name__}; "
+        f"pass to_input=... to turn a loader item into the model input (e.g. to_input=lambda item: item[0])"
+    )
+
+
+def _to_device(batch: torch.Tensor | list, device: torch.device) -> torch.Tensor | list:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return [item.to(device) if isinstance(item, torch.Tensor) else item for item in batch]
+
+
+def _check_model_device(model: nn.Module, device: torch.device) -> None:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        here = tensor.device
+        if here.type != device.type or (device.index is not None and here.index != device.index):
+            raise ValueError(
+                f"the model is on {here} but device={str(device)!r}: move the model with model.to(device) "
+                f"or pass device={str(here)!r}"
+            )
+        return
+
+
+def _keep_below(samples: Mapping[str, Samples], limit: int) -> dict[str, Samples]:
+    """Drop the rows of images with ordinal >= limit."""
+    kept = {}
+    for name, (responses, ordinal, position) in samples.items():
+        stop = int(np.searchsorted(ordinal, limit, side="left"))
+        kept[name] = (responses[:stop], ordinal[:stop], position[:stop])
+    return kept
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layer_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    n_images: int,
+    seed: int = 0,
+    positions_per_image: int | None = 10,
+    image_ids: np.ndarray | None = None,
+    meta: Mapping[str, Any] | None = None,
+    resume: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    to_input: Callable[[Any], Any] | None = None,
+) -> str:
+    """Store sampled output responses of the target layers over ``n_images`` calibration images.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network, already on ``device``. It is run in eval mode under ``torch.no_grad()``; the training
+        mode of each of its modules is restored afterwards, nothing else is changed.
+    batches : iterable
+        Model inputs: Tensors of shape (B, ...), or lists of image tensors (as torchvision detection models
+        take), or any loader items that ``to_input`` turns into one of those. The model is called as
+        ``model(batch)``. It must yield the same images in the same order on every call (for resuming).
+    layer_names : sequence of str
+        Qualified names of the nn.Conv2d / nn.Linear modules whose outputs are recorded.
+    path : str or PathLike
+        The HDF5 store (see :mod:`calibration.store`).
+    n_images : int
+        Number of calibration images; the images after it are not used.
+    seed : int, default 0
+        Seed of the position sampling.
+    positions_per_image : int or None, default 10
+        Spatial positions sampled per image and layer; None keeps all positions.
+    image_ids : ndarray of shape (n_images,), optional
+        The caller's identifier of each image (e.g. its index in the training set); default arange.
+    meta : dict, optional
+        JSON-serialisable metadata stored with the file (model name, dataset, ...). It is part of the
+        store's identity: resuming needs the same meta.
+    resume : bool, default True
+        Continue an existing incomplete file made with the same settings (a complete one is returned as is).
+    device : str or torch.device, default "cpu"
+        Where tensors of each batch are moved.
+    progress : bool, default True
+        Show a tqdm progress bar over images.
+    to_input : callable, optional
+        ``to_input(item)`` turns a raw item of ``batches`` into the model input (default: identity).
+
+    Returns
+    -------
+    str
+        The path of the complete store.
+
+    Raises
+    ------
+    ValueError
+        If ``batches`` runs out before ``n_images`` images (the file stays incomplete and resumable), or on
+        bad arguments.
+    CalibrationMismatchError
+        If ``path`` holds a store made with other settings.
+    FileExistsError
+        If ``path`` exists and ``resume`` is False.
+    """
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images <= 0:
+        raise ValueError(f"n_images must be a positive int, got {n_images!r}")
+    n_images = int(n_images)
+    positions_per_image = check_positions_per_image(positions_per_image)
+    modules = resolve_layers(model, layer_names)
+    ids = np.arange(n_images, dtype=np.int64) if image_ids is None else np.asarray(image_ids)
+    if ids.shape != (n_images,):
+        raise ValueError(f"image_ids must have shape (n_images,) = ({n_images},), got {ids.shape}")
+    device = torch.device(device)
+    _check_model_device(model, device)
+    path = os.fspath(path)
+    layers = {name: layer_spec(module) for name, module in modules.items()}
+
+    with CalibrationWriter.open(
+        path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=ids,
+        meta=meta, resume=resume,
+    ) as writer:
+        if writer.complete:
+            logger.info("calibration file %s is already complete (%d images)", path, n_images)
+            return path
+        n_done = writer.n_images_done
+        if n_done:
+            logger.info("resuming calibration file %s at image %d of %d", path, n_done, n_images)
+        if n_done < n_images:
+            _run_batches(model, batches, modules, writer, n_images=n_images, n_done=n_done, seed=seed,
+                         positions_per_image=positions_per_image, device=device, progress=progress,
+                         to_input=to_input)
+        writer.mark_complete()
+        logger.info("calibration file %s complete: %d images, layers %s", path, n_images, list(modules))
+    return path
+
+
+def _run_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: dict[str, nn.Module],
+    writer: CalibrationWriter,
+    *,
+    n_images: int,
+    n_done: int,
+    seed: int,
+    positions_per_image: int | None,
+    device: torch.device,
+    progress: bool,
+    to_input: Callable[[Any], Any] | None,
+) -> None:
+    """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    ordinal = 0  # ordinal of the first image of the next batch
+    try:
+        with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
+                              skip_before=n_done) as recorder, \
+                tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
+                     disable=not progress) as bar, torch.no_grad():
+            for item in batches:
+                batch = item if to_input is None else to_input(item)
+                size = _batch_size(batch)
+                if ordinal + size <= n_done:  # already stored: do not run the model
+                    recorder.skip(size)
+                    ordinal += size
+                    continue
+                model(_to_device(batch, device))
+                recorder.next_batch(size)
+                done = min(ordinal + size, n_images)
+                writer.append(_keep_below(recorder.pop(), n_images), images_done=done)
+                bar.update(done - max(ordinal, n_done))
+                ordinal += size
+                if ordinal >= n_images:
+                    break
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if ordinal < n_images:
+        raise ValueError(
+            f"the calibration batches ran out after {ordinal} images but n_images={n_images} were requested; "
+            f"{writer.n_images_done} images are stored in {writer.path!r}, which stays incomplete: pass more "
+            f"batches (same images, same order) with the same settings to resume, or a smaller n_images with "
+            f"another file"
+        )

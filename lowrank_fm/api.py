@@ -1,0 +1,290 @@
+"""``approximate(model, data, ...) -> (new_model, report)``: orchestration of the pipeline, nothing else.
+
+Stages: copy and fold BatchNorm -> choose target layers -> calibrate (responses to HDF5) -> statistics ->
+rank per layer -> factorize and swap modules -> measure each layer's error on held-out calibration images
+-> count parameters and MACs. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ApproxConfig
+from .cost import batch_size_of, measure_costs, module_params
+from .methods import LayerContext, ResponseStats, get_method
+from .methods.base import original_macs_per_position
+from .ranks import energy_kept, rank_for_energy
+from .report import LayerRecord, Report
+from .stats import StreamingCovariance, incremental_pca_basis, principal_components
+from .surgery import find_layers, fold_batchnorm, get_module, name_filter, set_module
+
+__all__ = ["approximate", "default_to_input"]
+
+log = logging.getLogger(__name__)
+
+
+def default_to_input(batch):
+    """The model input of one loader item: ``images`` of an ``(images, labels)`` pair, else the item itself.
+
+    A pair counts as labelled when its second element is a 1-D integer tensor with one entry per image.
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and torch.is_tensor(batch[0]) and torch.is_tensor(batch[1]):
+        images, labels = batch
+        if labels.ndim == 1 and not labels.is_floating_point() and images.ndim >= 2 and labels.shape[0] == images.shape[0]:
+            return images
+    return batch
+
+
+def _slice(batch, start: int, stop: int):
+    return batch[start:stop]
+
+
+def _to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _count_images(data, n_images: int | None) -> int:
+    if n_images is not None:
+        return int(n_images)
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    if hasattr(data, "__len__"):
+        raise ValueError("approximate: pass n_images= (the number of calibration images in data)")
+    raise ValueError("approximate: data has no length; pass n_images= (the number of calibration images)")
+
+
+def _iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device="cpu") -> Iterable:
+    """Model inputs for images with ordinals in [start, stop), re-slicing batches that straddle the range."""
+    seen = 0
+    for item in data:
+        batch = to_input(item)
+        size = batch_size_of(batch)
+        lo, hi = max(start - seen, 0), size if stop is None else min(stop - seen, size)
+        seen += size
+        if hi > lo:
+            yield _to_device(batch if (lo, hi) == (0, size) else _slice(batch, lo, hi), device)
+        if stop is not None and seen >= stop:
+            return
+
+
+def _response_stats(reader, name: str, n_fit: int, backend: str) -> ResponseStats:
+    """Mean and principal components of the responses of images with ordinal < n_fit (float64)."""
+    ordinals = reader.image_ordinal(name)
+    fit_rows = ordinals < n_fit
+    if not fit_rows.any():
+        raise ValueError(f"layer {name}: no calibration samples to fit on; pass more calibration images")
+
+    def blocks():
+        start = 0
+        for block in reader.iter_responses(name):
+            rows = fit_rows[start : start + len(block)]
+            start += len(block)
+            if rows.any():
+                yield block[rows]
+
+    if backend == "ipca":
+        mean, values, vectors = incremental_pca_basis(blocks())
+        return ResponseStats(mean, values, vectors, int(fit_rows.sum()))
+    estimator = StreamingCovariance.from_blocks(blocks())
+    values, vectors = principal_components(estimator.covariance_)
+    return ResponseStats(estimator.mean_, values, vectors, estimator.n_samples_seen_)
+
+
+def _first_layer_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d) and module.in_channels <= 3:
+        return f"first layer ({module.in_channels} input channels)"
+    return None
+
+
+@torch.no_grad()
+def _heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable) -> dict[str, float]:
+    """||y - yhat||_F / ||y||_F per replaced layer, over every output position of the held-out inputs.
+
+    y is the original layer's output inside the reference (original, folded) network; yhat is the
+    replacement applied to the very same layer input.
+    """
+    sums = {name: [0.0, 0.0] for name in replacements}
+    handles = []
+    for name, replacement in replacements.items():
+        def hook(_module, args, output, name=name, replacement=replacement):
+            approx = replacement(args[0])
+            sums[name][0] += float((output.double() - approx.double()).pow(2).sum())
+            sums[name][1] += float(output.double().pow(2).sum())
+
+        handles.append(get_module(reference, name).register_forward_hook(hook))
+    try:
+        for batch in inputs:
+            reference(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
+
+
+def approximate(
+    model: nn.Module,
+    data: Iterable,
+    config: ApproxConfig | None = None,
+    *,
+    n_images: int | None = None,
+    calib_file: str | Path | None = None,
+    image_ids: np.ndarray | None = None,
+    to_input: Callable | None = None,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    **settings,
+) -> tuple[nn.Module, Report]:
+    """Approximate ``model``'s Conv2d/Linear layers by low rank from calibration ``data``.
+
+    Parameters
+    ----------
+    model : any ``nn.Module`` (left untouched; a copy is approximated).
+    data : an iterable of batches, iterated in the same order each time (a DataLoader without shuffling):
+        ``(images, labels)`` pairs, image tensors (N, C, H, W), or lists of image tensors (detectors).
+        It is read twice: once to calibrate, once more for its held-out tail.
+    config : an :class:`ApproxConfig`; ``settings`` override its fields (``energy=0.9``).
+    n_images : calibration images in ``data`` (default: ``len(data.dataset)``).
+    calib_file : HDF5 file to write, resume or reuse (default: a temporary file, deleted afterwards).
+    image_ids : an identifier per calibration image stored in the file (e.g. indices in the training set).
+    to_input : maps a loader item to the model input (default :func:`default_to_input`).
+
+    Returns
+    -------
+    new_model : the approximated copy, in eval mode.
+    report : a :class:`~lowrank_fm.report.Report` (accuracy and latency left for the caller to measure).
+    """
+    from calibration import calibrate, open_calibration  # lazy: importing lowrank_fm must not import h5py
+
+    config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
+    method = get_method(config.method)
+    to_input = to_input or default_to_input
+    total_images = _count_images(data, n_images)
+    if total_images < 2:
+        raise ValueError(f"approximate needs at least 2 calibration images (fit + held out), got {total_images}")
+    n_heldout = max(1, int(round(config.heldout_fraction * total_images)))
+    n_fit = total_images - n_heldout
+    timing: dict[str, float] = {}
+
+    example = next(iter(_iter_inputs(data, to_input, 0, None, config.device)))
+    work = copy.deepcopy(model).eval().to(config.device)
+    folded = fold_batchnorm(work, example) if config.fold_batchnorm else []
+    reference = copy.deepcopy(work)
+    costs = measure_costs(work, example)
+    layers = {name: module for name, module in find_layers(work).items() if name in costs}
+
+    targeted = name_filter(config.include, config.exclude)
+    reasons: dict[str, str | None] = {}
+    for name, module in layers.items():
+        reason = None if targeted(name) else "not targeted"
+        if reason is None and config.keep_first_layer and name not in config.layer_ranks:
+            reason = _first_layer_reason(module)
+        reasons[name] = reason or method.supports(module)
+    targets = [name for name, reason in reasons.items() if reason is None]
+
+    stats: dict[str, ResponseStats] = {}
+    temp_dir = None
+    if method.needs_responses and targets:
+        if calib_file is None:
+            temp_dir = tempfile.TemporaryDirectory(prefix="lowrank_fm_")
+            calib_file = Path(temp_dir.name) / "calibration.h5"
+        start = time.perf_counter()
+        calibrate(
+            work,
+            _iter_inputs(data, to_input, 0, total_images, config.device),
+            targets,
+            str(calib_file),
+            n_images=total_images,
+            seed=config.seed,
+            positions_per_image=config.positions_per_image,
+            image_ids=image_ids,
+            meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
+            device=config.device,
+            progress=config.progress,
+        )
+        timing["calibrate_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    records: dict[str, LayerRecord] = {}
+    replacements: dict[str, nn.Module] = {}
+    reader = open_calibration(str(calib_file)) if (method.needs_responses and targets) else None
+    try:
+        for name in targets:
+            if reader is not None:
+                stats[name] = _response_stats(reader, name, n_fit, config.covariance)
+    finally:
+        if reader is not None:
+            reader.close()
+        if temp_dir is not None:
+            temp_dir.cleanup()
+
+    for name, module in layers.items():
+        cost = costs[name]
+        shape = list(module.weight.shape)
+        base = dict(
+            name=name,
+            kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+            shape=shape,
+            params_before=module_params(module),
+            macs_before=cost.macs,
+        )
+        if reasons[name] is not None:
+            records[name] = LayerRecord(**base, rank=shape[0], energy=None, params_after=base["params_before"],
+                                        macs_after=cost.macs, rel_error=None, status="kept", reason=reasons[name])
+            continue
+        ctx = LayerContext(name, module, cost.positions, stats.get(name))
+        spectrum = method.spectrum(ctx)
+        full = method.full_rank(ctx)
+        if name in config.layer_ranks:
+            rank = min(config.layer_ranks[name], full)
+        else:
+            rank = min(rank_for_energy(spectrum, config.layer_energy.get(name, config.energy)), full)
+        energy = energy_kept(spectrum, rank)
+        new_macs = method.macs_per_position(ctx, rank) * cost.positions
+        if new_macs >= cost.macs and not config.force:
+            reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {cost.macs:,})"
+            records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=base["params_before"],
+                                        macs_after=cost.macs, rel_error=None, status="kept", reason=reason)
+            continue
+        replacement = method.build(ctx, rank).to(config.device).eval()
+        replacements[name] = replacement
+        records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=module_params(replacement),
+                                    macs_after=new_macs, rel_error=None, status="approximated")
+    for name, replacement in replacements.items():
+        set_module(work, name, replacement)
+    timing["approximate_s"] = time.perf_counter() - start
+
+    if replacements:
+        heldout = _iter_inputs(data, to_input, n_fit, total_images, config.device)
+        for name, error in _heldout_errors(reference, replacements, heldout).items():
+            records[name].rel_error = error
+        after = measure_costs(work, example)
+        for name in replacements:  # the MACs actually counted in the new model's forward
+            records[name].macs_after = sum(c.macs for n, c in after.items() if n.startswith(name + "."))
+
+    report = Report(
+        model=model_name or type(model).__name__,
+        dataset=dataset_name,
+        method=config.method,
+        config=config.to_dict(),
+        layers=list(records.values()),
+        timing=timing,
+        calibration={"images": total_images, "fit_images": n_fit, "heldout_images": n_heldout,
+                     "positions_per_image": config.positions_per_image,
+                     "file": None if temp_dir is not None else (str(calib_file) if calib_file else None)},
+        folded_batchnorm=[list(p) for p in folded],
+    )
+    return work.eval(), report

@@ -1,0 +1,172 @@
+"""The ``approximate`` command line: parse, load model and data, run :func:`lowrank_fm.approximate`,
+measure accuracy and latency, write OUT/report.json, the model (state_dict + manifest) and the run's
+arguments. ``scripts/approximate.py`` is a thin wrapper around :func:`main`.
+
+Exit status: 0 on success, 2 on bad arguments (argparse), 1 on a runtime failure with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+__all__ = ["build_parser", "main", "calibration_indices"]
+
+log = logging.getLogger("lowrank_fm")
+
+MIN_CALIB_IMAGES = 128
+
+
+def _energy(text: str) -> float:
+    value = float(text)
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < E <= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < F <= 1, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import list_methods
+    from .models import list_models
+
+    parser = argparse.ArgumentParser(
+        prog="approximate.py",
+        description="Approximate a trained CNN by low-rank layers from a small calibration set, without retraining.",
+    )
+    parser.add_argument("model", nargs="?", default="vgg-digits",
+                        help=f"bundled model ({', '.join(list_models())}) or a torchvision name (default vgg-digits)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--energy", type=_energy, default=None, help="energy kept per layer, 0 < E <= 1 (default 0.95)")
+    target.add_argument("--speedup", type=_positive_float, default=None, help="whole-model MAC reduction target")
+    parser.add_argument("--method", default="fm-linear", choices=list_methods())
+    parser.add_argument("--dataset", default=None, help="digits, fashion-mnist, imagefolder, cifar10 (default: the model's)")
+    parser.add_argument("--data-dir", default=None, help="where the data set lies (ImageFolder: train/ and val/)")
+    parser.add_argument("--weights", default="default", help="default, none, or PATH to a state_dict")
+    parser.add_argument("--num-classes", type=_positive_int, default=None, help="classifier size of a torchvision model")
+    parser.add_argument("--image-size", type=_positive_int, default=224, help="ImageFolder crop size")
+    calib = parser.add_mutually_exclusive_group()
+    calib.add_argument("--calib-fraction", type=_fraction, default=0.01,
+                       help=f"share of the training split used to calibrate (default 0.01, at least {MIN_CALIB_IMAGES} images)")
+    calib.add_argument("--calib-images", type=_positive_int, default=None, help="number of calibration images")
+    parser.add_argument("--calib-file", default=None, help="calibration HDF5 to write, resume or reuse (default OUT/calibration.h5)")
+    parser.add_argument("--positions-per-image", type=_positive_int, default=10)
+    parser.add_argument("--covariance", choices=["streaming", "ipca"], default="streaming")
+    parser.add_argument("--include", nargs="*", default=None, help="only approximate layers under these names")
+    parser.add_argument("--exclude", nargs="*", default=[], help="never approximate layers under these names")
+    parser.add_argument("--out", default=None, help="output directory (default runs/MODEL-METHOD)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images (default all)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="calibration and evaluation batch size")
+    parser.add_argument("--latency-batch", type=_positive_int, default=32, help="batch size of the latency measurement")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def calibration_indices(n_train: int, fraction: float, images: int | None, seed: int) -> np.ndarray:
+    """Seeded random training-split indices: ``images`` of them, or ``fraction`` of the split (at least
+    MIN_CALIB_IMAGES, or the whole split when it is smaller)."""
+    count = images if images is not None else max(int(round(fraction * n_train)), MIN_CALIB_IMAGES)
+    count = min(count, n_train)
+    order = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(order[:count])
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import approximate, save_approximated
+    from .config import ApproxConfig
+    from .data import load_dataset
+    from .evaluate import accuracy
+    from .latency import compare_latency
+    from .models import bundled_spec, create_model
+
+    if args.speedup is not None:
+        raise NotImplementedError("--speedup (whole-model target) is not implemented yet; use --energy E")
+    energy = 0.95 if args.energy is None else args.energy
+    spec = bundled_spec(args.model)
+    dataset_name = args.dataset or (spec.dataset if spec else "imagefolder")
+    out = Path(args.out or f"runs/{args.model}-{args.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    data = load_dataset(dataset_name, args.data_dir, image_size=args.image_size)
+    model = create_model(args.model, args.weights, num_classes=None if spec else (args.num_classes or data.num_classes))
+    model = model.to(args.device)
+    indices = calibration_indices(len(data.train), args.calib_fraction, args.calib_images, args.seed)
+    pin = args.device.startswith("cuda")
+    loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.workers, pin_memory=pin)
+    config = ApproxConfig(
+        method=args.method, energy=energy, include=args.include, exclude=tuple(args.exclude),
+        positions_per_image=args.positions_per_image, covariance=args.covariance, seed=args.seed,
+        device=args.device, progress=not args.quiet,
+    )
+    calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
+    log.info("%s on %s: %d calibration images, method %s, energy %.3f", args.model, dataset_name, len(indices), args.method, energy)
+    new_model, report = approximate(model, loader, config, n_images=len(indices), calib_file=calib_file,
+                                    image_ids=indices, model_name=args.model, dataset_name=dataset_name)
+
+    start = time.perf_counter()
+    before = accuracy(model, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
+                      num_workers=args.workers, progress=not args.quiet, desc="evaluate original")
+    after = accuracy(new_model, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
+                     num_workers=args.workers, progress=not args.quiet, desc="evaluate approximated")
+    report.timing["evaluate_s"] = time.perf_counter() - start
+    report.accuracy = {"top1_before": before["top1"], "top1_after": after["top1"], "top5_before": before["top5"],
+                       "top5_after": after["top5"], "eval_images": before["images"]}
+
+    batch = torch.stack([data.test[i][0] for i in range(min(args.latency_batch, len(data.test)))]).to(args.device)
+    ms = compare_latency({"before": model, "after": new_model}, batch, device=args.device)
+    report.latency = {"before_ms": ms["before"], "after_ms": ms["after"], "measured_speedup": ms["before"] / ms["after"],
+                      "batch_size": int(batch.shape[0]), "threads": torch.get_num_threads(), "device": args.device}
+
+    kwargs = {} if spec else {"num_classes": args.num_classes or data.num_classes}
+    save_approximated(new_model, out, folded=report.folded_batchnorm, model_name=args.model, model_kwargs=kwargs)
+    report.save_json(out / "report.json")
+    print(report.format_table())
+    print(f"wrote {out / 'report.json'}, the model ({out / 'manifest.json'} + model_state.pt) and {calib_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (the calibration file can be resumed with the same --calib-file)", file=sys.stderr)
+        return 1
+    except Exception as error:  # one clear line, no traceback, for any runtime failure
+        log.debug("failure", exc_info=True)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1

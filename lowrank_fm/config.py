@@ -1,0 +1,98 @@
+"""The settings of one approximation run: a frozen dataclass that checks itself and round-trips to a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .ranks import check_energy
+
+__all__ = ["ApproxConfig"]
+
+_COVARIANCE_BACKENDS = ("streaming", "ipca")
+
+
+@dataclass(frozen=True)
+class ApproxConfig:
+    """Every setting of an approximation run.
+
+    Parameters
+    ----------
+    method : registered method name (``lowrank_fm.methods.list_methods()``).
+    energy : per-layer energy kept, 0 < energy <= 1.
+    layer_ranks : rank overrides by qualified layer name (take precedence over energy).
+    layer_energy : energy overrides by qualified layer name.
+    include : qualified-name prefixes of the layers to approximate (None: every Conv2d and Linear).
+    exclude : qualified-name prefixes never to approximate.
+    keep_first_layer : keep convs with <= 3 input channels (the first layer of an image model).
+    fold_batchnorm : fold BatchNorm into the preceding conv before anything else.
+    positions_per_image : sampled output positions per image and layer (None: every position).
+    heldout_fraction : share of the calibration images kept out of fitting to measure each layer's error.
+    covariance : ``"streaming"`` (float64 running covariance) or ``"ipca"`` (scikit-learn IncrementalPCA).
+    seed : seeds position sampling (and anything random in the methods).
+    device : where calibration and solvers run.
+    progress : show tqdm progress bars.
+    force : factorize a layer even when its rank does not reduce its MACs (to check exactness; normally
+        such a layer is kept with the reason).
+    """
+
+    method: str = "fm-linear"
+    energy: float = 0.95
+    layer_ranks: Mapping[str, int] = field(default_factory=dict)
+    layer_energy: Mapping[str, float] = field(default_factory=dict)
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    keep_first_layer: bool = True
+    fold_batchnorm: bool = True
+    positions_per_image: int | None = 10
+    heldout_fraction: float = 0.1
+    covariance: str = "streaming"
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        from .methods import list_methods
+
+        if self.method not in list_methods():
+            raise ValueError(f"method must be one of {list_methods()}, got {self.method!r}")
+        check_energy(self.energy)
+        for name, value in dict(self.layer_energy).items():
+            check_energy(value, f"layer_energy[{name!r}]")
+        for name, value in dict(self.layer_ranks).items():
+            if int(value) < 1:
+                raise ValueError(f"layer_ranks[{name!r}] must be >= 1, got {value}")
+        if self.positions_per_image is not None and int(self.positions_per_image) < 1:
+            raise ValueError(f"positions_per_image must be >= 1 or None (all positions), got {self.positions_per_image}")
+        if not (0.0 < self.heldout_fraction < 1.0):
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.covariance not in _COVARIANCE_BACKENDS:
+            raise ValueError(f"covariance must be one of {_COVARIANCE_BACKENDS}, got {self.covariance!r}")
+        object.__setattr__(self, "layer_ranks", {str(k): int(v) for k, v in dict(self.layer_ranks).items()})
+        object.__setattr__(self, "layer_energy", {str(k): float(v) for k, v in dict(self.layer_energy).items()})
+        if self.include is not None:
+            object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of every setting."""
+        data = dataclasses.asdict(self)
+        data["layer_ranks"] = dict(self.layer_ranks)
+        data["layer_energy"] = dict(self.layer_energy)
+        data["include"] = None if self.include is None else list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ApproxConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ApproxConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes) -> "ApproxConfig":
+        return dataclasses.replace(self, **changes)

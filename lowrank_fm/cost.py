@@ -1,0 +1,73 @@
+"""Parameter and multiply-accumulate (MAC) counts of Conv2d and Linear layers, measured by one forward pass.
+
+MACs of a conv per image = output positions * out_channels * (in_channels / groups) * kh * kw;
+of a Linear = output positions * out_features * in_features. Other modules (BatchNorm, pooling,
+activations) are not counted: the report's totals are sums over conv and linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .surgery import run_model
+
+__all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one leaf Conv2d/Linear per image: ``macs``, ``positions`` (output positions), ``out_shape``."""
+
+    macs: int
+    positions: int
+    out_shape: tuple[int, ...]
+
+
+def batch_size_of(batch) -> int:
+    """Images in a model input: ``len`` of a list of images, else the first dimension of a tensor."""
+    if isinstance(batch, (list, tuple)):
+        return len(batch)
+    return int(batch.shape[0])
+
+
+def module_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def measure_costs(model: nn.Module, example_input) -> dict[str, LayerCost]:
+    """Per-image cost of every leaf Conv2d / Linear (by qualified name) from one forward pass.
+
+    A layer called several times in one forward has its costs summed.
+    """
+    batch = batch_size_of(example_input)
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    costs: dict[str, LayerCost] = {}
+
+    def hook(module, _inputs, output):
+        name = names[id(module)]
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            positions = output.numel() // (output.shape[0] * module.out_channels)
+            macs = positions * module.out_channels * (module.in_channels // module.groups) * kh * kw
+        else:
+            positions = output.numel() // (output.shape[0] * module.out_features) if output.ndim > 1 else 1
+            macs = positions * module.out_features * module.in_features
+        # a detector may run a head on a different number of items than images: normalise by images
+        scale = output.shape[0] / batch if output.ndim > 1 else 1.0
+        previous = costs.get(name)
+        macs = int(round(macs * scale)) + (previous.macs if previous else 0)
+        costs[name] = LayerCost(macs, positions, tuple(output.shape[1:]))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
+    was_training = model.training
+    model.eval()
+    try:
+        run_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return costs

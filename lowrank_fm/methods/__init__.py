@@ -1,0 +1,39 @@
+"""Decomposition methods, one file each, registered by name.
+
+A new method is one new file (a :class:`~lowrank_fm.methods.base.Method` subclass) plus one line in
+``_REGISTRY`` below; the pipeline, the CLI and the tests reach it through :func:`get_method`.
+"""
+
+from __future__ import annotations
+
+from .base import LayerContext, Method, ResponseStats
+from .fm import FeatureMapLinear
+
+__all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats"]
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a Method subclass under ``cls.name``; a duplicate name raises."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """A new instance of the method registered as ``name``."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"method must be one of {list_methods()}, got {name!r}") from None
+
+
+register_method(FeatureMapLinear)

@@ -1,0 +1,100 @@
+"""What a decomposition method is to the pipeline: a spectrum for rank selection, a cost per rank, and a
+factorized module for a rank. Methods are registered by name in :mod:`lowrank_fm.methods`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ResponseStats", "LayerContext", "Method", "original_macs_per_position", "unfold_weight"]
+
+
+@dataclass(frozen=True)
+class ResponseStats:
+    """Statistics of a layer's sampled output responses y (d channels), float64.
+
+    mean : (d,)  ybar
+    eigenvalues : (d,) descending eigenvalues of the centred covariance
+    eigenvectors : (d, d) column a is the a-th principal direction
+    n_samples : number of responses the statistics were computed from
+    """
+
+    mean: np.ndarray
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """One target layer as a method sees it.
+
+    name : qualified name in the model
+    module : the layer after BatchNorm folding (``nn.Conv2d`` or ``nn.Linear``)
+    positions : output positions per image (H' * W' for a conv)
+    stats : response statistics from calibration, or None for weight-only methods
+    """
+
+    name: str
+    module: nn.Module
+    positions: int
+    stats: ResponseStats | None = None
+
+    @property
+    def kind(self) -> str:
+        return "conv" if isinstance(self.module, nn.Conv2d) else "linear"
+
+    @property
+    def out_channels(self) -> int:
+        return self.module.out_channels if self.kind == "conv" else self.module.out_features
+
+
+def original_macs_per_position(module: nn.Module) -> int:
+    """MACs of the original layer per output position: d * (c / groups) * kh * kw, or out * in."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels * (module.in_channels // module.groups) * kh * kw
+    return module.out_features * module.in_features
+
+
+def unfold_weight(module: nn.Module) -> torch.Tensor:
+    """The weight unfolded along its output mode, float64: (d, c/groups * kh * kw) or (out, in)."""
+    return module.weight.detach().double().reshape(module.weight.shape[0], -1)
+
+
+class Method:
+    """Base of every decomposition method.
+
+    Subclasses set ``name`` and ``needs_responses`` and implement :meth:`spectrum`, :meth:`full_rank`,
+    :meth:`macs_per_position` and :meth:`build`. ``supports(module)`` returns None when the method can
+    factorize the module, else the reason it is kept.
+    """
+
+    name: str = ""
+    needs_responses: bool = True
+
+    def supports(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"grouped conv (groups={module.groups}) is not factorized by {self.name}"
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported by {self.name}"
+        return None
+
+    def spectrum(self, ctx: LayerContext) -> np.ndarray:
+        """Descending non-negative values whose cumulative share is the 'energy' a rank keeps."""
+        raise NotImplementedError
+
+    def full_rank(self, ctx: LayerContext) -> int:
+        """The rank at which the layer is reproduced exactly."""
+        raise NotImplementedError
+
+    def macs_per_position(self, ctx: LayerContext, rank: int) -> int:
+        """MACs of the factorized layer per output position at ``rank``."""
+        raise NotImplementedError
+
+    def build(self, ctx: LayerContext, rank: int) -> nn.Module:
+        """The factorized module (same input and output shapes as ``ctx.module``)."""
+        raise NotImplementedError

@@ -1,0 +1,206 @@
+"""Models by name: the bundled reference models and torchvision architectures.
+
+Bundled (registered with :func:`register_model`):
+
+- ``vgg-digits``: a small VGG on scikit-learn's digits; trained on first use (seconds, deterministic) and
+  cached under ``$LOWRANK_FM_CACHE`` (default ``~/.cache/lowrank_fm``).
+- ``vgg-fmnist``, ``resnet-fmnist``: Fashion-MNIST models whose checkpoints ship in
+  ``lowrank_fm/checkpoints`` (made by ``scripts/train_reference.py``; see the JSON beside each).
+
+Any other name is looked up in ``torchvision.models`` (``weights``: ``none``, ``default`` or a path to a
+state_dict). Nothing downloads: ``default`` fails with one line saying to pass ``--weights PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .zoo import ResNetSmall, VGGSmall
+
+__all__ = [
+    "ModelSpec",
+    "register_model",
+    "list_models",
+    "create_model",
+    "load_state_dict_file",
+    "checkpoint_path",
+    "WeightsNotFoundError",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Weights were asked for that are not on this machine; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A bundled model: how to build it, which data set it belongs to, where its weights come from."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    dataset: str
+    weights: str  # "checkpoint" (shipped file) or "train-on-first-use"
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a bundled model; a duplicate name raises."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    """Names of the bundled models (torchvision names are accepted too)."""
+    return sorted(_REGISTRY)
+
+
+def bundled_spec(name: str) -> ModelSpec | None:
+    """The registry entry of a bundled model, or None for other names."""
+    return _REGISTRY.get(name)
+
+
+register_model(
+    ModelSpec(
+        "vgg-digits",
+        lambda: VGGSmall([32, 32, "M", 64, 64, "M"], in_channels=1, image_size=8, hidden=128, dropout=0.2),
+        "digits",
+        "train-on-first-use",
+    )
+)
+register_model(
+    ModelSpec("vgg-fmnist", lambda: VGGSmall([32, 32, "M", 64, 64, "M", 128, 128, "M"]), "fashion-mnist", "checkpoint")
+)
+register_model(
+    ModelSpec("resnet-fmnist", lambda: ResNetSmall((32, 64, 128), blocks=2), "fashion-mnist", "checkpoint")
+)
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where the shipped checkpoint of bundled model ``name`` lies."""
+    return CHECKPOINT_DIR / f"{name}.pt"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWRANK_FM_CACHE", Path.home() / ".cache" / "lowrank_fm"))
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """Load a state_dict without unpickling arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"--weights {path}: no such file; pass --weights PATH to a state_dict, or none")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
+    return state
+
+
+def _train_digits_model(spec: ModelSpec) -> nn.Module:
+    from .data import load_dataset
+    from .training import TrainSettings, train_classifier
+
+    torch.manual_seed(0)
+    model = spec.build()
+    data = load_dataset("digits")
+    train_classifier(model, data.train, None, TrainSettings(epochs=30, batch_size=64, lr=0.05, augment=False, progress=False))
+    return model
+
+
+def _bundled(spec: ModelSpec, weights: str) -> nn.Module:
+    if weights == "none":
+        return spec.build()
+    if weights not in ("default", ""):
+        model = spec.build()
+        model.load_state_dict(load_state_dict_file(weights))
+        return model
+    if spec.weights == "checkpoint":
+        path = checkpoint_path(spec.name)
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"{spec.name}: shipped checkpoint {path} is missing; run scripts/train_reference.py {spec.name} "
+                "or pass --weights PATH"
+            )
+        model = spec.build()
+        model.load_state_dict(load_state_dict_file(path))
+        return model
+    cached = cache_dir() / f"{spec.name}.pt"
+    model = spec.build()
+    if cached.is_file():
+        model.load_state_dict(load_state_dict_file(cached))
+        return model
+    log.info("training %s on first use (cached at %s)", spec.name, cached)
+    model = _train_digits_model(spec)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, cached)
+    return model
+
+
+def _torchvision(name: str, weights: str, num_classes: int | None) -> nn.Module:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as error:
+        raise ValueError(
+            f"unknown model {name!r}: use one of {list_models()} or a torchvision name such as vgg16, resnet18"
+        ) from error
+    if weights == "default":
+        raise WeightsNotFoundError(
+            f"{name}: --weights default would download torchvision weights and there is no network; "
+            "pass --weights PATH to a state_dict file, or --weights none for random weights"
+        )
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = builder(weights=None, **kwargs)
+    if weights not in ("none", ""):
+        state = load_state_dict_file(weights)
+        if num_classes is not None:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError:
+                # a state_dict trained with the default head: rebuild with it
+                model = builder(weights=None)
+                model.load_state_dict(state)
+        else:
+            model.load_state_dict(state)
+    return model
+
+
+def create_model(name: str, weights: str = "default", *, num_classes: int | None = None) -> nn.Module:
+    """Build a model by name, in eval mode.
+
+    Parameters
+    ----------
+    name : a bundled name (:func:`list_models`) or a torchvision architecture name.
+    weights : ``"default"`` (bundled checkpoint / trained on first use; for torchvision this would need a
+        download and raises), ``"none"`` (random initialisation) or a path to a state_dict file.
+    num_classes : for torchvision architectures, the size of the classifier head when weights are random.
+    """
+    spec = _REGISTRY.get(name)
+    model = _bundled(spec, weights) if spec is not None else _torchvision(name, weights, num_classes)
+    return model.eval()
+
+
+def checkpoint_record(name: str) -> dict | None:
+    """The JSON record written beside a shipped checkpoint (seed, command, accuracy), if present."""
+    path = CHECKPOINT_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None

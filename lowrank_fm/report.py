@@ -1,0 +1,134 @@
+"""The run's report: one record per candidate layer, totals, accuracy, latency, timings; JSON and a table.
+
+Fields follow DESIGN.md ("Contracts"): totals are sums over the layer records, so a model's totals count
+its Conv2d and Linear layers (every one of them is a record, approximated or kept with a reason).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["LayerRecord", "Report"]
+
+
+@dataclass
+class LayerRecord:
+    """One candidate layer.
+
+    ``rank`` is the kept rank (the original output width when kept), ``energy`` the share of the method's
+    spectrum it keeps (None when not computed), ``rel_error`` = ||y - yhat||_F / ||y||_F over every output
+    position of the held-out calibration images (None when kept or not measured).
+    """
+
+    name: str
+    kind: str
+    shape: list[int]
+    rank: int
+    energy: float | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    rel_error: float | None
+    status: str  # "approximated" | "kept"
+    reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+
+@dataclass
+class Report:
+    """Everything a run measured. ``accuracy``, ``latency`` and ``timing`` are filled by whoever measures."""
+
+    model: str
+    dataset: str | None
+    method: str
+    config: dict
+    layers: list[LayerRecord]
+    accuracy: dict | None = None
+    latency: dict | None = None
+    timing: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    folded_batchnorm: list[list[str]] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict:
+        params_before = sum(l.params_before for l in self.layers)
+        params_after = sum(l.params_after for l in self.layers)
+        macs_before = sum(l.macs_before for l in self.layers)
+        macs_after = sum(l.macs_after for l in self.layers)
+        return {
+            "params_before": params_before,
+            "params_after": params_after,
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "theoretical_speedup": macs_before / macs_after if macs_after else None,
+            "compression": params_before / params_after if params_after else None,
+            "layers_approximated": sum(l.status == "approximated" for l in self.layers),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "method": self.method,
+            "config": self.config,
+            "layers": [l.to_dict() for l in self.layers],
+            "totals": self.totals,
+            "accuracy": self.accuracy,
+            "latency": self.latency,
+            "timing": self.timing,
+            "calibration": self.calibration,
+            "folded_batchnorm": self.folded_batchnorm,
+        }
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def format_table(self) -> str:
+        """A readable per-layer table with totals, accuracy and latency lines."""
+        rows = [("layer", "kind", "shape", "rank", "energy", "MACs before", "MACs after", "rel.err", "status")]
+        for l in self.layers:
+            rows.append(
+                (
+                    l.name,
+                    l.kind,
+                    "x".join(str(s) for s in l.shape),
+                    str(l.rank),
+                    "-" if l.energy is None else f"{l.energy:.3f}",
+                    f"{l.macs_before:,}",
+                    f"{l.macs_after:,}",
+                    "-" if l.rel_error is None else f"{l.rel_error:.4f}",
+                    l.status if l.reason is None else f"{l.status}: {l.reason}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        t = self.totals
+        speed = t["theoretical_speedup"]
+        lines.append(
+            f"totals: params {t['params_before']:,} -> {t['params_after']:,}, MACs {t['macs_before']:,} -> "
+            f"{t['macs_after']:,} (theoretical speedup {speed:.2f}x)" if speed else "totals: no MACs counted"
+        )
+        if self.accuracy:
+            a = self.accuracy
+            lines.append(
+                f"accuracy: top-1 {a['top1_before']:.4f} -> {a['top1_after']:.4f} "
+                f"({100 * (a['top1_after'] - a['top1_before']):+.2f} points) on {a['eval_images']} images"
+            )
+        if self.latency:
+            lat = self.latency
+            lines.append(
+                f"latency: {lat['before_ms']:.2f} ms -> {lat['after_ms']:.2f} ms (measured speedup "
+                f"{lat['measured_speedup']:.2f}x, batch {lat['batch_size']}, {lat['threads']} threads, {lat['device']})"
+            )
+        if self.timing:
+            lines.append("timing: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timing.items()))
+        return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Module surgery: find layers by qualified name, fold BatchNorm into convs, swap modules.
+
+Nothing here computes a decomposition; the math lives in :mod:`lowrank_fm.methods`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "get_module",
+    "set_module",
+    "find_layers",
+    "fold_batchnorm",
+    "apply_folds",
+    "trace_conv_bn_pairs",
+    "run_model",
+]
+
+log = logging.getLogger(__name__)
+
+try:  # torchvision's detection backbones use a BatchNorm with frozen statistics
+    from torchvision.ops.misc import FrozenBatchNorm2d as _FrozenBN
+except Exception:  # pragma: no cover - torchvision is a dependency, but surgery does not need it
+    _FrozenBN = ()
+
+_BN_TYPES = (nn.BatchNorm2d,) + ((_FrozenBN,) if isinstance(_FrozenBN, type) else ())
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at a qualified name ("features.3", "backbone.body.layer1.0.conv1")."""
+    return model.get_submodule(name) if name else model
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` by ``module`` (``setattr`` on its parent)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(get_module(model, parent_name), child, module)
+
+
+def find_layers(model: nn.Module, kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> dict[str, nn.Module]:
+    """Every submodule of one of ``kinds``, by qualified name, in registration order (subclasses too)."""
+    return {name: module for name, module in model.named_modules() if name and isinstance(module, kinds)}
+
+
+def run_model(model: nn.Module, batch) -> object:
+    """Call ``model`` on one input batch under no_grad (a Tensor, or a list of tensors for detectors)."""
+    with torch.no_grad():
+        return model(batch)
+
+
+def trace_conv_bn_pairs(model: nn.Module, example_input) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm name) pairs where the BatchNorm consumes exactly the conv's output tensor.
+
+    Found by one forward pass with hooks, so it works on any model (no symbolic tracing): a BatchNorm2d (or
+    torchvision's FrozenBatchNorm2d) whose input *is* the output tensor of a Conv2d is paired with it.
+    Convs or BatchNorms called more than once per forward (shared weights) are never paired.
+    """
+    conv_names = {id(m): n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    bn_names = {id(m): n for n, m in model.named_modules() if isinstance(m, _BN_TYPES)}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def on_conv(module, _inputs, output):
+        name = conv_names[id(module)]
+        calls[name] = calls.get(name, 0) + 1
+        outputs[id(output)] = (name, output)  # keep the tensor alive so its id stays unique
+
+    def on_bn(module, inputs):
+        name = bn_names[id(module)]
+        calls[name] = calls.get(name, 0) + 1
+        hit = outputs.get(id(inputs[0]))
+        if hit is not None and hit[1] is inputs[0]:
+            pairs.append((hit[0], name))
+
+    handles = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, _BN_TYPES)]
+    was_training = model.training
+    model.eval()
+    try:
+        run_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [(conv, bn) for conv, bn in pairs if calls[conv] == 1 and calls[bn] == 1]
+
+
+def _fold_one(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """W' = W * g / sqrt(v + eps) per output channel; b' = (b - m) * g / sqrt(v + eps) + beta."""
+    with torch.no_grad():
+        weight64 = conv.weight.double()
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+        conv.weight.copy_((weight64 * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+        new_bias = ((bias - mean) * scale + beta).to(conv.weight.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+
+
+def apply_folds(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
+    """Fold each BatchNorm into its conv and replace the BatchNorm by ``nn.Identity`` (in place)."""
+    for conv_name, bn_name in pairs:
+        bn = get_module(model, bn_name)
+        if getattr(bn, "running_mean", None) is None:
+            raise ValueError(f"cannot fold {bn_name}: it keeps no running statistics (track_running_stats=False)")
+        _fold_one(get_module(model, conv_name), bn)
+        set_module(model, bn_name, nn.Identity())
+
+
+def fold_batchnorm(model: nn.Module, example_input) -> list[tuple[str, str]]:
+    """Fold every BatchNorm that directly follows a conv into it, in place; returns the folded pairs.
+
+    The model must be in eval mode semantics (running statistics are used). BatchNorms without running
+    statistics, or not fed directly by a conv, are left alone.
+    """
+    pairs = [
+        (c, b) for c, b in trace_conv_bn_pairs(model, example_input) if getattr(get_module(model, b), "running_mean", None) is not None
+    ]
+    apply_folds(model, pairs)
+    log.info("folded %d BatchNorm layers into their convs", len(pairs))
+    return pairs
+
+
+def name_filter(include: Iterable[str] | None, exclude: Iterable[str] = ()) -> Callable[[str], bool]:
+    """A predicate on qualified names: included when equal to or under an ``include`` prefix (all when None),
+    and not equal to or under an ``exclude`` prefix."""
+    include = None if include is None else tuple(include)
+    exclude = tuple(exclude)
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    def keep(name: str) -> bool:
+        if include is not None and not any(under(name, p) for p in include):
+            return False
+        return not any(under(name, p) for p in exclude)
+
+    return keep

@@ -1,0 +1,81 @@
+"""Train a bundled reference model and write its checkpoint + a JSON record (seed, command, accuracy).
+
+    python scripts/train_reference.py vgg-fmnist
+    python scripts/train_reference.py resnet-fmnist --epochs 12
+
+The checkpoint goes to lowrank_fm/checkpoints/NAME.pt (state_dict, loads with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowrank_fm.data import load_dataset  # noqa: E402
+from lowrank_fm.evaluate import accuracy  # noqa: E402
+from lowrank_fm.models import CHECKPOINT_DIR, bundled_spec, list_models  # noqa: E402
+from lowrank_fm.training import TrainSettings, train_classifier  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=[m for m in list_models() if bundled_spec(m).weights == "checkpoint"])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    spec = bundled_spec(args.model)
+    data = load_dataset(spec.dataset, args.data_dir)
+    torch.manual_seed(args.seed)
+    model = spec.build()
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    start = time.time()
+    history = train_classifier(model, data.train, data.test, settings)
+    seconds = time.time() - start
+    result = accuracy(model, data.test, progress=False)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.model}.pt"
+    torch.save(model.state_dict(), path)
+    record = {
+        "model": args.model,
+        "dataset": spec.dataset,
+        "test_top1": result["top1"],
+        "test_images": result["images"],
+        "seed": args.seed,
+        "settings": settings.__dict__,
+        "command": "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "train_seconds": round(seconds, 1),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "history": history,
+    }
+    (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    logging.info("%s: test top-1 %.4f, %.0f s -> %s", args.model, result["top1"], seconds, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
