@@ -114,7 +114,8 @@ def incremental_pca_basis(blocks: Iterable[np.ndarray], n_components: int | None
     """Mean, explained variances and components with scikit-learn's IncrementalPCA.
 
     Each block must hold at least ``n_components`` samples (scikit-learn's rule); blocks are merged into the
-    next one when they are too small.
+    next one when they are too small. When the whole stream holds fewer samples n than features d, the
+    basis is completed with an orthonormal complement carrying zero variance.
 
     Returns
     -------
@@ -128,18 +129,28 @@ def incremental_pca_basis(blocks: Iterable[np.ndarray], n_components: int | None
     pending: list[np.ndarray] = []
     for block in blocks:
         block = np.asarray(block, dtype=np.float64)
-        if ipca is None:
-            ipca = IncrementalPCA(n_components=n_components or block.shape[1])
         pending.append(block)
         stacked = np.concatenate(pending)
-        if stacked.shape[0] >= ipca.n_components:
+        wanted = n_components or block.shape[1]
+        if stacked.shape[0] >= wanted:
+            ipca = ipca or IncrementalPCA(n_components=wanted)
             ipca.partial_fit(stacked)
             pending = []
-    if ipca is None:
+    if ipca is None and not pending:
         raise ValueError("incremental_pca_basis got no samples")
-    if pending:
+    if ipca is None:  # fewer samples than components in the whole stream
+        stacked = np.concatenate(pending)
+        ipca = IncrementalPCA(n_components=min(stacked.shape)).fit(stacked)
+    elif pending:
         ipca.partial_fit(np.concatenate(pending))
     n = ipca.n_samples_seen_
     # scikit-learn reports variances with 1/(n-1); rescale to the population covariance's eigenvalues
     values = ipca.explained_variance_ * (n - 1) / n
-    return ipca.mean_, values, ipca.components_.T
+    vectors = ipca.components_.T
+    d = vectors.shape[0]
+    wanted = n_components or d
+    if vectors.shape[1] < wanted:
+        q, _ = np.linalg.qr(np.concatenate([vectors, np.eye(d)], axis=1))
+        vectors = np.concatenate([vectors, q[:, vectors.shape[1] : wanted]], axis=1)
+        values = np.concatenate([values, np.zeros(wanted - values.size)])
+    return ipca.mean_, values, vectors

@@ -52,3 +52,13 @@ def test_bad_input_raises():
         est.partial_fit(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="no samples"):
         StreamingCovariance().covariance_
+
+
+def test_incremental_pca_with_fewer_samples_than_features_completes_the_basis():
+    x = _samples(n=5, d=12)
+    mean, values, vectors = incremental_pca_basis([x[:3], x[3:]])
+    assert vectors.shape == (12, 12) and values.shape == (12,)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(12), atol=1e-10)
+    assert np.all(values[5:] == 0)
+    exact, _ = principal_components(np.cov(x.T, bias=True))
+    np.testing.assert_allclose(values[:4], exact[:4], rtol=1e-8)
