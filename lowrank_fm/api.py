@@ -21,11 +21,12 @@ from torch import nn
 from .config import ApproxConfig
 from .cost import batch_size_of, measure_costs, module_params
 from .methods import LayerContext, ResponseStats, get_method
-from .methods.base import original_macs_per_position
+from .methods.base import LayerData, Method
 from .ranks import energy_kept, rank_for_energy
 from .report import LayerRecord, Report
 from .stats import StreamingCovariance, incremental_pca_basis, principal_components
 from .surgery import find_layers, fold_batchnorm, get_module, name_filter, set_module
+from .patches import patches_at
 
 __all__ = ["approximate", "default_to_input"]
 
@@ -135,6 +136,95 @@ def _heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], in
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
 
 
+def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int],
+                  config: ApproxConfig) -> tuple[dict[str, int | None], dict]:
+    """Rank per target layer (None: keep original): overrides first, then the per-layer energy, or, with
+    ``config.speedup``, the whole-model budget over real MACs (both factors counted)."""
+    from .ranks import BudgetLayer, select_ranks_for_speedup, select_uniform_energy
+
+    overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
+    free = {n: c for n, c in contexts.items() if n not in overrides}
+    if config.speedup is None:
+        chosen = {n: min(rank_for_energy(method.spectrum(c), config.layer_energy.get(n, config.energy)),
+                         method.full_rank(c)) for n, c in free.items()}
+        return {**chosen, **overrides}, {}
+    budget_layers = []
+    for name, ctx in free.items():
+        spectrum = np.asarray(method.spectrum(ctx), dtype=np.float64)
+        errors = None
+        if config.allocation == "error":
+            # relative error of the symmetric projection at rank r: discarded energy / E||y||^2
+            second_moment = spectrum.sum() + (float(np.sum(ctx.stats.mean ** 2)) if ctx.stats is not None else 0.0)
+            tail = np.concatenate([np.cumsum(spectrum[::-1])[::-1], [0.0]])
+            errors = np.sqrt(tail / max(second_moment, 1e-300))
+        budget_layers.append(BudgetLayer(
+            name, spectrum, lambda r, ctx=ctx: method.macs_per_position(ctx, r) * ctx.positions, macs[name],
+            errors=errors))
+    fixed = sum(m for n, m in macs.items() if n not in free) - sum(
+        macs[n] - method.macs_per_position(contexts[n], r) * contexts[n].positions for n, r in overrides.items())
+    if config.allocation == "uniform":
+        result = select_uniform_energy(budget_layers, config.speedup, fixed_macs=fixed)
+    else:
+        result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=config.allocation)
+    if not result.reachable:
+        log.warning("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
+    selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
+                 "reachable": result.reachable, "allocation": config.allocation}
+    return {**result.ranks, **overrides}, selection
+
+
+class _LayerSamples:
+    """Builds a layer's :class:`LayerData` during the layer-wise pass from the calibration store: the
+    stored original responses and positions, and patches of the current (approximated) inputs."""
+
+    def __init__(self, reader, batch_sizes: list[int], n_fit: int) -> None:
+        self.reader = reader
+        self.starts = np.concatenate([[0], np.cumsum(batch_sizes)])
+        self.n_fit = n_fit
+
+    def __call__(self, name: str, module: nn.Module, inputs, activation: str) -> LayerData:
+        ordinals = self.reader.image_ordinal(name)
+        positions = torch.from_numpy(self.reader.position(name).astype(np.int64))
+        targets = torch.from_numpy(self.reader.responses(name)).double()
+        rows = []
+        for index in range(len(self.starts) - 1):
+            lo, hi = np.searchsorted(ordinals, [self.starts[index], self.starts[index + 1]])
+            if hi > lo:
+                image = torch.from_numpy(ordinals[lo:hi] - self.starts[index])
+                rows.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
+                                       positions[lo:hi].to(inputs[index].device)).double().cpu())
+        heldout = torch.from_numpy(ordinals >= self.n_fit)
+        return LayerData(torch.cat(rows), targets, heldout, activation)
+
+
+def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
+                     batches: list, reader, n_fit: int, config: ApproxConfig) -> tuple[dict[str, nn.Module], dict]:
+    """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
+    approximated so far, its targets from the original network (the store)."""
+    from .layerwise import LayerwisePass, NotTraceableError, activation_after, trace
+
+    try:
+        graph_module = trace(work)
+    except NotTraceableError as error:
+        log.warning("%s; layers are approximated one by one without whole-model correction", error)
+        replacements = {name: method.build(contexts[name], rank).to(config.device).eval() for name, rank in ranks.items()}
+        return replacements, {name: dict(method.last_info) for name in ranks}
+    samples = _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
+    replacements: dict[str, nn.Module] = {}
+    info: dict[str, dict] = {}
+
+    def on_layer(name, module, inputs):
+        activation = activation_after(graph_module, name)
+        data = samples(name, module, inputs, activation)
+        replacement = method.build(contexts[name], ranks[name], data).to(config.device).eval()
+        info[name] = dict(method.last_info, activation=activation)
+        replacements[name] = replacement
+        return replacement
+
+    LayerwisePass(graph_module, batches, device=config.device, progress=config.progress).run(list(ranks), on_layer)
+    return replacements, info
+
+
 def approximate(
     model: nn.Module,
     data: Iterable,
@@ -170,7 +260,7 @@ def approximate(
     from calibration import calibrate, open_calibration  # lazy: importing lowrank_fm must not import h5py
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
-    method = get_method(config.method)
+    method = get_method(config.method, config)
     to_input = to_input or default_to_input
     total_images = _count_images(data, n_images)
     if total_images < 2:
@@ -228,44 +318,63 @@ def approximate(
     finally:
         if reader is not None:
             reader.close()
-        if temp_dir is not None:
-            temp_dir.cleanup()
 
+    contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name)) for name in targets}
+    chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
+    ranks: dict[str, int] = {}
     for name, module in layers.items():
         cost = costs[name]
         shape = list(module.weight.shape)
-        base = dict(
-            name=name,
-            kind="conv" if isinstance(module, nn.Conv2d) else "linear",
-            shape=shape,
-            params_before=module_params(module),
-            macs_before=cost.macs,
-        )
+        base = dict(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=shape,
+                    params_before=module_params(module), macs_before=cost.macs)
+        kept = dict(params_after=base["params_before"], macs_after=cost.macs, rel_error=None, status="kept")
         if reasons[name] is not None:
-            records[name] = LayerRecord(**base, rank=shape[0], energy=None, params_after=base["params_before"],
-                                        macs_after=cost.macs, rel_error=None, status="kept", reason=reasons[name])
+            records[name] = LayerRecord(**base, rank=shape[0], energy=None, **kept, reason=reasons[name])
             continue
-        ctx = LayerContext(name, module, cost.positions, stats.get(name))
-        spectrum = method.spectrum(ctx)
+        ctx = contexts[name]
         full = method.full_rank(ctx)
-        if name in config.layer_ranks:
-            rank = min(config.layer_ranks[name], full)
-        else:
-            rank = min(rank_for_energy(spectrum, config.layer_energy.get(name, config.energy)), full)
-        energy = energy_kept(spectrum, rank)
+        rank = chosen[name]
+        if rank is None:
+            records[name] = LayerRecord(**base, rank=full, energy=1.0, **kept,
+                                        reason=f"the {config.speedup}x budget keeps it original")
+            continue
+        energy = energy_kept(method.spectrum(ctx), rank)
         new_macs = method.macs_per_position(ctx, rank) * cost.positions
         if new_macs >= cost.macs and not config.force:
             reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {cost.macs:,})"
-            records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=base["params_before"],
-                                        macs_after=cost.macs, rel_error=None, status="kept", reason=reason)
+            records[name] = LayerRecord(**base, rank=rank, energy=energy, **kept, reason=reason)
             continue
-        replacement = method.build(ctx, rank).to(config.device).eval()
-        replacements[name] = replacement
-        records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=module_params(replacement),
+        ranks[name] = rank
+        records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=base["params_before"],
                                     macs_after=new_macs, rel_error=None, status="approximated")
+
+    if method.needs_inputs and ranks:
+        batches = list(_iter_inputs(data, to_input, 0, total_images, config.device))
+        with open_calibration(str(calib_file)) as reader:
+            replacements, info = _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config)
+    else:
+        info = {}
+        for name in ranks:
+            replacements[name] = method.build(contexts[name], ranks[name]).to(config.device).eval()
+            if method.last_info:
+                info[name] = dict(method.last_info)
+    for name, replacement in replacements.items():
+        records[name].params_after = module_params(replacement)
+        records[name].extra.update(info.get(name, {}))
     for name, replacement in replacements.items():
         set_module(work, name, replacement)
     timing["approximate_s"] = time.perf_counter() - start
+    matching: dict = {}
+    if replacements and (config.output_matching if config.output_matching is not None else method.needs_inputs):
+        from .output_matching import match_outputs
+
+        matching = match_outputs(reference, work, list(replacements.values()),
+                                 list(_iter_inputs(data, to_input, 0, n_fit, config.device)),
+                                 list(_iter_inputs(data, to_input, n_fit, total_images, config.device)),
+                                 steps=config.matching_steps, lr=config.matching_lr, progress=config.progress)
+        timing["output_matching_s"] = matching["seconds"]
+    if temp_dir is not None:
+        temp_dir.cleanup()
 
     if replacements:
         heldout = _iter_inputs(data, to_input, n_fit, total_images, config.device)
@@ -286,5 +395,7 @@ def approximate(
                      "positions_per_image": config.positions_per_image,
                      "file": None if temp_dir is not None else (str(calib_file) if calib_file else None)},
         folded_batchnorm=[list(p) for p in folded],
+        selection=selection,
+        output_matching=matching,
     )
     return work.eval(), report

@@ -32,10 +32,10 @@ def _energy(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _speedup(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (a MAC reduction factor), got {value}")
     return value
 
 
@@ -65,8 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"bundled model ({', '.join(list_models())}) or a torchvision name (default vgg-digits)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--energy", type=_energy, default=None, help="energy kept per layer, 0 < E <= 1 (default 0.95)")
-    target.add_argument("--speedup", type=_positive_float, default=None, help="whole-model MAC reduction target")
-    parser.add_argument("--method", default="fm-linear", choices=list_methods())
+    target.add_argument("--speedup", type=_speedup, default=None, help="whole-model MAC reduction target S >= 1")
+    parser.add_argument("--method", default="fm", choices=list_methods(),
+                        help="fm (default: asymmetric + nonlinear + output matching), fm-linear (symmetric, linear)")
+    parser.add_argument("--solver", choices=["rmsprop", "closed-form", "none"], default="rmsprop",
+                        help="nonlinear refinement of method fm (default rmsprop)")
+    parser.add_argument("--allocation", choices=["uniform", "energy", "error"], default="error",
+                        help="how --speedup is shared among layers (default error)")
+    matching = parser.add_mutually_exclusive_group()
+    matching.add_argument("--no-output-matching", dest="output_matching", action="store_false", default=None,
+                          help="skip the end-to-end output matching stage")
+    matching.add_argument("--output-matching", dest="output_matching", action="store_true",
+                          help="run output matching also for methods that do not default to it")
+    parser.add_argument("--matching-steps", type=_positive_int, default=300)
     parser.add_argument("--dataset", default=None, help="digits, fashion-mnist, imagefolder, cifar10 (default: the model's)")
     parser.add_argument("--data-dir", default=None, help="where the data set lies (ImageFolder: train/ and val/)")
     parser.add_argument("--weights", default="default", help="default, none, or PATH to a state_dict")
@@ -109,8 +120,6 @@ def _run(args: argparse.Namespace) -> int:
     from .latency import compare_latency
     from .models import bundled_spec, create_model
 
-    if args.speedup is not None:
-        raise NotImplementedError("--speedup (whole-model target) is not implemented yet; use --energy E")
     energy = 0.95 if args.energy is None else args.energy
     spec = bundled_spec(args.model)
     dataset_name = args.dataset or (spec.dataset if spec else "imagefolder")
@@ -126,12 +135,15 @@ def _run(args: argparse.Namespace) -> int:
     loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=pin)
     config = ApproxConfig(
-        method=args.method, energy=energy, include=args.include, exclude=tuple(args.exclude),
+        method=args.method, energy=energy, speedup=args.speedup, allocation=args.allocation, solver=args.solver,
+        output_matching=args.output_matching, matching_steps=args.matching_steps,
+        include=args.include, exclude=tuple(args.exclude),
         positions_per_image=args.positions_per_image, covariance=args.covariance, seed=args.seed,
         device=args.device, progress=not args.quiet,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
-    log.info("%s on %s: %d calibration images, method %s, energy %.3f", args.model, dataset_name, len(indices), args.method, energy)
+    target = f"speedup {args.speedup}x" if args.speedup else f"energy {energy}"
+    log.info("%s on %s: %d calibration images, method %s, %s", args.model, dataset_name, len(indices), args.method, target)
     new_model, report = approximate(model, loader, config, n_images=len(indices), calib_file=calib_file,
                                     image_ids=indices, model_name=args.model, dataset_name=dataset_name)
 

@@ -20,7 +20,11 @@ class ApproxConfig:
     Parameters
     ----------
     method : registered method name (``lowrank_fm.methods.list_methods()``).
-    energy : per-layer energy kept, 0 < energy <= 1.
+    energy : per-layer energy kept, 0 < energy <= 1 (ignored when ``speedup`` is set).
+    speedup : whole-model MAC reduction target S > 1 (ranks from a global budget over real MACs).
+    allocation : how ``speedup`` is shared out: ``"uniform"`` (one energy threshold for all layers),
+        ``"energy"`` (greedy on the product of kept energies, the paper's) or ``"error"`` (greedy on the
+        squared relative reconstruction error).
     layer_ranks : rank overrides by qualified layer name (take precedence over energy).
     layer_energy : energy overrides by qualified layer name.
     include : qualified-name prefixes of the layers to approximate (None: every Conv2d and Linear).
@@ -33,12 +37,19 @@ class ApproxConfig:
     seed : seeds position sampling (and anything random in the methods).
     device : where calibration and solvers run.
     progress : show tqdm progress bars.
+    solver : nonlinear refinement of method ``fm``: ``"rmsprop"``, ``"closed-form"`` or ``"none"``.
+    solver_steps : RMSProp steps per layer (None: the solver's default).
+    output_matching : refine all factors jointly so the network's outputs match the original's on the
+        calibration images (None: on for whole-model methods such as ``fm``, off otherwise).
+    matching_steps, matching_lr : Adam steps and learning rate of output matching.
     force : factorize a layer even when its rank does not reduce its MACs (to check exactness; normally
         such a layer is kept with the reason).
     """
 
-    method: str = "fm-linear"
+    method: str = "fm"
     energy: float = 0.95
+    speedup: float | None = None
+    allocation: str = "error"
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     layer_energy: Mapping[str, float] = field(default_factory=dict)
     include: tuple[str, ...] | None = None
@@ -51,6 +62,11 @@ class ApproxConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    solver: str = "rmsprop"
+    solver_steps: int | None = None
+    output_matching: bool | None = None
+    matching_steps: int = 300
+    matching_lr: float = 1e-4
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -59,6 +75,10 @@ class ApproxConfig:
         if self.method not in list_methods():
             raise ValueError(f"method must be one of {list_methods()}, got {self.method!r}")
         check_energy(self.energy)
+        if self.speedup is not None and not float(self.speedup) >= 1.0:
+            raise ValueError(f"speedup must be >= 1 (a MAC reduction factor), got {self.speedup}")
+        if self.allocation not in ("uniform", "energy", "error"):
+            raise ValueError(f"allocation must be one of ('uniform', 'energy', 'error'), got {self.allocation!r}")
         for name, value in dict(self.layer_energy).items():
             check_energy(value, f"layer_energy[{name!r}]")
         for name, value in dict(self.layer_ranks).items():
@@ -68,6 +88,8 @@ class ApproxConfig:
             raise ValueError(f"positions_per_image must be >= 1 or None (all positions), got {self.positions_per_image}")
         if not (0.0 < self.heldout_fraction < 1.0):
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.solver not in ("rmsprop", "closed-form", "none"):
+            raise ValueError(f"solver must be one of ('rmsprop', 'closed-form', 'none'), got {self.solver!r}")
         if self.covariance not in _COVARIANCE_BACKENDS:
             raise ValueError(f"covariance must be one of {_COVARIANCE_BACKENDS}, got {self.covariance!r}")
         object.__setattr__(self, "layer_ranks", {str(k): int(v) for k, v in dict(self.layer_ranks).items()})

@@ -57,6 +57,8 @@ class Report:
     timing: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     folded_batchnorm: list[list[str]] = field(default_factory=list)
+    selection: dict = field(default_factory=dict)
+    output_matching: dict = field(default_factory=dict)
 
     @property
     def totals(self) -> dict:
@@ -87,6 +89,8 @@ class Report:
             "timing": self.timing,
             "calibration": self.calibration,
             "folded_batchnorm": self.folded_batchnorm,
+            "rank_selection": self.selection,
+            "output_matching": self.output_matching,
         }
 
     def save_json(self, path: str | Path) -> None:

@@ -29,7 +29,8 @@ def _loader(digits, n=200):
 @pytest.fixture(scope="module")
 def approximated(digits, model):
     original = copy.deepcopy(model.state_dict())
-    new_model, report = approximate(model, _loader(digits), energy=0.95, progress=False, model_name="vgg-digits")
+    new_model, report = approximate(model, _loader(digits), method="fm-linear", energy=0.95, progress=False,
+                                    model_name="vgg-digits")
     return new_model, report, original
 
 
@@ -78,8 +79,8 @@ def test_accuracy_drop_is_bounded(approximated, digits, model):
 
 
 def test_energy_one_forced_reproduces_the_whole_model(digits, model):
-    new_model, report = approximate(model, _loader(digits, 64), energy=1.0, force=True, keep_first_layer=False,
-                                    progress=False)
+    new_model, report = approximate(model, _loader(digits, 64), method="fm-linear", energy=1.0, force=True,
+                                    keep_first_layer=False, progress=False)
     assert all(l.status == "approximated" for l in report.layers)
     x = torch.stack([digits.test[i][0] for i in range(64)])
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_energy_one_forced_reproduces_the_whole_model(digits, model):
 
 
 def test_layer_rank_overrides_and_exclude(digits, model):
-    _, report = approximate(model, _loader(digits, 64), ApproxConfig(layer_ranks={"features.3": 5},
+    _, report = approximate(model, _loader(digits, 64), ApproxConfig(method="fm-linear", layer_ranks={"features.3": 5},
                             exclude=("classifier",), progress=False))
     by_name = {l.name: l for l in report.layers}
     assert by_name["features.3"].rank == 5 and by_name["features.3"].status == "approximated"
@@ -98,8 +99,8 @@ def test_layer_rank_overrides_and_exclude(digits, model):
 
 def test_ipca_backend_gives_the_same_ranks(digits, model):
     loader = _loader(digits, 64)
-    _, a = approximate(model, loader, energy=0.9, progress=False)
-    _, b = approximate(model, loader, energy=0.9, covariance="ipca", progress=False)
+    _, a = approximate(model, loader, method="fm-linear", energy=0.9, progress=False)
+    _, b = approximate(model, loader, method="fm-linear", energy=0.9, covariance="ipca", progress=False)
     assert [l.rank for l in a.layers] == [l.rank for l in b.layers]
 
 

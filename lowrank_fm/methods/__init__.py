@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import LayerContext, Method, ResponseStats
 from .fm import FeatureMapLinear
+from .fm_nonlinear import FeatureMap
 
 __all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats"]
 
@@ -28,12 +29,13 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> Method:
-    """A new instance of the method registered as ``name``."""
+def get_method(name: str, config=None) -> Method:
+    """A new instance of the method registered as ``name`` (``config``: the run's ApproxConfig, for options)."""
     try:
-        return _REGISTRY[name]()
+        return _REGISTRY[name](config)
     except KeyError:
         raise ValueError(f"method must be one of {list_methods()}, got {name!r}") from None
 
 
 register_method(FeatureMapLinear)
+register_method(FeatureMap)

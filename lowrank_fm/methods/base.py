@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResponseStats", "LayerContext", "Method", "original_macs_per_position", "unfold_weight"]
+__all__ = ["ResponseStats", "LayerContext", "LayerData", "Method", "original_macs_per_position", "unfold_weight"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,22 @@ class LayerContext:
         return self.module.out_channels if self.kind == "conv" else self.module.out_features
 
 
+@dataclass(frozen=True)
+class LayerData:
+    """Samples for data-driven solvers, one row per sampled output position (float64).
+
+    inputs : (n, p) the layer's input patches taken from the network approximated so far (xhat)
+    targets : (n, d) the original network's responses y at the same positions
+    heldout : (n,) bool, rows of held-out calibration images (for choosing between solutions)
+    activation : "relu" or "identity", the nonlinearity that follows the layer in the model
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    heldout: torch.Tensor
+    activation: str = "identity"
+
+
 def original_macs_per_position(module: nn.Module) -> int:
     """MACs of the original layer per output position: d * (c / groups) * kh * kw, or out * in."""
     if isinstance(module, nn.Conv2d):
@@ -75,6 +91,11 @@ class Method:
 
     name: str = ""
     needs_responses: bool = True
+    needs_inputs: bool = False  # True: build() receives LayerData from the layer-wise pass
+
+    def __init__(self, config=None) -> None:
+        self.config = config
+        self.last_info: dict = {}  # what the last build() did, merged into the layer's report record
 
     def supports(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -95,6 +116,6 @@ class Method:
         """MACs of the factorized layer per output position at ``rank``."""
         raise NotImplementedError
 
-    def build(self, ctx: LayerContext, rank: int) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
         """The factorized module (same input and output shapes as ``ctx.module``)."""
         raise NotImplementedError

@@ -12,7 +12,7 @@ from torch import nn
 from ..layers import ConvChain, ConvFactor, LinearChain
 from .base import LayerContext, Method, unfold_weight
 
-__all__ = ["fm_linear_factors", "FeatureMapLinear"]
+__all__ = ["fm_linear_factors", "two_factor_layer", "FeatureMapLinear"]
 
 
 def fm_linear_factors(
@@ -46,7 +46,14 @@ def fm_linear_factors(
     return first_weight, first_bias, basis, second_bias
 
 
-def _conv_chain(module: nn.Conv2d, first_w, first_b, second_w, second_b) -> ConvChain:
+def two_factor_layer(module: nn.Module, first_w, first_b, second_w, second_b) -> nn.Module:
+    """The chain (layer with r outputs, then a 1x1 / Linear back to d) replacing ``module``.
+
+    first_w : (r, p) unfolded like ``module.weight`` (p = c kh kw or in); first_b : (r,)
+    second_w : (d, r); second_b : (d,)
+    """
+    if isinstance(module, nn.Linear):
+        return LinearChain.from_factors([(first_w, first_b), (second_w, second_b)], dtype=module.weight.dtype)
     rank = first_w.shape[0]
     return ConvChain.from_factors(
         [
@@ -89,8 +96,5 @@ class FeatureMapLinear(Method):
         bias = None if ctx.module.bias is None else ctx.module.bias.detach()
         return fm_linear_factors(unfold_weight(ctx.module), bias, torch.from_numpy(stats.mean), basis)
 
-    def build(self, ctx: LayerContext, rank: int) -> nn.Module:
-        first_w, first_b, second_w, second_b = self.factors(ctx, rank)
-        if ctx.kind == "conv":
-            return _conv_chain(ctx.module, first_w, first_b, second_w, second_b)
-        return LinearChain.from_factors([(first_w, first_b), (second_w, second_b)], dtype=ctx.module.weight.dtype)
+    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+        return two_factor_layer(ctx.module, *self.factors(ctx, rank))

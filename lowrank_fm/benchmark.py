@@ -1,0 +1,104 @@
+"""Accuracy-versus-speedup benchmark: methods x targets on the reference models, full test split.
+
+Every run of one model shares one calibration store (same images, same positions), so the methods differ
+only in what they do with it. Results are appended to a JSON-lines file as they finish (a run that stops
+keeps what it measured) and summarised as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .api import approximate
+from .config import ApproxConfig
+from .data import load_dataset
+from .evaluate import accuracy
+from .models import bundled_spec, create_model
+
+__all__ = ["BenchmarkRun", "run_benchmark", "markdown_table", "DEFAULT_GRID"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchmarkRun:
+    """One cell of the benchmark: a method with its settings at one speedup target."""
+
+    label: str
+    speedup: float
+    settings: dict = field(default_factory=dict)
+
+
+def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
+    runs = []
+    for s in speedups:
+        runs += [
+            BenchmarkRun("fm-linear (symmetric)", s, {"method": "fm-linear"}),
+            BenchmarkRun("fm, no solver, no output matching", s, {"method": "fm", "solver": "none", "output_matching": False}),
+            BenchmarkRun("fm, closed-form", s, {"method": "fm", "solver": "closed-form"}),
+            BenchmarkRun("fm, rmsprop", s, {"method": "fm", "solver": "rmsprop"}),
+        ]
+    return runs
+
+
+DEFAULT_GRID = {"vgg-fmnist": _grid((2.0, 3.0, 4.0)), "resnet-fmnist": _grid((1.5, 2.0, 3.0))}
+
+
+def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, calib_fraction: float = 0.01,
+                  seed: int = 0, eval_images: int | None = None, data_dir: str | None = None,
+                  work_dir: str | Path = "runs/benchmark", progress: bool = False) -> list[dict]:
+    """Run every cell of ``grid`` (model name -> runs) and append one JSON line per run to ``out_path``."""
+    from .cli import calibration_indices
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model_name, runs in grid.items():
+        spec = bundled_spec(model_name)
+        data = load_dataset(spec.dataset, data_dir)
+        model = create_model(model_name)
+        indices = calibration_indices(len(data.train), calib_fraction, None, seed)
+        loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)
+        calib_file = Path(work_dir) / f"{model_name}-calibration.h5"
+        calib_file.parent.mkdir(parents=True, exist_ok=True)
+        top1_before = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
+        for run in runs:
+            config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, **run.settings)
+            start = time.perf_counter()
+            new_model, report = approximate(model, loader, config, n_images=len(indices), calib_file=calib_file,
+                                            image_ids=indices, model_name=model_name, dataset_name=spec.dataset)
+            wall = time.perf_counter() - start
+            after = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)
+            row = {
+                "model": model_name, "label": run.label, "target_speedup": run.speedup, "settings": run.settings,
+                "theoretical_speedup": report.totals["theoretical_speedup"],
+                "top1_before": top1_before, "top1_after": after["top1"],
+                "drop_points": 100 * (top1_before - after["top1"]), "eval_images": after["images"],
+                "approximate_wall_s": wall, "timing": report.timing, "calib_images": len(indices),
+                "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
+                "threads": torch.get_num_threads(),
+            }
+            log.info("%s %s %.1fx: top-1 %.4f -> %.4f (%.2f points), %.1f s", model_name, run.label,
+                     row["theoretical_speedup"], top1_before, after["top1"], row["drop_points"], wall)
+            with out_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            results.append(row)
+    return results
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per run: model, method, target, achieved speedup, top-1 before/after, drop, wall time."""
+    lines = ["| model | method | target | theoretical speedup | top-1 before | top-1 after | drop (points) | time (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
+                     f"{100 * r['top1_before']:.2f} | {100 * r['top1_after']:.2f} | {r['drop_points']:.2f} | "
+                     f"{r['approximate_wall_s']:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""``fm``: the output-feature-map method with whole-model (asymmetric) correction and nonlinear refinement
+(Zhang, Zou, He, Sun, TPAMI 2016, sections 3.2-3.3; ALGORITHMS.md section 1).
+
+Per layer, in network order (the pipeline's layer-wise pass supplies the data):
+
+1. Asymmetric linear start: reduced-rank regression of the original responses y on yhat = W xhat + b,
+   where xhat are the layer's inputs in the network approximated so far.
+2. Nonlinear refinement with the chosen solver (``rmsprop`` or ``closed-form``) of || f(y) - f(y') ||^2,
+   f being the activation that follows the layer (identity for a conv whose output is summed with a
+   shortcut before its ReLU: see :func:`lowrank_fm.layerwise.activation_after`).
+3. Whichever of (linear start, refined) has the lower objective on held-out calibration images is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LayerContext, LayerData, unfold_weight
+from .fm import FeatureMapLinear, two_factor_layer
+from .solvers import closed_form_nonlinear, nonlinear_objective, reduced_rank_regression, rmsprop_refine, to_layer_factors
+
+__all__ = ["FeatureMap", "SOLVERS"]
+
+SOLVERS = ("rmsprop", "closed-form", "none")
+
+
+class FeatureMap(FeatureMapLinear):
+    """``fm``: asymmetric output-feature-map approximation refined against the nonlinear responses."""
+
+    name = "fm"
+    needs_inputs = True
+
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
+        if data is None:  # no layer-wise pass (the model could not be traced): the symmetric linear solution
+            self.last_info = {"solver": "symmetric-linear", "note": "no layer-wise pass: model not traceable"}
+            return super().build(ctx, rank)
+        solver = getattr(self.config, "solver", "rmsprop")
+        steps = getattr(self.config, "solver_steps", None)
+        weight = unfold_weight(ctx.module)
+        bias = None if ctx.module.bias is None else ctx.module.bias.detach().double()
+        X, Y = data.inputs.double(), data.targets.double()
+        fit, val = ~data.heldout, data.heldout
+        if not bool(val.any()):
+            val = fit
+        yhat = X @ weight.T + (0.0 if bias is None else bias)
+        P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
+        act = data.activation
+        linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act)
+        scale = float(torch.relu(Y[val]).pow(2).sum(1).mean()) if act == "relu" else float(Y[val].pow(2).sum(1).mean())
+        info = {"solver": solver, "iterations": 0, "error_before": linear_val / max(scale, 1e-30)}
+        factors = to_layer_factors(weight, bias, P, Q, c)
+        after = linear_val
+        if solver == "closed-form":
+            result = closed_form_nonlinear(Y[fit], yhat[fit], rank, init=(P, Q, c), activation=act)
+            refined_val = nonlinear_objective(Y[val], yhat[val], result.P, result.Q, result.c, activation=act)
+            info["iterations"] = result.iterations
+            if refined_val < linear_val:
+                factors, after = to_layer_factors(weight, bias, result.P, result.Q, result.c), refined_val
+        elif solver == "rmsprop":
+            kwargs = {} if steps is None else {"steps": int(steps)}
+            result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=getattr(self.config, "seed", 0),
+                                    X_val=X[val], Y_val=Y[val], **kwargs)
+            info["iterations"] = result.iterations
+            if result.objective_after < linear_val:
+                factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
+                after = result.objective_after
+        elif solver != "none":
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        info["error_after"] = after / max(scale, 1e-30)
+        info["kept"] = "refined" if after < linear_val else "linear"
+        self.last_info = info
+        return two_factor_layer(ctx.module, *factors)

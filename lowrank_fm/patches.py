@@ -1,0 +1,41 @@
+"""Input patches of a layer at chosen output positions: the x of y = W x + b, flattened like the weight.
+
+For a conv with kernel (kh, kw), stride, padding and dilation, the patch behind output position (h, w) is
+the (c, kh, kw) block that ``torch.nn.functional.unfold`` puts in column h * W' + w, flattened with c
+slowest, the same order as ``weight.reshape(d, -1)``. For a Linear layer the "patch" is the input row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["patches_at"]
+
+
+def patches_at(module: nn.Module, inputs: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Patches of ``inputs`` behind the given output positions.
+
+    Parameters
+    ----------
+    module : nn.Conv2d (groups = 1) or nn.Linear
+    inputs : (B, C, H, W) for a conv; (B, in) or (B, ..., in) for a Linear
+    image : (n,) index of each sample's image within this batch
+    position : (n, 2) output (row, col) of each sample; for a Linear with middle dims, (p, 0)
+
+    Returns
+    -------
+    (n, p) with p = C kh kw (conv) or in (Linear), in the weight's dtype order.
+    """
+    image = image.long()
+    position = position.long()
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"patches_at: grouped convs (groups={module.groups}) are not supported")
+        columns = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        out_h = (inputs.shape[2] + 2 * module.padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
+        out_w = columns.shape[2] // out_h
+        return columns[image, :, position[:, 0] * out_w + position[:, 1]]
+    flat = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    return flat[image, position[:, 0]]
