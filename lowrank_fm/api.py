@@ -280,6 +280,8 @@ def approximate(
     reasons: dict[str, str | None] = {}
     for name, module in layers.items():
         reason = None if targeted(name) else "not targeted"
+        if reason is None and costs[name].calls > 1:
+            reason = f"runs {costs[name].calls} times per forward (shared weights)"
         if reason is None and config.keep_first_layer and name not in config.layer_ranks:
             reason = _first_layer_reason(module)
         reasons[name] = reason or method.supports(module)

@@ -153,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     after = accuracy(new_model, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
                      num_workers=args.workers, progress=not args.quiet, desc="evaluate approximated")
     report.timing["evaluate_s"] = time.perf_counter() - start
+    report.config["run"] = {k: v for k, v in vars(args).items() if k not in report.config}
     report.accuracy = {"top1_before": before["top1"], "top1_after": after["top1"], "top5_before": before["top5"],
                        "top5_after": after["top5"], "eval_images": before["images"]}
 

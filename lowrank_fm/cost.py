@@ -19,11 +19,13 @@ __all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Cost of one leaf Conv2d/Linear per image: ``macs``, ``positions`` (output positions), ``out_shape``."""
+    """Cost of one leaf Conv2d/Linear per image: ``macs``, ``positions`` (output positions of its first call),
+    ``out_shape``, and ``calls`` (how many times it ran in one forward; shared layers run more than once)."""
 
     macs: int
     positions: int
     out_shape: tuple[int, ...]
+    calls: int = 1
 
 
 def batch_size_of(batch) -> int:
@@ -58,8 +60,11 @@ def measure_costs(model: nn.Module, example_input) -> dict[str, LayerCost]:
         # a detector may run a head on a different number of items than images: normalise by images
         scale = output.shape[0] / batch if output.ndim > 1 else 1.0
         previous = costs.get(name)
-        macs = int(round(macs * scale)) + (previous.macs if previous else 0)
-        costs[name] = LayerCost(macs, positions, tuple(output.shape[1:]))
+        if previous is None:
+            costs[name] = LayerCost(int(round(macs * scale)), positions, tuple(output.shape[1:]))
+        else:
+            costs[name] = LayerCost(previous.macs + int(round(macs * scale)), previous.positions, previous.out_shape,
+                                    previous.calls + 1)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
     was_training = model.training

@@ -173,15 +173,13 @@ def _torchvision(name: str, weights: str, num_classes: int | None) -> nn.Module:
     model = builder(weights=None, **kwargs)
     if weights not in ("none", ""):
         state = load_state_dict_file(weights)
-        if num_classes is not None:
-            try:
-                model.load_state_dict(state)
-            except RuntimeError:
-                # a state_dict trained with the default head: rebuild with it
-                model = builder(weights=None)
-                model.load_state_dict(state)
-        else:
+        try:
             model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"--weights {weights} does not fit {name} with num_classes={num_classes} "
+                f"({str(error).splitlines()[-1].strip()}); pass --num-classes to match the checkpoint's head"
+            ) from error
     return model
 
 

@@ -121,3 +121,33 @@ def test_bad_settings_raise_clear_errors(digits, model):
     with pytest.raises(ValueError, match="unknown ApproxConfig keys"):
         ApproxConfig.from_dict({"energy": 0.9, "bogus": 1})
     assert ApproxConfig.from_dict(ApproxConfig(energy=0.9).to_dict()) == ApproxConfig(energy=0.9)
+
+
+def test_a_layer_run_twice_per_forward_is_kept_with_its_reason():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.shared = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.stem(x))))))
+            return self.head(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 1, 8, 8) for _ in range(3)]
+    _, report = approximate(Shared().eval(), data, method="fm-linear", energy=0.5, n_images=12, progress=False)
+    shared = {l.name: l for l in report.layers}["shared"]
+    assert shared.status == "kept" and shared.reason == "runs 2 times per forward (shared weights)"
+    assert shared.macs_before == 2 * 64 * 16 * 16 * 9
+
+
+def test_weights_with_another_head_are_refused_with_the_flag_to_use(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="--num-classes"):
+        create_model("resnet18", str(path), num_classes=3)
+    assert create_model("resnet18", str(path), num_classes=1000).fc.out_features == 1000

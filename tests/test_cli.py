@@ -1,0 +1,285 @@
+"""The ``approximate`` command line (DESIGN.md, "Contracts"): exit codes, one-line errors, report.json fields,
+the saved model, and reuse of a calibration file.
+
+The embedded default (vgg-digits on scikit-learn's digits) is run once per module; its model is trained on
+first use and cached under $LOWRANK_FM_CACHE (see conftest.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import lowrank_fm
+from lowrank_fm.cli import calibration_indices, main
+from lowrank_fm.config import ApproxConfig
+from lowrank_fm.data import load_dataset
+from lowrank_fm.evaluate import accuracy
+from lowrank_fm.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYER_FIELDS = ("name", "kind", "shape", "rank", "energy", "params_before", "params_after", "macs_before",
+                "macs_after", "rel_error", "status")
+TOTALS_FIELDS = ("params_before", "params_after", "macs_before", "macs_after", "theoretical_speedup")
+ACCURACY_FIELDS = ("top1_before", "top1_after", "eval_images")
+LATENCY_FIELDS = ("before_ms", "after_ms", "measured_speedup", "batch_size", "threads", "device")
+TIMING_FIELDS = ("calibrate_s", "approximate_s", "evaluate_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch and one BLAS thread: these models are tiny, and 2 OpenMP threads on a busy 2-core machine can
+    run a forward pass 50x slower than one thread (measured: resnet18 at 32x32, 9 ms vs 700 ms)."""
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single line a runtime failure prints on stderr (fails when there are several or none)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def ranks(report: dict) -> dict:
+    return {layer["name"]: layer["rank"] for layer in report["layers"]}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """``approximate.py --out OUT --quiet``, no model: (exit code, OUT, report.json as a dict)."""
+    out = tmp_path_factory.mktemp("default-run")
+    code = main(["--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    return code, out, report
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+# --- argument errors: argparse, exit 2 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("energy", ["1.5", "0", "-0.1", "abc"])
+def test_bad_energy_exits_2(energy, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--energy", energy, "--quiet"])
+    assert exc.value.code == 2
+    assert "--energy" in capsys.readouterr().err
+
+
+def test_energy_and_speedup_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--energy", "0.9", "--speedup", "2"])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+# --- runtime failures: exit 1, one line on stderr ----------------------------------------------------------
+
+
+def test_missing_data_dir_exits_1_with_one_line(tmp_path, capsys):
+    code = main(["resnet18", "--weights", "none", "--dataset", "imagefolder", "--data-dir", "/nonexistent/dir",
+                 "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "--data-dir" in line
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_imagefolder_without_data_dir_names_the_flag(tmp_path, capsys):
+    code = main(["resnet18", "--weights", "none", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "--data-dir" in one_error_line(capsys.readouterr().err)
+
+
+def test_default_torchvision_weights_exit_1_naming_weights(tmp_path, capsys):
+    # --dataset digits so that the data loads and the failure is the weights (nothing downloads)
+    code = main(["vgg16", "--weights", "default", "--dataset", "digits", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "--weights" in line
+
+
+def test_missing_weights_file_exits_1(tmp_path, capsys):
+    code = main(["vgg-digits", "--weights", str(tmp_path / "absent.pt"), "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "--weights" in line and "absent.pt" in line
+
+
+def test_unknown_model_exits_1(tmp_path, capsys):
+    code = main(["not-a-model", "--dataset", "digits", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "not-a-model" in one_error_line(capsys.readouterr().err)
+
+
+def test_real_script_exit_codes(tmp_path):
+    """The script itself (not only main()) turns argparse errors into 2 and runtime failures into 1."""
+    env = dict(os.environ)
+    script = [sys.executable, str(ROOT / "scripts" / "approximate.py")]
+    bad = subprocess.run(script + ["--energy", "1.5", "--quiet"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert "--energy" in bad.stderr
+
+    failed = subprocess.run(script + ["resnet18", "--weights", "none", "--dataset", "imagefolder", "--data-dir",
+                                      "/nonexistent/dir", "--quiet", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert failed.returncode == 1, failed.stderr
+    assert "--data-dir" in one_error_line(failed.stderr)
+    assert "Traceback" not in failed.stderr
+
+
+# --- the embedded default run -----------------------------------------------------------------------------
+
+
+def test_default_run_succeeds_and_writes_outputs(default_run):
+    code, out, report = default_run
+    assert code == 0
+    for name in ("report.json", "manifest.json", "model_state.pt", "calibration.h5"):
+        assert (out / name).is_file(), name
+    assert report["model"] == "vgg-digits"
+    assert report["dataset"] == "digits"
+    assert report["method"] == ApproxConfig().method == report["config"]["method"]
+
+
+def test_report_has_contract_fields(default_run):
+    _, _, report = default_run
+    config = report["config"]
+    for key in ("method", "energy", "seed", "device", "positions_per_image", "include", "exclude"):
+        assert key in config, key
+    assert config["energy"] == 0.95
+    assert config["seed"] == 0
+
+    assert report["layers"], "no candidate layers"
+    for layer in report["layers"]:
+        for key in LAYER_FIELDS:
+            assert key in layer, (layer.get("name"), key)
+        assert layer["kind"] in ("conv", "linear")
+        assert layer["status"] in ("approximated", "kept")
+        assert isinstance(layer["shape"], list) and len(layer["shape"]) == (4 if layer["kind"] == "conv" else 2)
+        if layer["status"] == "kept":
+            assert isinstance(layer["reason"], str) and layer["reason"], layer["name"]
+            assert layer["params_after"] == layer["params_before"]
+            assert layer["macs_after"] == layer["macs_before"]
+        else:
+            assert 1 <= layer["rank"] <= layer["shape"][0]
+            assert 0.95 <= layer["energy"] <= 1.0
+            assert 0.0 <= layer["rel_error"] < 1.0
+            assert layer["macs_after"] < layer["macs_before"]
+    statuses = {layer["name"]: layer["status"] for layer in report["layers"]}
+    assert statuses["features.0"] == "kept"  # the first conv (1 input channel)
+    assert "approximated" in statuses.values()
+
+    for section, fields in (("totals", TOTALS_FIELDS), ("accuracy", ACCURACY_FIELDS),
+                            ("latency", LATENCY_FIELDS), ("timing", TIMING_FIELDS)):
+        for key in fields:
+            assert key in report[section], (section, key)
+    for key in TIMING_FIELDS:
+        assert report["timing"][key] >= 0.0
+    assert report["latency"]["before_ms"] > 0 and report["latency"]["after_ms"] > 0
+    assert report["latency"]["device"] == "cpu"
+    assert report["latency"]["batch_size"] == 32
+    assert report["latency"]["threads"] == torch.get_num_threads()
+
+
+def test_report_totals_are_sums_of_layers(default_run):
+    _, _, report = default_run
+    totals, layers = report["totals"], report["layers"]
+    for key in ("params_before", "params_after", "macs_before", "macs_after"):
+        assert totals[key] == sum(layer[key] for layer in layers), key
+    assert totals["theoretical_speedup"] == pytest.approx(totals["macs_before"] / totals["macs_after"], rel=1e-12)
+    assert totals["theoretical_speedup"] > 1.0
+    assert totals["params_after"] < totals["params_before"]
+
+
+def test_report_accuracy_fractions(default_run, digits):
+    _, _, report = default_run
+    acc = report["accuracy"]
+    assert acc["eval_images"] == len(digits.test) == 360
+    for key in ("top1_before", "top1_after"):
+        assert 0.0 <= acc[key] <= 1.0
+        assert acc[key] * acc["eval_images"] == pytest.approx(round(acc[key] * acc["eval_images"]))
+    assert acc["top1_before"] >= 0.95  # the reference model is trained
+    assert acc["top1_after"] >= 0.9  # energy 0.95 on a trained model keeps it working
+
+
+def test_reloaded_model_matches_report_and_in_memory_model(default_run, digits):
+    _, out, report = default_run
+    reloaded = lowrank_fm.load_approximated(out)
+    assert not reloaded.training
+
+    # the reloaded model's accuracy on the same test images is the report's, exactly
+    top1 = accuracy(reloaded, digits.test, eval_images=report["accuracy"]["eval_images"], progress=False)["top1"]
+    assert top1 == report["accuracy"]["top1_after"]
+
+    # the CLI's pipeline redone in memory: same calibration images and loader, the report's own settings
+    indices = calibration_indices(len(digits.train), 0.01, None, 0)
+    assert report["calibration"]["images"] == len(indices)
+    loader = DataLoader(Subset(digits.train, indices.tolist()), batch_size=64, shuffle=False)
+    original = create_model("vgg-digits")
+    settings = dict(report["config"])
+    assert settings.pop("run")["model"] == "vgg-digits"  # the CLI's own settings sit beside the engine's
+    config = ApproxConfig.from_dict(settings)
+    in_memory, mem_report = lowrank_fm.approximate(original, loader, config, n_images=len(indices))
+    assert ranks(mem_report.to_dict()) == ranks(report)
+
+    images = torch.stack([digits.test[i][0] for i in range(64)])
+    with torch.no_grad():
+        expected, got = in_memory(images), reloaded(images)
+        original_out = original(images)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, original_out, atol=1e-3)  # the approximation did change the model
+
+
+def test_calib_file_reuse_and_seed_mismatch(default_run, tmp_path, capsys):
+    _, out, report = default_run
+    calib = out / "calibration.h5"
+    before = calib.stat().st_mtime_ns, calib.stat().st_size
+
+    code = main(["--calib-file", str(calib), "--out", str(tmp_path / "again"), "--quiet"])
+    assert code == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert ranks(again) == ranks(report)
+    assert again["accuracy"]["top1_after"] == report["accuracy"]["top1_after"]
+    assert not (tmp_path / "again" / "calibration.h5").exists()  # --calib-file pointed elsewhere
+    assert (calib.stat().st_mtime_ns, calib.stat().st_size) == before  # reused, not rewritten
+    capsys.readouterr()
+
+    code = main(["--calib-file", str(calib), "--seed", "1", "--out", str(tmp_path / "other-seed"), "--quiet"])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "calibration" in line
+    assert not (tmp_path / "other-seed" / "report.json").exists()
+    assert (calib.stat().st_mtime_ns, calib.stat().st_size) == before  # the mismatching run left it alone
+
+
+def test_calibration_file_records_the_run(default_run):
+    h5py = pytest.importorskip("h5py")
+    _, out, report = default_run
+    with h5py.File(out / "calibration.h5", "r") as f:
+        assert bool(f.attrs["complete"])
+        assert int(f.attrs["seed"]) == 0
+        assert int(f.attrs["n_images_done"]) == report["calibration"]["images"]
+        stored = json.loads(f.attrs["layers_json"])
+        ids = np.asarray(f["image_ids"][()])
+    targeted = [layer["name"] for layer in report["layers"] if layer.get("reason") is None or "MACs" in layer["reason"]]
+    assert stored == targeted
+    np.testing.assert_array_equal(ids, calibration_indices(1437, 0.01, None, 0))
+
