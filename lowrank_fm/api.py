@@ -197,31 +197,73 @@ class _LayerSamples:
         return LayerData(torch.cat(rows), targets, heldout, activation)
 
 
+def _traceable_root(work: nn.Module, names: list[str], batches: list):
+    """The traced module that holds every target layer, its name prefix, and its input per batch.
+
+    The whole model is traced when possible. Otherwise (a detector's control flow) the deepest submodule that
+    contains all targets (e.g. ``backbone``) is traced, and its inputs are captured by running the model.
+    Returns None when nothing traceable holds the targets.
+    """
+    from .layerwise import NotTraceableError, trace
+
+    try:
+        return trace(work), "", batches
+    except NotTraceableError as error:
+        first_error = error
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    for depth in range(min(len(common), min(len(p) for p in parts) - 1), 0, -1):
+        prefix = ".".join(common[:depth])
+        sub = get_module(work, prefix)
+        try:
+            graph_module = trace(sub)
+        except NotTraceableError:
+            continue
+        captured: list = []
+        handle = sub.register_forward_pre_hook(lambda _m, args, kwargs: captured.append(args), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    work(batch)
+        finally:
+            handle.remove()
+        if len(captured) != len(batches) or any(len(args) != 1 or not torch.is_tensor(args[0]) for args in captured):
+            continue  # called more than once per forward, or with other than one tensor
+        return graph_module, prefix + ".", [args[0] for args in captured]
+    log.warning("%s; layers are approximated one by one without whole-model correction", first_error)
+    return None
+
+
 def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
                      batches: list, reader, n_fit: int, config: ApproxConfig) -> tuple[dict[str, nn.Module], dict]:
     """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
     approximated so far, its targets from the original network (the store)."""
-    from .layerwise import LayerwisePass, NotTraceableError, activation_after, trace
+    from .layerwise import LayerwisePass, activation_after
 
-    try:
-        graph_module = trace(work)
-    except NotTraceableError as error:
-        log.warning("%s; layers are approximated one by one without whole-model correction", error)
+    root = _traceable_root(work, list(ranks), batches)
+    if root is None:
         replacements = {name: method.build(contexts[name], rank).to(config.device).eval() for name, rank in ranks.items()}
         return replacements, {name: dict(method.last_info) for name in ranks}
+    graph_module, prefix, root_inputs = root
     samples = _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
     replacements: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
 
-    def on_layer(name, module, inputs):
-        activation = activation_after(graph_module, name)
+    def on_layer(local_name, module, inputs):
+        name = prefix + local_name
+        activation = activation_after(graph_module, local_name)
         data = samples(name, module, inputs, activation)
         replacement = method.build(contexts[name], ranks[name], data).to(config.device).eval()
         info[name] = dict(method.last_info, activation=activation)
         replacements[name] = replacement
         return replacement
 
-    LayerwisePass(graph_module, batches, device=config.device, progress=config.progress).run(list(ranks), on_layer)
+    local_targets = [name[len(prefix):] for name in ranks]
+    LayerwisePass(graph_module, root_inputs, device=config.device, progress=config.progress).run(local_targets, on_layer)
     return replacements, info
 
 
