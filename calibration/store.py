@@ -186,14 +186,21 @@ def _config_of(f: h5py.File, path: str) -> _Config:
         raise CalibrationMismatchError(f"calibration file {path!r} is damaged ({err}); {_ADVICE}") from None
 
 
-def _config_diffs(stored: _Config, wanted: _Config) -> list[str]:
+def _config_diffs(stored: _Config, wanted: _Config, *, subset_ok: bool = False) -> list[str]:
+    """What differs between a file's settings and the requested ones. With ``subset_ok`` (a complete file
+    being reused), the requested layers may be any subset of the stored ones."""
     diffs = []
-    if stored.names != wanted.names:
+    stored_layers = {name: (c, k) for name, c, k in stored.layers}
+    if subset_ok and set(wanted.names) <= set(stored.names):
+        pairs = [(name, stored_layers[name], (c, k)) for name, c, k in wanted.layers]
+    elif stored.names != wanted.names:
         diffs.append(f"layers differ: file has {stored.names}, requested {wanted.names}")
+        pairs = []
     else:
-        for (name, c0, k0), (_, c1, k1) in zip(stored.layers, wanted.layers):
-            if (c0, k0) != (c1, k1):
-                diffs.append(f"layer {name!r}: file has {c0} channels ({k0}), requested {c1} ({k1})")
+        pairs = [(name, stored_layers[name], (c, k)) for name, c, k in wanted.layers]
+    for name, (c0, k0), (c1, k1) in pairs:
+        if (c0, k0) != (c1, k1):
+            diffs.append(f"layer {name!r}: file has {c0} channels ({k0}), requested {c1} ({k1})")
     if stored.seed != wanted.seed:
         diffs.append(f"seed: {stored.seed} != {wanted.seed} (file != requested)")
     if stored.positions_per_image != wanted.positions_per_image:
@@ -372,12 +379,12 @@ class CalibrationWriter:
     def _reopen(cls, path: str, config: _Config) -> "CalibrationWriter":
         with _open_h5(path, "r") as f:
             stored = _config_of(f, path)
-            diffs = _config_diffs(stored, config)
+            complete = bool(f.attrs["complete"])
+            diffs = _config_diffs(stored, config, subset_ok=complete)
             if diffs:
                 raise CalibrationMismatchError(
                     f"calibration file {path!r} was made with other settings: {'; '.join(diffs)}; {_ADVICE}"
                 )
-            complete = bool(f.attrs["complete"])
         if complete:
             return cls(_open_h5(path, "r"), path, config)
         f = _open_h5(path, "r+")

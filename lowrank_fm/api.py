@@ -319,9 +319,12 @@ def approximate(
     layers = {name: module for name, module in find_layers(work).items() if name in costs}
 
     targeted = name_filter(config.include, config.exclude)
+    last_layer = list(costs)[-1] if costs else None  # hooks fire in execution order
     reasons: dict[str, str | None] = {}
     for name, module in layers.items():
         reason = None if targeted(name) else "not targeted"
+        if reason is None and config.keep_last_layer and name == last_layer and name not in config.layer_ranks:
+            reason = "output layer (its responses are the model's outputs)"
         if reason is None and costs[name].calls > 1:
             reason = f"runs {costs[name].calls} times per forward (shared weights)"
         if reason is None and config.keep_first_layer and name not in config.layer_ranks:

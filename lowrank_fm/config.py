@@ -30,6 +30,8 @@ class ApproxConfig:
     include : qualified-name prefixes of the layers to approximate (None: every Conv2d and Linear).
     exclude : qualified-name prefixes never to approximate.
     keep_first_layer : keep convs with <= 3 input channels (the first layer of an image model).
+    keep_last_layer : keep the last layer the forward runs (the output layer: its responses are the
+        model's outputs, e.g. the logits; cutting its rank merges classes).
     fold_batchnorm : fold BatchNorm into the preceding conv before anything else.
     positions_per_image : sampled output positions per image and layer (None: every position).
     heldout_fraction : share of the calibration images kept out of fitting to measure each layer's error.
@@ -55,6 +57,7 @@ class ApproxConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     keep_first_layer: bool = True
+    keep_last_layer: bool = True
     fold_batchnorm: bool = True
     positions_per_image: int | None = 10
     heldout_fraction: float = 0.1

@@ -49,8 +49,9 @@ def test_params_and_macs_drop_and_totals_are_sums(approximated):
     for key in ("params_before", "params_after", "macs_before", "macs_after"):
         assert totals[key] == sum(getattr(layer, key) for layer in report.layers)
     assert totals["theoretical_speedup"] == pytest.approx(totals["macs_before"] / totals["macs_after"])
-    first = report.layers[0]
+    first, last = report.layers[0], report.layers[-1]
     assert first.status == "kept" and "first layer" in first.reason
+    assert last.name == "classifier.4" and last.status == "kept" and last.reason.startswith("output layer")
     assert any(l.status == "approximated" and 0 < l.rel_error < 0.5 for l in report.layers)
 
 
@@ -80,7 +81,7 @@ def test_accuracy_drop_is_bounded(approximated, digits, model):
 
 def test_energy_one_forced_reproduces_the_whole_model(digits, model):
     new_model, report = approximate(model, _loader(digits, 64), method="fm-linear", energy=1.0, force=True,
-                                    keep_first_layer=False, progress=False)
+                                    keep_first_layer=False, keep_last_layer=False, progress=False)
     assert all(l.status == "approximated" for l in report.layers)
     x = torch.stack([digits.test[i][0] for i in range(64)])
     with torch.no_grad():

@@ -408,3 +408,18 @@ def test_package_does_not_import_lowrank_fm() -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_complete_file_serves_a_subset_of_its_layers_but_not_a_superset(tmp_path: Path, images: torch.Tensor) -> None:
+    model = tiny_model()
+    path = tmp_path / "c.h5"
+    run(model, images, path, size=4)
+    stored = read_all(path)
+    options = dict(n_images=N_IMAGES, seed=3, positions_per_image=5, meta=META, progress=False)
+    # reused as it is: the batches are never drawn
+    calibrate(model, batches_of(images, 4, crash_after=0), ["0", "5"], path, **options)
+    assert_same_store(stored, read_all(path), exact=True)
+    partial = tmp_path / "partial.h5"
+    calibrate(model, batches_of(images, 4), ["0", "5"], partial, **options)
+    with pytest.raises(CalibrationMismatchError, match="layers differ"):
+        calibrate(model, batches_of(images, 4), LAYERS, partial, **options)
