@@ -412,13 +412,14 @@ def approximate(
         set_module(work, name, replacement)
     timing["approximate_s"] = time.perf_counter() - start
     matching: dict = {}
-    if replacements and (config.output_matching if config.output_matching is not None else method.needs_inputs):
+    if replacements and config.output_matching:
         from .output_matching import match_outputs
 
         matching = match_outputs(reference, work, list(replacements.values()),
                                  list(_iter_inputs(data, to_input, 0, n_fit, config.device)),
                                  list(_iter_inputs(data, to_input, n_fit, total_images, config.device)),
-                                 steps=config.matching_steps, lr=config.matching_lr, progress=config.progress)
+                                 steps=config.matching_steps, lr=config.matching_lr,
+                                 batch_images=config.matching_batch, progress=config.progress)
         timing["output_matching_s"] = matching["seconds"]
     if temp_dir is not None:
         temp_dir.cleanup()

@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allocation", choices=["uniform", "energy", "error"], default="error",
                         help="how --speedup is shared among layers (default error)")
     matching = parser.add_mutually_exclusive_group()
-    matching.add_argument("--no-output-matching", dest="output_matching", action="store_false", default=None,
-                          help="skip the end-to-end output matching stage")
-    matching.add_argument("--output-matching", dest="output_matching", action="store_true",
-                          help="run output matching also for methods that do not default to it")
+    matching.add_argument("--output-matching", dest="output_matching", action="store_true", default=False,
+                          help="refine all factors jointly to match the original outputs on the calibration images")
+    matching.add_argument("--no-output-matching", dest="output_matching", action="store_false",
+                          help="skip output matching (the default)")
     parser.add_argument("--matching-steps", type=_positive_int, default=300)
     parser.add_argument("--dataset", default=None, help="digits, fashion-mnist, imagefolder, cifar10 (default: the model's)")
     parser.add_argument("--data-dir", default=None, help="where the data set lies (ImageFolder: train/ and val/)")

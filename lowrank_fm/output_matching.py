@@ -43,6 +43,7 @@ def match_outputs(
     *,
     steps: int = 300,
     lr: float = 1e-4,
+    batch_images: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Refine ``factor_modules`` (parts of ``model``) in place so that ``model`` matches ``reference``.
@@ -54,6 +55,7 @@ def match_outputs(
     factor_modules : the factorized layers whose parameters are trained
     fit_batches, heldout_batches : model inputs (tensors); outputs must be tensors
     steps : Adam steps (one batch each, cycling through ``fit_batches``); lr : Adam learning rate
+    batch_images : images per step (tensor inputs are re-batched to this size; None keeps the given batches)
 
     Returns
     -------
@@ -61,6 +63,8 @@ def match_outputs(
     difference per image) and ``applied`` (False when refinement did not help and was undone).
     """
     start = time.perf_counter()
+    if batch_images and fit_batches and all(torch.is_tensor(b) for b in fit_batches):
+        fit_batches = list(torch.cat(list(fit_batches)).split(int(batch_images)))
     with torch.no_grad():
         fit_targets = [reference(b) for b in fit_batches]
         held_targets = [reference(b) for b in heldout_batches]
