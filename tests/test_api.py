@@ -7,19 +7,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lowrank_fm import ApproxConfig, approximate, load_approximated, save_approximated
-from lowrank_fm.data import load_dataset
 from lowrank_fm.evaluate import accuracy
 from lowrank_fm.models import create_model
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return create_model("vgg-digits")
+def model(vgg_digits):
+    return vgg_digits
 
 
 def _loader(digits, n=200):

@@ -33,17 +33,6 @@ LATENCY_FIELDS = ("before_ms", "after_ms", "measured_speedup", "batch_size", "th
 TIMING_FIELDS = ("calibrate_s", "approximate_s", "evaluate_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch and one BLAS thread: these models are tiny, and 2 OpenMP threads on a busy 2-core machine can
-    run a forward pass 50x slower than one thread (measured: resnet18 at 32x32, 9 ms vs 700 ms)."""
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def one_error_line(stderr: str) -> str:

@@ -30,16 +30,6 @@ class Payload:
         return os.makedirs, (self.marker,)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def vgg_digits():
-    return create_model("vgg-digits")
-
-
 # --- data -------------------------------------------------------------------------------------------------
 
 

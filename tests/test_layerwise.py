@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowrank_fm.layerwise import LayerwisePass, activation_after, trace

@@ -44,16 +44,6 @@ def _pca_projection(samples: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndar
     return top @ top.T, samples.mean(axis=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 products: intra-op threads only add contention on a shared 2-core machine (RMSProp's
-    1000 steps took ~15 s with 2 threads under load against ~0.7 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def recovery_problem():
     """A layer whose ReLU responses are exactly those of a rank-3 affine map of Yhat while Y is not rank 3.
