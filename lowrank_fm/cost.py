@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .surgery import run_model
+from .surgery import run_with_hooks
 
 __all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
 
@@ -65,13 +65,5 @@ def measure_costs(model: nn.Module, example_input) -> dict[str, LayerCost]:
             costs[name] = LayerCost(previous.macs + int(round(macs * scale)), previous.positions, previous.out_shape,
                                     previous.calls + 1)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
-    was_training = model.training
-    model.eval()
-    try:
-        run_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, example_input, forward_hooks={m: hook for m in model.modules() if id(m) in names})
     return costs

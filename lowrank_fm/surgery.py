@@ -19,6 +19,7 @@ __all__ = [
     "apply_folds",
     "trace_conv_bn_pairs",
     "run_model",
+    "run_with_hooks",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,22 @@ def run_model(model: nn.Module, batch) -> object:
         return model(batch)
 
 
+def run_with_hooks(model: nn.Module, batch, forward_hooks: dict[nn.Module, Callable] | None = None,
+                   pre_hooks: dict[nn.Module, Callable] | None = None) -> object:
+    """One eval-mode forward of ``model`` with the given hooks installed, removed afterwards (the model's
+    training flag is restored)."""
+    handles = [m.register_forward_hook(fn) for m, fn in (forward_hooks or {}).items()]
+    handles += [m.register_forward_pre_hook(fn) for m, fn in (pre_hooks or {}).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        return run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def trace_conv_bn_pairs(model: nn.Module, example_input) -> list[tuple[str, str]]:
     """(conv name, BatchNorm name) pairs where the BatchNorm consumes exactly the conv's output tensor.
 
@@ -78,16 +95,9 @@ def trace_conv_bn_pairs(model: nn.Module, example_input) -> list[tuple[str, str]
         if hit is not None and hit[1] is inputs[0]:
             pairs.append((hit[0], name))
 
-    handles = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, _BN_TYPES)]
-    was_training = model.training
-    model.eval()
-    try:
-        run_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_hooks(model, example_input,
+                   forward_hooks={m: on_conv for m in model.modules() if isinstance(m, nn.Conv2d)},
+                   pre_hooks={m: on_bn for m in model.modules() if isinstance(m, _BN_TYPES)})
     return [(conv, bn) for conv, bn in pairs if calls[conv] == 1 and calls[bn] == 1]
 
 
