@@ -136,6 +136,59 @@ def _heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], in
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
 
 
+def _keep_reasons(layers: dict[str, nn.Module], costs: dict, method: Method, config: ApproxConfig) -> dict[str, str | None]:
+    """Why each layer is kept as it is (None: it is a target): not selected, the output layer, run several
+    times per forward, the first layer, or not supported by the method."""
+    targeted = name_filter(config.include, config.exclude)
+    last_layer = list(costs)[-1] if costs else None  # hooks fire in execution order
+    reasons: dict[str, str | None] = {}
+    for name, module in layers.items():
+        reason = None if targeted(name) else "not targeted"
+        if reason is None and config.keep_last_layer and name == last_layer and name not in config.layer_ranks:
+            reason = "output layer (its responses are the model's outputs)"
+        if reason is None and costs[name].calls > 1:
+            reason = f"runs {costs[name].calls} times per forward (shared weights)"
+        if reason is None and config.keep_first_layer and name not in config.layer_ranks:
+            reason = _first_layer_reason(module)
+        reasons[name] = reason or method.supports(module)
+    return reasons
+
+
+def _layer_records(layers: dict[str, nn.Module], costs: dict, reasons: dict, contexts: dict[str, LayerContext],
+                   chosen: dict[str, int | None], method: Method, config: ApproxConfig
+                   ) -> tuple[dict[str, LayerRecord], dict[str, int]]:
+    """One report record per layer and the ranks of the layers to factorize (a chosen rank that would not
+    reduce the layer's MACs keeps it, unless ``config.force``)."""
+    records: dict[str, LayerRecord] = {}
+    ranks: dict[str, int] = {}
+    for name, module in layers.items():
+        cost = costs[name]
+        shape = list(module.weight.shape)
+        base = dict(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=shape,
+                    params_before=module_params(module), macs_before=cost.macs)
+        kept = dict(params_after=base["params_before"], macs_after=cost.macs, rel_error=None, status="kept")
+        if reasons[name] is not None:
+            records[name] = LayerRecord(**base, rank=shape[0], energy=None, **kept, reason=reasons[name])
+            continue
+        ctx = contexts[name]
+        full = method.full_rank(ctx)
+        rank = chosen[name]
+        if rank is None:
+            records[name] = LayerRecord(**base, rank=full, energy=1.0, **kept,
+                                        reason=f"the {config.speedup}x budget keeps it original")
+            continue
+        energy = energy_kept(method.spectrum(ctx), rank)
+        new_macs = method.macs_per_position(ctx, rank) * cost.positions
+        if new_macs >= cost.macs and not config.force:
+            reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {cost.macs:,})"
+            records[name] = LayerRecord(**base, rank=rank, energy=energy, **kept, reason=reason)
+            continue
+        ranks[name] = rank
+        records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=base["params_before"],
+                                    macs_after=new_macs, rel_error=None, status="approximated")
+    return records, ranks
+
+
 def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int],
                   config: ApproxConfig) -> tuple[dict[str, int | None], dict]:
     """Rank per target layer (None: keep original): overrides first, then the per-layer energy, or, with
@@ -318,18 +371,7 @@ def approximate(
     costs = measure_costs(work, example)
     layers = {name: module for name, module in find_layers(work).items() if name in costs}
 
-    targeted = name_filter(config.include, config.exclude)
-    last_layer = list(costs)[-1] if costs else None  # hooks fire in execution order
-    reasons: dict[str, str | None] = {}
-    for name, module in layers.items():
-        reason = None if targeted(name) else "not targeted"
-        if reason is None and config.keep_last_layer and name == last_layer and name not in config.layer_ranks:
-            reason = "output layer (its responses are the model's outputs)"
-        if reason is None and costs[name].calls > 1:
-            reason = f"runs {costs[name].calls} times per forward (shared weights)"
-        if reason is None and config.keep_first_layer and name not in config.layer_ranks:
-            reason = _first_layer_reason(module)
-        reasons[name] = reason or method.supports(module)
+    reasons = _keep_reasons(layers, costs, method, config)
     targets = [name for name, reason in reasons.items() if reason is None]
 
     stats: dict[str, ResponseStats] = {}
@@ -355,52 +397,20 @@ def approximate(
         timing["calibrate_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records: dict[str, LayerRecord] = {}
-    replacements: dict[str, nn.Module] = {}
-    reader = open_calibration(str(calib_file)) if (method.needs_responses and targets) else None
-    try:
-        for name in targets:
-            if reader is not None:
-                stats[name] = _response_stats(reader, name, n_fit, config.covariance)
-    finally:
-        if reader is not None:
-            reader.close()
+    if method.needs_responses and targets:
+        with open_calibration(str(calib_file)) as reader:
+            stats = {name: _response_stats(reader, name, n_fit, config.covariance) for name in targets}
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name)) for name in targets}
     chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
-    ranks: dict[str, int] = {}
-    for name, module in layers.items():
-        cost = costs[name]
-        shape = list(module.weight.shape)
-        base = dict(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=shape,
-                    params_before=module_params(module), macs_before=cost.macs)
-        kept = dict(params_after=base["params_before"], macs_after=cost.macs, rel_error=None, status="kept")
-        if reasons[name] is not None:
-            records[name] = LayerRecord(**base, rank=shape[0], energy=None, **kept, reason=reasons[name])
-            continue
-        ctx = contexts[name]
-        full = method.full_rank(ctx)
-        rank = chosen[name]
-        if rank is None:
-            records[name] = LayerRecord(**base, rank=full, energy=1.0, **kept,
-                                        reason=f"the {config.speedup}x budget keeps it original")
-            continue
-        energy = energy_kept(method.spectrum(ctx), rank)
-        new_macs = method.macs_per_position(ctx, rank) * cost.positions
-        if new_macs >= cost.macs and not config.force:
-            reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {cost.macs:,})"
-            records[name] = LayerRecord(**base, rank=rank, energy=energy, **kept, reason=reason)
-            continue
-        ranks[name] = rank
-        records[name] = LayerRecord(**base, rank=rank, energy=energy, params_after=base["params_before"],
-                                    macs_after=new_macs, rel_error=None, status="approximated")
+    records, ranks = _layer_records(layers, costs, reasons, contexts, chosen, method, config)
 
     if method.needs_inputs and ranks:
         batches = list(_iter_inputs(data, to_input, 0, total_images, config.device))
         with open_calibration(str(calib_file)) as reader:
             replacements, info = _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config)
     else:
-        info = {}
+        replacements, info = {}, {}
         for name in ranks:
             replacements[name] = method.build(contexts[name], ranks[name]).to(config.device).eval()
             if method.last_info:
