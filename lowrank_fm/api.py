@@ -178,7 +178,7 @@ def _layer_records(layers: dict[str, nn.Module], costs: dict, reasons: dict, con
                                         reason=f"the {config.speedup}x budget keeps it original")
             continue
         energy = energy_kept(method.spectrum(ctx), rank)
-        new_macs = method.macs_per_position(ctx, rank) * cost.positions
+        new_macs = method.macs(ctx, rank)
         if new_macs >= cost.macs and not config.force:
             reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {cost.macs:,})"
             records[name] = LayerRecord(**base, rank=rank, energy=energy, **kept, reason=reason)
@@ -211,10 +211,10 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
             tail = np.concatenate([np.cumsum(spectrum[::-1])[::-1], [0.0]])
             errors = np.sqrt(tail / max(second_moment, 1e-300))
         budget_layers.append(BudgetLayer(
-            name, spectrum, lambda r, ctx=ctx: method.macs_per_position(ctx, r) * ctx.positions, macs[name],
+            name, spectrum, lambda r, ctx=ctx: method.macs(ctx, r), macs[name],
             errors=errors))
     fixed = sum(m for n, m in macs.items() if n not in free) - sum(
-        macs[n] - method.macs_per_position(contexts[n], r) * contexts[n].positions for n, r in overrides.items())
+        macs[n] - method.macs(contexts[n], r) for n, r in overrides.items())
     if config.allocation == "uniform":
         result = select_uniform_energy(budget_layers, config.speedup, fixed_macs=fixed)
     else:
@@ -401,7 +401,8 @@ def approximate(
         with open_calibration(str(calib_file)) as reader:
             stats = {name: _response_stats(reader, name, n_fit, config.covariance) for name in targets}
 
-    contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name)) for name in targets}
+    contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
+                                  costs[name].out_shape) for name in targets}
     chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
     records, ranks = _layer_records(layers, costs, reasons, contexts, chosen, method, config)
 

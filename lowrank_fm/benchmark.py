@@ -41,6 +41,7 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
     for s in speedups:
         runs += [
             BenchmarkRun("svd (weight-only)", s, {"method": "svd"}),
+            BenchmarkRun("spatial (weight-only)", s, {"method": "spatial"}),
             BenchmarkRun("fm-linear (symmetric)", s, {"method": "fm-linear"}),
             BenchmarkRun("fm, no solver, no output matching", s, {"method": "fm", "solver": "none", "output_matching": False}),
             BenchmarkRun("fm, closed-form", s, {"method": "fm", "solver": "closed-form"}),

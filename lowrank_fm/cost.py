@@ -19,12 +19,14 @@ __all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
 @dataclass(frozen=True)
 class LayerCost:
     """Cost of one leaf Conv2d/Linear per image: ``macs``, ``positions`` (output positions of its first call),
-    ``out_shape``, and ``calls`` (how many times it ran in one forward; shared layers run more than once)."""
+    ``out_shape`` / ``in_shape`` (per image), and ``calls`` (how many times it ran in one forward; shared
+    layers run more than once)."""
 
     macs: int
     positions: int
     out_shape: tuple[int, ...]
     calls: int = 1
+    in_shape: tuple[int, ...] = ()
 
 
 def batch_size_of(batch) -> int:
@@ -47,7 +49,7 @@ def measure_costs(model: nn.Module, example_input) -> dict[str, LayerCost]:
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     costs: dict[str, LayerCost] = {}
 
-    def hook(module, _inputs, output):
+    def hook(module, inputs, output):
         name = names[id(module)]
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
@@ -60,10 +62,11 @@ def measure_costs(model: nn.Module, example_input) -> dict[str, LayerCost]:
         scale = output.shape[0] / batch if output.ndim > 1 else 1.0
         previous = costs.get(name)
         if previous is None:
-            costs[name] = LayerCost(int(round(macs * scale)), positions, tuple(output.shape[1:]))
+            costs[name] = LayerCost(int(round(macs * scale)), positions, tuple(output.shape[1:]),
+                                    in_shape=tuple(inputs[0].shape[1:]))
         else:
             costs[name] = LayerCost(previous.macs + int(round(macs * scale)), previous.positions, previous.out_shape,
-                                    previous.calls + 1)
+                                    previous.calls + 1, previous.in_shape)
 
     run_with_hooks(model, example_input, forward_hooks={m: hook for m in model.modules() if id(m) in names})
     return costs

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import LayerContext, Method, ResponseStats
 from .fm import FeatureMapLinear
 from .fm_nonlinear import FeatureMap
+from .spatial import SpatialSeparable
 from .svd import TruncatedSVD
 
 __all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats"]
@@ -41,3 +42,4 @@ def get_method(name: str, config=None) -> Method:
 register_method(FeatureMapLinear)
 register_method(FeatureMap)
 register_method(TruncatedSVD)
+register_method(SpatialSeparable)

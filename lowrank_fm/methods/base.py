@@ -36,12 +36,15 @@ class LayerContext:
     module : the layer after BatchNorm folding (``nn.Conv2d`` or ``nn.Linear``)
     positions : output positions per image (H' * W' for a conv)
     stats : response statistics from calibration, or None for weight-only methods
+    in_shape, out_shape : per-image input and output shapes, e.g. (C, H, W) and (D, H', W')
     """
 
     name: str
     module: nn.Module
     positions: int
     stats: ResponseStats | None = None
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -115,6 +118,10 @@ class Method:
     def macs_per_position(self, ctx: LayerContext, rank: int) -> int:
         """MACs of the factorized layer per output position at ``rank``."""
         raise NotImplementedError
+
+    def macs(self, ctx: LayerContext, rank: int) -> int:
+        """MACs per image of the factorized layer at ``rank`` (both factors counted)."""
+        return self.macs_per_position(ctx, rank) * ctx.positions
 
     def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
         """The factorized module (same input and output shapes as ``ctx.module``)."""
