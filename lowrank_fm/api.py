@@ -197,6 +197,11 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
 
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
     free = {n: c for n, c in contexts.items() if n not in overrides}
+    if config.ranks == "vbmf":
+        if not hasattr(method, "vbmf_rank"):
+            raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
+        chosen = {n: max(1, min(method.vbmf_rank(c), method.full_rank(c))) for n, c in free.items()}
+        return {**chosen, **overrides}, {"ranks": "vbmf"}
     if config.speedup is None:
         chosen = {n: min(rank_for_energy(method.spectrum(c), config.layer_energy.get(n, config.energy)),
                          method.full_rank(c)) for n, c in free.items()}

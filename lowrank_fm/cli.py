@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fm (default: asymmetric + nonlinear + output matching), fm-linear (symmetric, linear)")
     parser.add_argument("--solver", choices=["rmsprop", "closed-form", "none"], default="rmsprop",
                         help="nonlinear refinement of method fm (default rmsprop)")
+    parser.add_argument("--ranks", choices=["energy", "vbmf"], default="energy",
+                        help="vbmf: each layer's rank from empirical VBMF (tucker2, tucker1)")
     parser.add_argument("--allocation", choices=["uniform", "energy", "error"], default="error",
                         help="how --speedup is shared among layers (default error)")
     matching = parser.add_mutually_exclusive_group()
@@ -135,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=pin)
     config = ApproxConfig(
-        method=args.method, energy=energy, speedup=args.speedup, allocation=args.allocation, solver=args.solver,
+        method=args.method, energy=energy, speedup=args.speedup, ranks=args.ranks, allocation=args.allocation,
+        solver=args.solver,
         output_matching=args.output_matching, matching_steps=args.matching_steps,
         include=args.include, exclude=tuple(args.exclude),
         positions_per_image=args.positions_per_image, covariance=args.covariance, seed=args.seed,

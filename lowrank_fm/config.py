@@ -22,6 +22,8 @@ class ApproxConfig:
     method : registered method name (``lowrank_fm.methods.list_methods()``).
     energy : per-layer energy kept, 0 < energy <= 1 (ignored when ``speedup`` is set).
     speedup : whole-model MAC reduction target S > 1 (ranks from a global budget over real MACs).
+    ranks : ``"energy"`` (or the ``speedup`` budget) or ``"vbmf"`` (each layer's rank from empirical VBMF,
+        for the methods that offer it: tucker2, tucker1).
     allocation : how ``speedup`` is shared out: ``"uniform"`` (one energy threshold for all layers),
         ``"energy"`` (greedy on the product of kept energies, the paper's) or ``"error"`` (greedy on the
         squared relative reconstruction error).
@@ -52,6 +54,7 @@ class ApproxConfig:
     method: str = "fm"
     energy: float = 0.95
     speedup: float | None = None
+    ranks: str = "energy"
     allocation: str = "error"
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     layer_energy: Mapping[str, float] = field(default_factory=dict)
@@ -82,6 +85,8 @@ class ApproxConfig:
         check_energy(self.energy)
         if self.speedup is not None and not float(self.speedup) >= 1.0:
             raise ValueError(f"speedup must be >= 1 (a MAC reduction factor), got {self.speedup}")
+        if self.ranks not in ("energy", "vbmf"):
+            raise ValueError(f"ranks must be 'energy' or 'vbmf', got {self.ranks!r}")
         if self.allocation not in ("uniform", "energy", "error"):
             raise ValueError(f"allocation must be one of ('uniform', 'energy', 'error'), got {self.allocation!r}")
         for name, value in dict(self.layer_energy).items():

@@ -146,3 +146,8 @@ def test_weights_with_another_head_are_refused_with_the_flag_to_use(tmp_path):
     with pytest.raises(ValueError, match="--num-classes"):
         create_model("resnet18", str(path), num_classes=3)
     assert create_model("resnet18", str(path), num_classes=1000).fc.out_features == 1000
+
+
+def test_vbmf_ranks_are_refused_for_methods_without_them(digits, model):
+    with pytest.raises(ValueError, match="applies to tucker2 and tucker1"):
+        approximate(model, _loader(digits, 32), method="fm-linear", ranks="vbmf", progress=False)
