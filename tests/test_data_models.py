@@ -159,3 +159,20 @@ def test_state_dict_file_errors(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="state_dict"):
         load_state_dict_file(tmp_path / "tensor.pt")
+
+
+@pytest.mark.parametrize("name,floor", [("vgg-fmnist", 0.93), ("resnet-fmnist", 0.925)])
+def test_shipped_checkpoints_load_safely_and_keep_their_accuracy(name, floor):
+    from conftest import FMNIST_PRESENT
+    from lowrank_fm.models import checkpoint_path, checkpoint_record
+
+    if not FMNIST_PRESENT:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    if not checkpoint_path(name).is_file():
+        pytest.skip(f"shipped checkpoint {name}.pt is absent")
+    record = checkpoint_record(name)
+    model = create_model(name)  # loads with weights_only=True
+    data = load_dataset("fashion-mnist")
+    top1 = accuracy(model, data.test, progress=False)["top1"]
+    assert top1 >= floor
+    assert top1 == pytest.approx(record["test_top1"], abs=0.002)  # the JSON beside the checkpoint tells the truth
