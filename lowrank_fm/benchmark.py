@@ -42,6 +42,7 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
         runs += [
             BenchmarkRun("svd (weight-only)", s, {"method": "svd"}),
             BenchmarkRun("spatial (weight-only)", s, {"method": "spatial"}),
+            BenchmarkRun("tucker2 (weight-only)", s, {"method": "tucker2"}),
             BenchmarkRun("fm-linear (symmetric)", s, {"method": "fm-linear"}),
             BenchmarkRun("fm, no solver, no output matching", s, {"method": "fm", "solver": "none", "output_matching": False}),
             BenchmarkRun("fm, closed-form", s, {"method": "fm", "solver": "closed-form"}),

@@ -11,6 +11,7 @@ from .fm import FeatureMapLinear
 from .fm_nonlinear import FeatureMap
 from .spatial import SpatialSeparable
 from .svd import TruncatedSVD
+from .tucker import Tucker1, Tucker2
 
 __all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats"]
 
@@ -43,3 +44,5 @@ register_method(FeatureMapLinear)
 register_method(FeatureMap)
 register_method(TruncatedSVD)
 register_method(SpatialSeparable)
+register_method(Tucker2)
+register_method(Tucker1)

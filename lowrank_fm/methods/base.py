@@ -103,6 +103,8 @@ class Method:
     def supports(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return f"grouped conv (groups={module.groups}) is not factorized by {self.name}"
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+            return f"padding={module.padding!r} is not supported by {self.name}; give the padding as numbers"
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} is not supported by {self.name}"
         return None
