@@ -7,6 +7,7 @@ A new method is one new file (a :class:`~lowrank_fm.methods.base.Method` subclas
 from __future__ import annotations
 
 from .base import LayerContext, Method, ResponseStats
+from .cp import CPDecomposition
 from .fm import FeatureMapLinear
 from .fm_nonlinear import FeatureMap
 from .spatial import SpatialSeparable
@@ -46,3 +47,4 @@ register_method(TruncatedSVD)
 register_method(SpatialSeparable)
 register_method(Tucker2)
 register_method(Tucker1)
+register_method(CPDecomposition)
