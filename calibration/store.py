@@ -245,7 +245,30 @@ def _first_row_at_or_after(ordinals: h5py.Dataset, n_rows: int, ordinal: int) ->
     return lo
 
 
-class CalibrationWriter:
+class _OpenFile:
+    """An open HDF5 file in ``self._f``, closed by :meth:`close` or on leaving a ``with`` block."""
+
+    _f: h5py.File | None
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CalibrationWriter(_OpenFile):
     """Writes (or resumes) a calibration store. Build it with :meth:`open`.
 
     Attributes
@@ -489,25 +512,9 @@ class CalibrationWriter:
         f.attrs["complete"] = True
         f.flush()
 
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "CalibrationWriter":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class CalibrationReader:
+class CalibrationReader(_OpenFile):
     """Read access to a complete calibration store. Build it with :func:`open_calibration`.
 
     Attributes
@@ -675,22 +682,6 @@ class CalibrationReader:
                     continue
             yield block
 
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "CalibrationReader":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_calibration(path: str | os.PathLike) -> CalibrationReader:
