@@ -43,3 +43,14 @@ def vgg_digits():
     from lowrank_fm.models import create_model
 
     return create_model("vgg-digits")
+
+
+def layer_context(conv, x):
+    """A LayerContext for ``conv`` with the shapes and positions measured on input ``x``."""
+    from torch import nn
+
+    from lowrank_fm.cost import measure_costs
+    from lowrank_fm.methods import LayerContext
+
+    costs = measure_costs(nn.Sequential(conv), x)["0"]
+    return LayerContext("c", conv, costs.positions, None, costs.in_shape, costs.out_shape)

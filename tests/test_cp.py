@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import layer_context
 from lowrank_fm.cost import measure_costs
-from lowrank_fm.methods import LayerContext, get_method
+from lowrank_fm.methods import get_method
 from lowrank_fm.methods.cp import cp_als
 
 FAST = SimpleNamespace(cp_restarts=2, cp_iterations=15, cp_ridge=1e-6, seed=0)
-
-
-def _context(conv, x):
-    costs = measure_costs(nn.Sequential(conv), x)["0"]
-    return LayerContext("c", conv, costs.positions, None, costs.in_shape, costs.out_shape)
 
 
 def _exact_rank_kernel(shape, rank, seed):
@@ -47,7 +43,7 @@ def test_an_exact_rank_conv_is_reproduced_by_the_built_chain():
         conv.weight.copy_(torch.from_numpy(kernel))
     x = torch.randn(2, 5, 8, 9, dtype=torch.float64)
     method = get_method("cp")
-    chain = method.build(_context(conv, x), 3)
+    chain = method.build(layer_context(conv, x), 3)
     torch.testing.assert_close(chain(x), conv(x), rtol=1e-6, atol=1e-6)
     assert method.last_info["cp_fit"] > 1 - 1e-6
 
@@ -58,7 +54,7 @@ def test_chain_is_the_dense_conv_of_the_cp_kernel_and_macs_are_the_counted_ones(
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation).double()
     x = torch.randn(2, 4, 13, 12, dtype=torch.float64)
-    method, ctx, rank = get_method("cp", FAST), _context(conv, x), 3
+    method, ctx, rank = get_method("cp", FAST), layer_context(conv, x), 3
     chain = method.build(ctx, rank)
     a_t, a_s, a_h, a_w, fit = cp_als(conv.weight.detach().numpy(), rank, restarts=2, iterations=15, ridge=1e-6, seed=0)
     cp_kernel = np.einsum("tr,sr,ir,jr->tsij", a_t, a_s, a_h, a_w)
@@ -84,7 +80,7 @@ def test_spectrum_proxy_and_full_rank():
     torch.manual_seed(2)
     conv = nn.Conv2d(5, 7, (3, 2)).double()
     x = torch.randn(1, 5, 6, 6, dtype=torch.float64)
-    method, ctx = get_method("cp"), _context(conv, x)
+    method, ctx = get_method("cp"), layer_context(conv, x)
     s = np.linalg.svd(conv.weight.detach().numpy().reshape(7, -1), compute_uv=False)
     np.testing.assert_allclose(method.spectrum(ctx), s ** 2, rtol=1e-10)
     assert method.full_rank(ctx) == 7 * 5 * 3 * 2 // 7

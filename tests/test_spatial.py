@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import layer_context
 from lowrank_fm.cost import measure_costs
-from lowrank_fm.methods import LayerContext, get_method
-
-
-def _context(conv, x):
-    costs = measure_costs(nn.Sequential(conv), x)["0"]
-    return LayerContext("c", conv, costs.positions, None, costs.in_shape, costs.out_shape)
+from lowrank_fm.methods import get_method
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation",
@@ -23,7 +19,7 @@ def test_full_rank_reproduces_the_conv_and_macs_are_the_counted_ones(kernel, str
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation).double()
     x = torch.randn(2, 4, 13, 12, dtype=torch.float64)
-    method, ctx = get_method("spatial"), _context(conv, x)
+    method, ctx = get_method("spatial"), layer_context(conv, x)
     chain = method.build(ctx, method.full_rank(ctx))
     torch.testing.assert_close(chain(x), conv(x), rtol=1e-9, atol=1e-9)
     counted = sum(c.macs for c in measure_costs(chain, x).values())
@@ -34,7 +30,7 @@ def test_reduced_rank_is_the_best_separable_kernel():
     torch.manual_seed(1)
     conv = nn.Conv2d(5, 7, 3, padding=1).double()
     x = torch.randn(2, 5, 9, 9, dtype=torch.float64)
-    method, ctx = get_method("spatial"), _context(conv, x)
+    method, ctx = get_method("spatial"), layer_context(conv, x)
     rank = 4
     w = conv.weight.detach().numpy()
     m = w.transpose(1, 2, 0, 3).reshape(5 * 3, 7 * 3)  # rows (c, i), columns (n, j)

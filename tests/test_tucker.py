@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import layer_context
 from lowrank_fm.cost import measure_costs
 from lowrank_fm.methods import LayerContext, get_method
 from lowrank_fm.methods.tucker import Tucker1, coupled_ranks, tucker1, tucker2
-
-
-def _context(conv, x):
-    costs = measure_costs(nn.Sequential(conv), x)["0"]
-    return LayerContext("c", conv, costs.positions, None, costs.in_shape, costs.out_shape)
 
 
 def _tucker2_kernel(core, u_out, u_in):
@@ -88,7 +84,7 @@ def test_the_chain_is_the_dense_conv_of_its_reconstructed_kernel_and_macs_are_th
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 8, kernel, stride=stride, padding=padding, dilation=dilation).double()
     x = torch.randn(2, 6, 13, 12, dtype=torch.float64)
-    method, ctx = _methods()[name], _context(conv, x)
+    method, ctx = _methods()[name], layer_context(conv, x)
     rank = 3
     chain = method.build(ctx, rank)
     kernel_tilde = torch.from_numpy(_reconstructed(name, conv.weight.detach(), rank))
@@ -104,7 +100,7 @@ def test_tucker2_layers_and_report():
     torch.manual_seed(2)
     conv = nn.Conv2d(6, 8, (3, 5), stride=2, padding=(1, 2), bias=False).double()
     x = torch.randn(1, 6, 10, 10, dtype=torch.float64)
-    method, ctx = get_method("tucker2"), _context(conv, x)
+    method, ctx = get_method("tucker2"), layer_context(conv, x)
     chain = method.build(ctx, 4)  # (R4, R3) = (4, 3)
     first, middle, last = chain
     assert (first.in_channels, first.out_channels, first.kernel_size) == (6, 3, (1, 1))
@@ -119,7 +115,7 @@ def test_tucker2_layers_and_report():
         _relative_error(weight, _reconstructed("tucker2", conv.weight.detach(), 4)), rel=1e-9)
     # the bias goes on the last 1x1 conv
     biased = nn.Conv2d(6, 8, 3).double()
-    chain = method.build(_context(biased, x), 4)
+    chain = method.build(layer_context(biased, x), 4)
     torch.testing.assert_close(chain[2].bias, biased.bias.detach())
 
 
@@ -134,7 +130,7 @@ def test_tucker1_output_is_the_best_rank_r_kernel_and_input_the_best_input_rank(
     u, s_in, vt = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(7, -1), full_matrices=False)
     best_in = ((u[:, :rank] * s_in[:rank]) @ vt[:rank]).reshape(7, 9, 3, 3).transpose(1, 0, 2, 3)
     for method, best in [(get_method("tucker1"), best_out), (Tucker1(mode="input"), best_in)]:
-        ctx = _context(conv, x)
+        ctx = layer_context(conv, x)
         expected = F.conv2d(x, torch.from_numpy(best.copy()), conv.bias, padding=1)
         torch.testing.assert_close(method.build(ctx, rank)(x), expected, rtol=1e-10, atol=1e-10)
     # output mode: the same layer as truncated SVD
@@ -150,7 +146,7 @@ def test_spectra_are_the_output_unfolding_padded_to_the_full_rank():
     s = np.linalg.svd(conv.weight.detach().numpy().reshape(30, -1), compute_uv=False)
     for name in ("tucker2", "tucker1"):
         method = get_method(name)
-        ctx = _context(conv, x)
+        ctx = layer_context(conv, x)
         spectrum = method.spectrum(ctx)
         assert spectrum.size == method.full_rank(ctx) == 30
         np.testing.assert_allclose(spectrum[:18], s ** 2, rtol=1e-10)
@@ -169,7 +165,7 @@ def test_coupled_ranks(shape, rank, expected):
 
 def test_tucker2_macs_grow_strictly_with_the_rank():
     conv = nn.Conv2d(3, 64, 3, padding=1).double()
-    method, ctx = get_method("tucker2"), _context(conv, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    method, ctx = get_method("tucker2"), layer_context(conv, torch.randn(1, 3, 8, 8, dtype=torch.float64))
     macs = [method.macs(ctx, r) for r in range(1, 65)]
     assert all(b > a for a, b in zip(macs, macs[1:]))
 
@@ -212,7 +208,7 @@ def test_same_padding_and_float32_are_kept():
     x = torch.randn(2, 4, 9, 9)
     for name in ("tucker2", "tucker1"):
         method = get_method(name)
-        chain = method.build(_context(conv, x), 6)
+        chain = method.build(layer_context(conv, x), 6)
         assert all(c.weight.dtype == torch.float32 for c in chain)
         torch.testing.assert_close(chain(x), conv(x), rtol=1e-5, atol=1e-5)
 
