@@ -45,10 +45,6 @@ def default_to_input(batch):
     return batch
 
 
-def _slice(batch, start: int, stop: int):
-    return batch[start:stop]
-
-
 def _to_device(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device)
@@ -77,7 +73,7 @@ def _iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device
         lo, hi = max(start - seen, 0), size if stop is None else min(stop - seen, size)
         seen += size
         if hi > lo:
-            yield _to_device(batch if (lo, hi) == (0, size) else _slice(batch, lo, hi), device)
+            yield _to_device(batch if (lo, hi) == (0, size) else batch[lo:hi], device)
         if stop is not None and seen >= stop:
             return
 

@@ -45,34 +45,27 @@ class StreamingCovariance:
             raise ValueError(f"partial_fit expects samples of shape (n, d), got shape {x.shape}")
         if self.mean_ is not None and x.shape[1] != self.mean_.shape[0]:
             raise ValueError(f"partial_fit: samples have {x.shape[1]} features, earlier ones had {self.mean_.shape[0]}")
-        n_b = x.shape[0]
-        if n_b == 0:
+        if x.shape[0] == 0:
             return self
         mean_b = x.mean(axis=0)
         centred = x - mean_b
-        scatter_b = centred.T @ centred
-        if self.mean_ is None:
-            self.mean_, self._scatter, self.n_samples_seen_ = mean_b, scatter_b, n_b
-            return self
-        n = self.n_samples_seen_
-        delta = mean_b - self.mean_
-        total = n + n_b
-        self._scatter = self._scatter + scatter_b + (n * n_b / total) * np.outer(delta, delta)
-        self.mean_ = self.mean_ + (n_b / total) * delta
-        self.n_samples_seen_ = total
-        return self
+        return self._merge(x.shape[0], mean_b, centred.T @ centred)
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another estimator's state into this one (e.g. from another process); returns self."""
         if other.n_samples_seen_ == 0:
             return self
+        return self._merge(other.n_samples_seen_, other.mean_, other._scatter)
+
+    def _merge(self, n_b: int, mean_b: np.ndarray, scatter_b: np.ndarray) -> "StreamingCovariance":
+        """Fold a block's (count, mean, scatter) into the state (the update in the class Notes)."""
         if self.mean_ is None:
-            self.mean_, self._scatter, self.n_samples_seen_ = other.mean_.copy(), other._scatter.copy(), other.n_samples_seen_
+            self.mean_, self._scatter, self.n_samples_seen_ = mean_b.copy(), scatter_b.copy(), n_b
             return self
-        n, n_b = self.n_samples_seen_, other.n_samples_seen_
-        delta = other.mean_ - self.mean_
+        n = self.n_samples_seen_
+        delta = mean_b - self.mean_
         total = n + n_b
-        self._scatter = self._scatter + other._scatter + (n * n_b / total) * np.outer(delta, delta)
+        self._scatter = self._scatter + scatter_b + (n * n_b / total) * np.outer(delta, delta)
         self.mean_ = self.mean_ + (n_b / total) * delta
         self.n_samples_seen_ = total
         return self
