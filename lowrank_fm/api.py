@@ -27,6 +27,7 @@ from .report import LayerRecord, Report
 from .stats import StreamingCovariance, incremental_pca_basis, principal_components
 from .surgery import find_layers, fold_batchnorm, get_module, name_filter, set_module
 from .patches import patches_at
+from .samples import layer_data_from_maps
 
 __all__ = ["approximate", "default_to_input"]
 
@@ -303,21 +304,27 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
         replacements = {name: method.build(contexts[name], rank).to(config.device).eval() for name, rank in ranks.items()}
         return replacements, {name: dict(method.last_info) for name in ranks}
     graph_module, prefix, root_inputs = root
-    samples = _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
+    dense = config.fit_positions is not None
+    samples = None if dense else _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
     replacements: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
 
-    def on_layer(local_name, module, inputs):
+    def on_layer(local_name, module, inputs, reference_inputs=None):
         name = prefix + local_name
         activation = activation_after(graph_module, local_name)
-        data = samples(name, module, inputs, activation)
+        if dense:
+            data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
+                                        config.seed, activation)
+        else:
+            data = samples(name, module, inputs, activation)
         replacement = method.build(contexts[name], ranks[name], data).to(config.device).eval()
         info[name] = dict(method.last_info, activation=activation)
         replacements[name] = replacement
         return replacement
 
     local_targets = [name[len(prefix):] for name in ranks]
-    LayerwisePass(graph_module, root_inputs, device=config.device, progress=config.progress).run(local_targets, on_layer)
+    LayerwisePass(graph_module, root_inputs, device=config.device, progress=config.progress,
+                  with_reference=dense).run(local_targets, on_layer)
     return replacements, info
 
 

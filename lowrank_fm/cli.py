@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-images", type=_positive_int, default=None, help="number of calibration images")
     parser.add_argument("--calib-file", default=None, help="calibration HDF5 to write, resume or reuse (default OUT/calibration.h5)")
     parser.add_argument("--positions-per-image", type=_positive_int, default=10)
+    parser.add_argument("--fit-positions", type=_positive_int, default=64,
+                        help="positions per image drawn from whole feature maps for the solvers of fm / fm-3d (default 64)")
     parser.add_argument("--covariance", choices=["streaming", "ipca"], default="streaming")
     parser.add_argument("--include", nargs="*", default=None, help="only approximate layers under these names")
     parser.add_argument("--exclude", nargs="*", default=[], help="never approximate layers under these names")
@@ -141,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         solver=args.solver,
         output_matching=args.output_matching, matching_steps=args.matching_steps,
         include=args.include, exclude=tuple(args.exclude),
-        positions_per_image=args.positions_per_image, covariance=args.covariance, seed=args.seed,
+        positions_per_image=args.positions_per_image, fit_positions=args.fit_positions, covariance=args.covariance, seed=args.seed,
         device=args.device, progress=not args.quiet,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"

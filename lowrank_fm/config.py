@@ -36,6 +36,9 @@ class ApproxConfig:
         model's outputs, e.g. the logits; cutting its rank merges classes).
     fold_batchnorm : fold BatchNorm into the preceding conv before anything else.
     positions_per_image : sampled output positions per image and layer (None: every position).
+    fit_positions : output positions per image drawn from whole feature maps for the data-driven solvers of
+        the layer-wise pass (the original network runs alongside for the targets); None: replay the
+        ``positions_per_image`` samples of the calibration store instead.
     heldout_fraction : share of the calibration images kept out of fitting to measure each layer's error.
     covariance : ``"streaming"`` (float64 running covariance) or ``"ipca"`` (scikit-learn IncrementalPCA).
     seed : seeds position sampling (and anything random in the methods).
@@ -64,6 +67,7 @@ class ApproxConfig:
     keep_last_layer: bool = True
     fold_batchnorm: bool = True
     positions_per_image: int | None = 10
+    fit_positions: int | None = 64
     heldout_fraction: float = 0.1
     covariance: str = "streaming"
     seed: int = 0
@@ -96,6 +100,8 @@ class ApproxConfig:
                 raise ValueError(f"layer_ranks[{name!r}] must be >= 1, got {value}")
         if self.positions_per_image is not None and int(self.positions_per_image) < 1:
             raise ValueError(f"positions_per_image must be >= 1 or None (all positions), got {self.positions_per_image}")
+        if self.fit_positions is not None and int(self.fit_positions) < 1:
+            raise ValueError(f"fit_positions must be >= 1 or None (replay the store's samples), got {self.fit_positions}")
         if not (0.0 < self.heldout_fraction < 1.0):
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.solver not in ("rmsprop", "closed-form", "none"):

@@ -6,10 +6,15 @@ its inputs (from the network approximated so far) are handed to a callback that 
 the replacement then produces the outputs that flow on. Every node runs once per batch: the cost grows
 linearly with depth (no re-run from the input for each layer). Values whose last user has run are freed;
 values that do not fit in ``memory_budget`` bytes spill to temporary files.
+
+With ``with_reference=True`` the original network runs in lockstep on the same graph (a frozen copy of its
+modules): the callback then also receives the layer's inputs in the ORIGINAL network, so targets
+y = W x + b can be taken at any output position, not only at the positions stored during calibration.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 import tempfile
@@ -116,25 +121,30 @@ class LayerwisePass:
     graph_module : from :func:`trace`; target layers are ``call_module`` nodes named by qualified name.
     batches : the model inputs, one entry per batch (single-input models).
     memory_budget : bytes of live activations kept in memory before new ones spill to disk.
+    with_reference : also carry the original network's values (a frozen copy of ``graph_module`` taken
+        before any replacement) and pass a target layer's original inputs to the callback.
     """
 
     def __init__(self, graph_module: fx.GraphModule, batches: Sequence, *, memory_budget: int = 4 << 30,
-                 device="cpu", progress: bool = True) -> None:
+                 device="cpu", progress: bool = True, with_reference: bool = False) -> None:
         self.graph_module = graph_module
         self.batches = list(batches)
         self.memory_budget = memory_budget
         self.device = torch.device(device)
         self.progress = progress
+        self.with_reference = with_reference
 
     @torch.no_grad()
     def run(self, targets: Sequence[str], on_layer: Callable[[str, nn.Module, Sequence[torch.Tensor]], nn.Module | None]) -> list:
         """Run the pass; ``on_layer(name, module, inputs)`` returns the replacement (or None to keep the layer),
-        where ``inputs[i]`` is the layer's input tensor for batch i (loaded lazily when spilled). Returns the
-        outputs of the approximated network per batch."""
+        where ``inputs[i]`` is the layer's input tensor for batch i (loaded lazily when spilled). With
+        ``with_reference``, ``on_layer(name, module, inputs, reference_inputs)`` also gets the layer's inputs
+        in the original network. Returns the outputs of the approximated network per batch."""
         gm = self.graph_module
         for module in gm.modules():  # values are kept for later nodes: in-place ops would overwrite them
             if getattr(module, "inplace", False):
                 module.inplace = False
+        reference = copy.deepcopy(gm) if self.with_reference else None
         nodes = list(gm.graph.nodes)
         last_use: dict[fx.Node, int] = {}
         for index, node in enumerate(nodes):
@@ -142,54 +152,70 @@ class LayerwisePass:
                 last_use[arg] = index
         targets = set(targets)
         env: dict[fx.Node, _Values] = {}
+        ref_env: dict[fx.Node, _Values] = {}
         live_bytes = 0
-        sizes: dict[fx.Node, int] = {}
+        sizes: dict[tuple[str, fx.Node], int] = {}
         outputs = None
         placeholders = [n for n in nodes if n.op == "placeholder"]
         with tempfile.TemporaryDirectory(prefix="lowrank_fm_pass_") as tmp:
             spill_dir = Path(tmp)
-            bar = tqdm(nodes, desc="layer-wise pass", disable=not self.progress, leave=False)
-            for index, node in enumerate(bar):
-                if node.op == "placeholder":
-                    if node is not placeholders[0]:
-                        default = node.args[0] if node.args else None
-                        values = [default] * len(self.batches)
-                    else:
-                        values = [b for b in self.batches]
-                elif node.op == "get_attr":
-                    attr = operator.attrgetter(node.target)(gm)
-                    values = [attr] * len(self.batches)
-                elif node.op == "output":
-                    outputs = [fx.node.map_arg(node.args[0], lambda n, i=i: env[n][i]) for i in range(len(self.batches))]
-                    continue
-                else:
-                    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                    if node.op == "call_module" and node.target in targets:
-                        replacement = on_layer(node.target, module, env[node.args[0]])
-                        if replacement is not None:
-                            _set_submodule(gm, node.target, replacement)
-                            module = replacement
-                    values = []
-                    for i in range(len(self.batches)):
-                        args = fx.node.map_arg(node.args, lambda n, i=i: env[n][i])
-                        kwargs = fx.node.map_arg(node.kwargs, lambda n, i=i: env[n][i])
-                        if node.op == "call_module":
-                            values.append(module(*args, **kwargs))
-                        elif node.op == "call_function":
-                            values.append(node.target(*args, **kwargs))
-                        else:  # call_method
-                            self_obj, *rest = args
-                            values.append(getattr(self_obj, node.target)(*rest, **kwargs))
+
+            def store(key: str, table: dict, node: fx.Node, index: int, values: list) -> None:
+                nonlocal live_bytes
                 size = _nbytes(values)
                 spill = spill_dir if live_bytes + size > self.memory_budget else None
-                env[node] = _Values(values, spill, f"n{index}")
-                sizes[node] = 0 if spill else size
-                live_bytes += sizes[node]
+                table[node] = _Values(values, spill, f"{key}{index}")
+                sizes[(key, node)] = 0 if spill else size
+                live_bytes += sizes[(key, node)]
+
+            def free_inputs(key: str, table: dict, node: fx.Node, index: int) -> None:
+                nonlocal live_bytes
                 for arg in node.all_input_nodes:
-                    if last_use.get(arg) == index and arg in env:
-                        env.pop(arg).free()
-                        live_bytes -= sizes.pop(arg, 0)
+                    if last_use.get(arg) == index and arg in table:
+                        table.pop(arg).free()
+                        live_bytes -= sizes.pop((key, arg), 0)
+
+            bar = tqdm(nodes, desc="layer-wise pass", disable=not self.progress, leave=False)
+            for index, node in enumerate(bar):
+                if node.op == "output":
+                    outputs = [fx.node.map_arg(node.args[0], lambda n, i=i: env[n][i]) for i in range(len(self.batches))]
+                    continue
+                if node.op == "call_module" and node.target in targets:
+                    module = gm.get_submodule(node.target)
+                    extra = (ref_env[node.args[0]],) if reference is not None else ()
+                    replacement = on_layer(node.target, module, env[node.args[0]], *extra)
+                    if replacement is not None:
+                        _set_submodule(gm, node.target, replacement)
+                store("n", env, node, index, self._evaluate(gm, node, env, placeholders))
+                if reference is not None:
+                    store("r", ref_env, node, index, self._evaluate(reference, node, ref_env, placeholders))
+                free_inputs("n", env, node, index)
+                if reference is not None:
+                    free_inputs("r", ref_env, node, index)
         return outputs
+
+    def _evaluate(self, gm: fx.GraphModule, node: fx.Node, env: dict, placeholders: list) -> list:
+        """The values of ``node`` for every batch, with ``gm``'s modules and attributes."""
+        if node.op == "placeholder":
+            if node is not placeholders[0]:
+                default = node.args[0] if node.args else None
+                return [default] * len(self.batches)
+            return list(self.batches)
+        if node.op == "get_attr":
+            return [operator.attrgetter(node.target)(gm)] * len(self.batches)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        values = []
+        for i in range(len(self.batches)):
+            args = fx.node.map_arg(node.args, lambda n, i=i: env[n][i])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n, i=i: env[n][i])
+            if node.op == "call_module":
+                values.append(module(*args, **kwargs))
+            elif node.op == "call_function":
+                values.append(node.target(*args, **kwargs))
+            else:  # call_method
+                self_obj, *rest = args
+                values.append(getattr(self_obj, node.target)(*rest, **kwargs))
+        return values
 
 
 def _set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:

@@ -78,3 +78,52 @@ def test_patches_of_a_linear_layer_with_token_dimension():
     x = torch.randn(2, 3, 6)
     rows = patches_at(linear, x, torch.tensor([1, 0]), torch.tensor([[2, 0], [0, 0]]))
     torch.testing.assert_close(rows, torch.stack([x[1, 2], x[0, 0]]))
+
+
+def test_reference_inputs_are_the_original_networks_even_after_an_upstream_replacement(resnet):
+    batches = [torch.randn(2, 1, 12, 12), torch.randn(3, 1, 12, 12)]
+    captured = {}
+    handle = resnet.stages[1][0].conv1.register_forward_hook(lambda m, args, out: captured.setdefault("x", []).append(args[0]))
+    for b in batches:
+        resnet(b)
+    handle.remove()
+    seen = {}
+
+    def on_layer(name, module, inputs, reference_inputs):
+        seen[name] = ([inputs[i] for i in range(2)], [reference_inputs[i] for i in range(2)])
+        if name == "stem.0":  # change the approximated network upstream
+            return nn.Conv2d(1, module.out_channels, 3, padding=1)
+        return None
+
+    LayerwisePass(trace(resnet), batches, progress=False, with_reference=True).run(["stem.0", "stages.1.0.conv1"], on_layer)
+    approx, reference = seen["stages.1.0.conv1"]
+    for got, want, hat in zip(reference, captured["x"], approx):
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(hat, want)
+
+
+def test_samples_from_maps_take_original_responses_at_distinct_drawn_positions():
+    from lowrank_fm.samples import layer_data_from_maps
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    originals = [torch.randn(2, 3, 9, 8), torch.randn(3, 3, 9, 8)]
+    approximated = [x + 0.1 * torch.randn_like(x) for x in originals]
+    data = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=7, seed=0, activation="relu")
+    assert data.inputs.shape == (5 * 7, 27) and data.targets.shape == (5 * 7, 4) and data.activation == "relu"
+    assert data.heldout.tolist() == [False] * 28 + [True] * 7  # the fifth image (ordinal 4) is held out
+    outputs = torch.cat([conv(x) for x in originals]).detach().double()  # (5, 4, 5, 4): 20 positions per image
+    maps_hat = torch.cat(approximated)
+    for row in range(data.targets.shape[0]):
+        image = row // 7
+        matches = (outputs[image].permute(1, 2, 0).reshape(-1, 4) - data.targets[row]).abs().amax(1) < 1e-5
+        assert int(matches.sum()) == 1  # the target is the original response at exactly one position
+        flat = int(matches.nonzero())
+        patch = patches_at(conv, maps_hat, torch.tensor([image]), torch.tensor([[flat // 4, flat % 4]]))
+        torch.testing.assert_close(data.inputs[row], patch[0].double())
+    for image in range(5):  # 7 distinct positions per image
+        assert len({tuple(t.tolist()) for t in data.targets[image * 7:(image + 1) * 7]}) == 7
+    again = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=7, seed=0, activation="relu")
+    torch.testing.assert_close(again.targets, data.targets)  # seeded
+    everything = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=99, seed=0, activation="relu")
+    assert everything.inputs.shape[0] == 5 * 20  # capped at the grid

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import LayerContext, Method, ResponseStats
 from .cp import CPDecomposition
 from .fm import FeatureMapLinear
+from .fm3d import FeatureMap3D
 from .fm_nonlinear import FeatureMap
 from .spatial import SpatialSeparable
 from .svd import TruncatedSVD
@@ -43,6 +44,7 @@ def get_method(name: str, config=None) -> Method:
 
 register_method(FeatureMapLinear)
 register_method(FeatureMap)
+register_method(FeatureMap3D)
 register_method(TruncatedSVD)
 register_method(SpatialSeparable)
 register_method(Tucker2)

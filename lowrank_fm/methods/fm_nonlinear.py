@@ -20,9 +20,59 @@ from .base import LayerContext, LayerData, unfold_weight
 from .fm import FeatureMapLinear, two_factor_layer
 from .solvers import closed_form_nonlinear, nonlinear_objective, reduced_rank_regression, rmsprop_refine, to_layer_factors
 
-__all__ = ["FeatureMap", "SOLVERS"]
+__all__ = ["FeatureMap", "fit_two_factors", "SOLVERS"]
 
 SOLVERS = ("rmsprop", "closed-form", "none")
+
+
+def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: LayerData, rank: int, *,
+                    solver: str = "rmsprop", steps: int | None = None, seed: int = 0):
+    """Asymmetric start + nonlinear refinement of y' = P (Q^T (W x + b)) + c on a layer's samples.
+
+    Parameters
+    ----------
+    weight : (d, p) the layer's weight unfolded along its output mode; bias : (d,) or None
+    data : LayerData whose ``inputs`` (n, p) are the regressor patches x (so yhat = W x + b) and ``targets``
+        (n, d) the original network's responses y
+    rank : r; solver : "rmsprop", "closed-form" or "none"; steps : RMSProp steps (None: the default)
+
+    Returns
+    -------
+    factors : (first_weight (r, p), first_bias (r,), second_weight (d, r), second_bias (d,)), float64, of
+        whichever of (linear start, refined) has the lower objective on the held-out rows
+    info : solver, iterations, error_before / error_after (objective relative to E||f(y)||^2), kept
+    """
+    X, Y = data.inputs.double(), data.targets.double()
+    fit, val = ~data.heldout, data.heldout
+    if not bool(val.any()):
+        val = fit
+    yhat = X @ weight.T + (0.0 if bias is None else bias)
+    P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
+    act = data.activation
+    linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act)
+    scale = float(torch.relu(Y[val]).pow(2).sum(1).mean()) if act == "relu" else float(Y[val].pow(2).sum(1).mean())
+    info = {"solver": solver, "iterations": 0, "error_before": linear_val / max(scale, 1e-30)}
+    factors = to_layer_factors(weight, bias, P, Q, c)
+    after = linear_val
+    if solver == "closed-form":
+        result = closed_form_nonlinear(Y[fit], yhat[fit], rank, init=(P, Q, c), activation=act)
+        refined_val = nonlinear_objective(Y[val], yhat[val], result.P, result.Q, result.c, activation=act)
+        info["iterations"] = result.iterations
+        if refined_val < linear_val:
+            factors, after = to_layer_factors(weight, bias, result.P, result.Q, result.c), refined_val
+    elif solver == "rmsprop":
+        kwargs = {} if steps is None else {"steps": int(steps)}
+        result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=seed,
+                                X_val=X[val], Y_val=Y[val], **kwargs)
+        info["iterations"] = result.iterations
+        if result.objective_after < linear_val:
+            factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
+            after = result.objective_after
+    elif solver != "none":
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    info["error_after"] = after / max(scale, 1e-30)
+    info["kept"] = "refined" if after < linear_val else "linear"
+    return factors, info
 
 
 class FeatureMap(FeatureMapLinear):
@@ -31,43 +81,15 @@ class FeatureMap(FeatureMapLinear):
     name = "fm"
     needs_inputs = True
 
+    def solver_settings(self) -> dict:
+        """solver, steps and seed from the run's config."""
+        return {"solver": getattr(self.config, "solver", "rmsprop"), "steps": getattr(self.config, "solver_steps", None),
+                "seed": getattr(self.config, "seed", 0)}
+
     def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
         if data is None:  # no layer-wise pass (the model could not be traced): the symmetric linear solution
             self.last_info = {"solver": "symmetric-linear", "note": "no layer-wise pass: model not traceable"}
             return super().build(ctx, rank)
-        solver = getattr(self.config, "solver", "rmsprop")
-        steps = getattr(self.config, "solver_steps", None)
-        weight = unfold_weight(ctx.module)
         bias = None if ctx.module.bias is None else ctx.module.bias.detach().double()
-        X, Y = data.inputs.double(), data.targets.double()
-        fit, val = ~data.heldout, data.heldout
-        if not bool(val.any()):
-            val = fit
-        yhat = X @ weight.T + (0.0 if bias is None else bias)
-        P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
-        act = data.activation
-        linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act)
-        scale = float(torch.relu(Y[val]).pow(2).sum(1).mean()) if act == "relu" else float(Y[val].pow(2).sum(1).mean())
-        info = {"solver": solver, "iterations": 0, "error_before": linear_val / max(scale, 1e-30)}
-        factors = to_layer_factors(weight, bias, P, Q, c)
-        after = linear_val
-        if solver == "closed-form":
-            result = closed_form_nonlinear(Y[fit], yhat[fit], rank, init=(P, Q, c), activation=act)
-            refined_val = nonlinear_objective(Y[val], yhat[val], result.P, result.Q, result.c, activation=act)
-            info["iterations"] = result.iterations
-            if refined_val < linear_val:
-                factors, after = to_layer_factors(weight, bias, result.P, result.Q, result.c), refined_val
-        elif solver == "rmsprop":
-            kwargs = {} if steps is None else {"steps": int(steps)}
-            result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=getattr(self.config, "seed", 0),
-                                    X_val=X[val], Y_val=Y[val], **kwargs)
-            info["iterations"] = result.iterations
-            if result.objective_after < linear_val:
-                factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
-                after = result.objective_after
-        elif solver != "none":
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        info["error_after"] = after / max(scale, 1e-30)
-        info["kept"] = "refined" if after < linear_val else "linear"
-        self.last_info = info
+        factors, self.last_info = fit_two_factors(unfold_weight(ctx.module), bias, data, rank, **self.solver_settings())
         return two_factor_layer(ctx.module, *factors)

@@ -1,0 +1,152 @@
+"""``fm-3d``: spatial separation, then the output-feature-map method on the separated layer (Zhang, Zou, He,
+Sun, TPAMI 2016, "asymmetric 3d"; ALGORITHMS.md section 1).
+
+A kh x kw conv W (d filters over c channels) becomes three convs:
+
+    (kh x 1, K filters over c)  ->  (1 x kw, d' filters over K)  ->  (1 x 1, d filters over d')
+
+1. Spatial split (Jaderberg et al. 2014, scheme 2): the closed-form vertical filters V (K, c, kh) and
+   horizontal filters H (d, K, kw) of :func:`~lowrank_fm.methods.spatial.spatial_factors`. With data, H and
+   the bias are refitted by least squares so that H z + b matches the ORIGINAL responses y, z being the
+   vertical conv applied to the approximated network's inputs (kept only if it lowers the held-out error).
+2. Channel stage on the (1 x kw, d) conv: reduced-rank regression of y on yhat = H z + b, then the nonlinear
+   refinement of :func:`~lowrank_fm.methods.fm_nonlinear.fit_two_factors` against f(y), f the activation
+   that follows the layer.
+
+Ranks: the method's rank is the channel rank d'; the spatial rank follows the paper's even split of the
+layer's speedup between the two stages (each stage gains d / d'):
+
+    K = ceil(d' c kh kw / (c kh + d kw)),  clipped to [1, min(c kh, d kw)]  (full at d' = d).
+
+MACs per image: H' W_in K c kh (vertical conv, full input width) + H' W' d' K kw + H' W' d d'.
+1x1 convs and Linear layers have nothing to separate and take the ``fm`` method unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..layers import ConvChain, ConvFactor
+from .base import LayerContext, LayerData
+from .fm import fm_linear_factors
+from .fm_nonlinear import FeatureMap, fit_two_factors
+from .spatial import spatial_factors
+
+__all__ = ["spatial_rank_for", "vertical_responses", "refit_horizontal", "FeatureMap3D"]
+
+
+def spatial_rank_for(channel_rank: int, out_channels: int, in_channels: int, kernel: tuple[int, int]) -> int:
+    """K for channel rank d': the even split of the layer's speedup (see the module docstring)."""
+    kh, kw = kernel
+    full = min(in_channels * kh, out_channels * kw)
+    if channel_rank >= out_channels:
+        return full
+    ideal = channel_rank * in_channels * kh * kw / (in_channels * kh + out_channels * kw)
+    return int(min(full, max(1, math.ceil(ideal - 1e-9))))
+
+
+def vertical_responses(patches: torch.Tensor, vertical: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """The horizontal conv's input patches z from the original layer's kh x kw input patches x.
+
+    Parameters
+    ----------
+    patches : (n, c kh kw) input patches of the kh x kw conv, flattened like its weight (c, kh, kw)
+    vertical : (K, c, kh, 1) the vertical filters
+    kernel : (kh, kw)
+
+    Returns
+    -------
+    (n, K kw) with z[n, e, j] = sum_{c, i} V[e, c, i] x[n, c, i, j], flattened (e slowest) like the
+    horizontal weight (d, K, 1, kw). The kh x kw patch holds exactly the input rows and columns that the
+    vertical conv (stride (s, 1), padding (p, 0)) feeds into the horizontal conv's window at that position,
+    and the padded columns of z are zero because the vertical conv has no bias.
+    """
+    kh, kw = kernel
+    n = patches.shape[0]
+    x = patches.double().reshape(n, -1, kh, kw)
+    return torch.einsum("ncij,eci->nej", x, vertical.double()[..., 0]).reshape(n, -1)
+
+
+def refit_horizontal(Z: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares H (d, q), b (d,) minimising || Y - Z H^T - b ||_F (ridge relative to tr(Zc^T Zc) / q).
+
+    Z : (n, q) regressors; Y : (n, d) targets.
+    """
+    zbar, ybar = Z.mean(0), Y.mean(0)
+    Zc, Yc = Z - zbar, Y - ybar
+    gram = Zc.T @ Zc
+    gram = gram + ridge * float(torch.trace(gram)) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+    H = torch.linalg.solve(gram, Zc.T @ Yc).T
+    return H, ybar - H @ zbar
+
+
+class FeatureMap3D(FeatureMap):
+    """``fm-3d``: (kh x 1, K) -> (1 x kw, d') -> (1 x 1, d), asymmetric and refined against f(y)."""
+
+    name = "fm-3d"
+
+    @staticmethod
+    def _separable(module: nn.Module) -> bool:
+        return isinstance(module, nn.Conv2d) and min(module.kernel_size) > 1
+
+    def spatial_rank(self, ctx: LayerContext, rank: int) -> int:
+        conv = ctx.module
+        return spatial_rank_for(rank, conv.out_channels, conv.in_channels, tuple(conv.kernel_size))
+
+    def macs(self, ctx: LayerContext, rank: int) -> int:
+        if not self._separable(ctx.module):
+            return super().macs(ctx, rank)
+        conv = ctx.module
+        _, out_h, out_w = ctx.out_shape
+        in_w = ctx.in_shape[2]
+        kh, kw = conv.kernel_size
+        k = self.spatial_rank(ctx, rank)
+        return (out_h * in_w * k * conv.in_channels * kh + out_h * out_w * rank * k * kw
+                + out_h * out_w * conv.out_channels * rank)
+
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
+        if not self._separable(ctx.module):
+            return super().build(ctx, rank, data)
+        conv = ctx.module
+        kernel = tuple(conv.kernel_size)
+        k = self.spatial_rank(ctx, rank)
+        vertical, horizontal = spatial_factors(conv.weight.detach(), k)
+        H = horizontal.reshape(conv.out_channels, -1)
+        bias = None if conv.bias is None else conv.bias.detach().double()
+        info = {"spatial_rank": k}
+        if data is None:  # no layer-wise pass: symmetric projection of the separated layer on the response basis
+            stats = ctx.stats
+            basis = torch.from_numpy(stats.eigenvectors[:, :rank].copy())
+            factors = fm_linear_factors(H, bias, torch.from_numpy(stats.mean), basis)
+            info.update(solver="symmetric-linear", note="no layer-wise pass: model not traceable")
+        else:
+            Z = vertical_responses(data.inputs, vertical, kernel)
+            Y = data.targets.double()
+            fit, val = ~data.heldout, data.heldout
+            if not bool(val.any()):
+                val = fit
+
+            def heldout_error(h, b):
+                return float((Y[val] - Z[val] @ h.T - (0.0 if b is None else b)).pow(2).sum())
+
+            refit_H, refit_b = refit_horizontal(Z[fit], Y[fit])
+            info["spatial_refit"] = heldout_error(refit_H, refit_b) < heldout_error(H, bias)
+            if info["spatial_refit"]:
+                H, bias = refit_H, refit_b
+            factors, solved = fit_two_factors(H, bias, LayerData(Z, Y, data.heldout, data.activation), rank,
+                                              **self.solver_settings())
+            info.update(solved)
+        self.last_info = info
+        first_w, first_b, second_w, second_b = factors
+        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+        return ConvChain.from_factors(
+            [
+                ConvFactor(vertical, None, (sh, 1), (ph, 0), (dh, 1)),
+                ConvFactor(first_w.reshape(rank, k, 1, kernel[1]), first_b, (1, sw), (0, pw), (1, dw)),
+                ConvFactor(second_w.reshape(*second_w.shape, 1, 1), second_b),
+            ],
+            dtype=conv.weight.dtype,
+        )

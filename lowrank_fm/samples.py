@@ -1,0 +1,89 @@
+"""Fitting samples for data-driven solvers, drawn during the layer-wise pass from whole feature maps.
+
+For each calibration image a fixed number of output positions is drawn (seeded by the run's seed and the
+layer's name); at each one the patch of the layer's input in the APPROXIMATED network (xhat) is the
+regressor and the ORIGINAL layer's response y = W x + b, with x the patch of the layer's input in the
+original network at the same position, is the target. Unlike the calibration store, which keeps a few
+positions per image, any number of positions can be drawn here: the original network runs alongside.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .methods.base import LayerData, unfold_weight
+from .patches import patches_at
+
+__all__ = ["output_grid", "draw_positions", "layer_data_from_maps"]
+
+
+def output_grid(module: nn.Module, inputs: torch.Tensor) -> tuple[int, int]:
+    """(H', W') of ``module``'s output for ``inputs``; (tokens, 1) for a Linear layer."""
+    if isinstance(module, nn.Conv2d):
+        sizes = []
+        for axis in (0, 1):
+            span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
+            sizes.append((inputs.shape[2 + axis] + 2 * module.padding[axis] - span) // module.stride[axis] + 1)
+        return sizes[0], sizes[1]
+    return (inputs[0].numel() // inputs.shape[-1]), 1
+
+
+def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_image`` distinct output positions per image (all of them when the grid is smaller).
+
+    Returns
+    -------
+    image : (n,) index of each sample's image, 0 <= image < n_images
+    position : (n, 2) (row, col) of each sample
+    """
+    cells = grid[0] * grid[1]
+    k = min(int(per_image), cells)
+    if k == cells:
+        flat = torch.arange(cells).expand(n_images, cells)
+    else:
+        flat = torch.rand(n_images, cells, generator=generator).argsort(dim=1)[:, :k]
+    image = torch.arange(n_images).repeat_interleave(k)
+    flat = flat.reshape(-1)
+    return image, torch.stack([flat // grid[1], flat % grid[1]], dim=1)
+
+
+@torch.no_grad()
+def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Tensor],
+                         reference_inputs: Sequence[torch.Tensor], n_fit: int, per_image: int, seed: int,
+                         activation: str) -> LayerData:
+    """A layer's :class:`LayerData` from its input maps in the approximated and the original network.
+
+    Parameters
+    ----------
+    name : the layer's qualified name (seeds the positions with ``seed``)
+    module : the ORIGINAL (folded) layer, nn.Conv2d (groups = 1) or nn.Linear; W (d, p), b (d,)
+    inputs : per batch, the layer's input in the approximated network, (B, C, H, W) or (B, in)
+    reference_inputs : per batch, the layer's input in the original network (same shapes)
+    n_fit : images with ordinal >= n_fit (counted over the batches in order) are held out
+    per_image : positions drawn per image
+    activation : the nonlinearity after the layer, stored in the result
+
+    Returns
+    -------
+    LayerData with inputs (n, p) = xhat patches, targets (n, d) = x patches @ W^T + b, float64.
+    """
+    weight = unfold_weight(module)
+    bias = None if module.bias is None else module.bias.detach().double()
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    xs, ys, held = [], [], []
+    seen = 0
+    for approx, original in zip(inputs, reference_inputs):
+        n_images = approx.shape[0]
+        image, position = draw_positions(n_images, output_grid(module, approx), per_image, generator)
+        image, position = image.to(approx.device), position.to(approx.device)
+        xs.append(patches_at(module, approx, image, position).double().cpu())
+        target = patches_at(module, original, image, position).double().cpu() @ weight.T
+        ys.append(target if bias is None else target + bias)
+        held.append((image.cpu() + seen) >= n_fit)
+        seen += n_images
+    return LayerData(torch.cat(xs), torch.cat(ys), torch.cat(held), activation)
