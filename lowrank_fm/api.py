@@ -186,10 +186,34 @@ def _layer_records(layers: dict[str, nn.Module], costs: dict, reasons: dict, con
     return records, ranks
 
 
+def _below_break_even(method: Method, ctx: LayerContext, original_macs: int) -> int:
+    """The largest rank whose factorized layer costs fewer MACs than the original (at least 1)."""
+    return max([1] + [r for r in range(1, method.full_rank(ctx) + 1) if method.macs(ctx, r) < original_macs])
+
+
+def _output_errors(method: Method, work: nn.Module, contexts: dict[str, LayerContext], macs: dict[str, int],
+                   batches: list, config: ApproxConfig) -> dict[str, np.ndarray] | None:
+    """Per-layer output error curves for ``allocation="output"`` (None when they cannot be measured: no
+    response statistics, or outputs that are not tensors); see :mod:`lowrank_fm.sensitivity`."""
+    from .sensitivity import output_error_curves
+
+    free = {n: c for n, c in contexts.items() if n not in config.layer_ranks}
+    if not free or any(c.stats is None or c.stats.eigenvalues.size != method.full_rank(c) for c in free.values()):
+        return None
+    highest = {n: _below_break_even(method, c, macs[n]) for n, c in free.items()}
+    curves = output_error_curves(work, {n: get_module(work, n) for n in free}, {n: c.stats for n, c in free.items()},
+                                 highest, batches, progress=config.progress)
+    if curves is None:
+        log.warning("allocation 'output' needs tensor outputs; using 'error' instead")
+    return curves
+
+
 def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int],
-                  config: ApproxConfig) -> tuple[dict[str, int | None], dict]:
+                  config: ApproxConfig, output_errors: dict[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, int | None], dict]:
     """Rank per target layer (None: keep original): overrides first, then the per-layer energy, or, with
-    ``config.speedup``, the whole-model budget over real MACs (both factors counted)."""
+    ``config.speedup``, the whole-model budget over real MACs (both factors counted). ``output_errors``
+    (allocation "output"): per layer, the relative output error per rank."""
     from .ranks import BudgetLayer, select_ranks_for_speedup, select_uniform_energy
 
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
@@ -207,7 +231,9 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
     for name, ctx in free.items():
         spectrum = np.asarray(method.spectrum(ctx), dtype=np.float64)
         errors = None
-        if config.allocation == "error":
+        if output_errors is not None:
+            errors = output_errors[name]
+        elif config.allocation in ("error", "output"):
             # relative error of the symmetric projection at rank r: discarded energy / E||y||^2
             second_moment = spectrum.sum() + (float(np.sum(ctx.stats.mean ** 2)) if ctx.stats is not None else 0.0)
             tail = np.concatenate([np.cumsum(spectrum[::-1])[::-1], [0.0]])
@@ -220,7 +246,8 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
     if config.allocation == "uniform":
         result = select_uniform_energy(budget_layers, config.speedup, fixed_macs=fixed)
     else:
-        result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=config.allocation)
+        score = "energy" if config.allocation == "energy" else "error"
+        result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=score)
     if not result.reachable:
         log.warning("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
@@ -411,7 +438,14 @@ def approximate(
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape) for name in targets}
-    chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
+    layer_macs = {n: costs[n].macs for n in layers}
+    output_errors = None
+    if config.speedup is not None and config.allocation == "output" and contexts:
+        sample = list(_iter_inputs(data, to_input, 0, min(n_fit, config.sensitivity_images), config.device))
+        output_errors = _output_errors(method, work, contexts, layer_macs, sample, config)
+    chosen, selection = _choose_ranks(method, contexts, layer_macs, config, output_errors)
+    if output_errors is not None:
+        selection["allocation_signal"] = f"output error on {min(n_fit, config.sensitivity_images)} calibration images"
     records, ranks = _layer_records(layers, costs, reasons, contexts, chosen, method, config)
 
     if method.needs_inputs and ranks:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .config import ALLOCATIONS
+
 __all__ = ["build_parser", "main", "calibration_indices"]
 
 log = logging.getLogger("lowrank_fm")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nonlinear refinement of method fm (default rmsprop)")
     parser.add_argument("--ranks", choices=["energy", "vbmf"], default="energy",
                         help="vbmf: each layer's rank from empirical VBMF (tucker2, tucker1)")
-    parser.add_argument("--allocation", choices=["uniform", "energy", "error"], default="error",
+    parser.add_argument("--allocation", choices=list(ALLOCATIONS), default="error",
                         help="how --speedup is shared among layers (default error)")
     matching = parser.add_mutually_exclusive_group()
     matching.add_argument("--output-matching", dest="output_matching", action="store_true", default=False,

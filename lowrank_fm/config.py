@@ -11,6 +11,7 @@ from .ranks import check_energy
 __all__ = ["ApproxConfig"]
 
 _COVARIANCE_BACKENDS = ("streaming", "ipca")
+ALLOCATIONS = ("uniform", "energy", "error", "output")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ class ApproxConfig:
         for the methods that offer it: tucker2, tucker1).
     allocation : how ``speedup`` is shared out: ``"uniform"`` (one energy threshold for all layers),
         ``"energy"`` (greedy on the product of kept energies, the paper's) or ``"error"`` (greedy on the
-        squared relative reconstruction error).
+        squared relative reconstruction error of each layer's responses) or ``"output"`` (greedy on the
+        squared relative error each layer's rank causes at the network's output, measured on
+        ``sensitivity_images`` calibration images; see :mod:`lowrank_fm.sensitivity`).
+    sensitivity_images : calibration images used to measure the output errors of ``allocation="output"``.
     layer_ranks : rank overrides by qualified layer name (take precedence over energy).
     layer_energy : energy overrides by qualified layer name.
     include : qualified-name prefixes of the layers to approximate (None: every Conv2d and Linear).
@@ -59,6 +63,7 @@ class ApproxConfig:
     speedup: float | None = None
     ranks: str = "energy"
     allocation: str = "error"
+    sensitivity_images: int = 128
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     layer_energy: Mapping[str, float] = field(default_factory=dict)
     include: tuple[str, ...] | None = None
@@ -91,8 +96,10 @@ class ApproxConfig:
             raise ValueError(f"speedup must be >= 1 (a MAC reduction factor), got {self.speedup}")
         if self.ranks not in ("energy", "vbmf"):
             raise ValueError(f"ranks must be 'energy' or 'vbmf', got {self.ranks!r}")
-        if self.allocation not in ("uniform", "energy", "error"):
-            raise ValueError(f"allocation must be one of ('uniform', 'energy', 'error'), got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if int(self.sensitivity_images) < 1:
+            raise ValueError(f"sensitivity_images must be >= 1, got {self.sensitivity_images}")
         for name, value in dict(self.layer_energy).items():
             check_energy(value, f"layer_energy[{name!r}]")
         for name, value in dict(self.layer_ranks).items():

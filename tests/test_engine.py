@@ -51,7 +51,7 @@ def test_solvers_report_their_work_and_never_lose_to_the_linear_start(model, loa
     assert by_name["features.3"]["activation"] == "relu"
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "energy", "error"])
+@pytest.mark.parametrize("allocation", ["uniform", "energy", "error", "output"])
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_speedup_target_is_met_within_five_percent(model, loader, allocation, speedup):
     _, report = approximate(model, loader, method="fm-linear", speedup=speedup, allocation=allocation, progress=False)

@@ -1,0 +1,95 @@
+"""How much each layer's rank costs at the network's OUTPUT: the allocation signal for ``--allocation output``.
+
+For layer l and rank r, the layer's responses are replaced (by a forward hook, nothing else changes) by
+their projection on the top-r principal directions of the calibration responses,
+
+    y' = U_r U_r^T (y - ybar) + ybar,
+
+and the network's outputs are compared with the unmodified ones on a few calibration images:
+
+    e_l(r)^2 = sum ||g'(x) - g(x)||^2 / sum ||g(x)||^2.
+
+The budget greedy of :func:`lowrank_fm.ranks.select_ranks_for_speedup` (``score="error"``) then minimises
+sum_l e_l(r_l)^2 under the MAC budget: ranks go where the output needs them, which the per-layer energy or
+reconstruction error cannot see (ALGORITHMS.md section 1, trap 2). Errors are measured on a geometric grid of
+ranks and interpolated linearly in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .methods.base import ResponseStats
+
+__all__ = ["rank_grid", "project_responses", "output_error_curves"]
+
+log = logging.getLogger(__name__)
+
+
+def rank_grid(highest: int, points: int = 12) -> list[int]:
+    """About ``points`` ranks from 1 to ``highest``, geometrically spaced, both ends included."""
+    highest = max(1, int(highest))
+    return sorted({int(round(r)) for r in np.geomspace(1, highest, num=max(2, points))} | {1, highest})
+
+
+def project_responses(y: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """U U^T (y - ybar) + ybar along the channel axis (dim 1) of y: (B, d, ...) ; mean (d,), basis (d, r)."""
+    shape = (1, -1) + (1,) * (y.ndim - 2)
+    centred = y - mean.view(shape)
+    coefficients = torch.einsum("bd...,dr->br...", centred, basis)
+    return torch.einsum("br...,dr->bd...", coefficients, basis) + mean.view(shape)
+
+
+@torch.no_grad()
+def output_error_curves(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, ResponseStats],
+                        highest: dict[str, int], batches: Sequence, *, points: int = 12,
+                        progress: bool = False) -> dict[str, np.ndarray] | None:
+    """Relative output error e_l(r) of projecting one layer's responses at a time, per rank.
+
+    Parameters
+    ----------
+    model : the (folded) network, outputs g(x) a tensor per batch
+    modules : layer name -> module of ``model`` whose output is projected
+    stats : layer name -> response statistics (mean and eigenvectors)
+    highest : layer name -> the largest rank worth measuring (e.g. the break-even rank)
+    batches : model inputs (a few calibration images are enough)
+
+    Returns
+    -------
+    name -> (d + 1,) array, entry r = e_l(r) (index 0 unused, ranks above ``highest`` hold e_l(highest));
+    None when the model's outputs are not tensors.
+    """
+    references = [model(b) for b in batches]
+    if not all(torch.is_tensor(r) for r in references):
+        return None
+    norm = sum(float(r.double().pow(2).sum()) for r in references)
+    curves: dict[str, np.ndarray] = {}
+    jobs = [(name, rank) for name in modules for rank in rank_grid(highest[name], points)]
+    bar = tqdm(jobs, desc="output sensitivity", disable=not progress, leave=False)
+    measured: dict[str, dict[int, float]] = {name: {} for name in modules}
+    for name, rank in bar:
+        s = stats[name]
+        dtype = next(modules[name].parameters()).dtype
+        mean = torch.from_numpy(s.mean).to(dtype)
+        basis = torch.from_numpy(np.ascontiguousarray(s.eigenvectors[:, :rank])).to(dtype)
+        handle = modules[name].register_forward_hook(
+            lambda _m, _a, out, mean=mean, basis=basis: project_responses(out, mean.to(out.device), basis.to(out.device)))
+        try:
+            error = sum(float((model(b) - r).double().pow(2).sum()) for b, r in zip(batches, references))
+        finally:
+            handle.remove()
+        measured[name][rank] = np.sqrt(error / max(norm, 1e-300))
+    for name, points_at in measured.items():
+        d = stats[name].eigenvalues.size
+        ranks = np.array(sorted(points_at))
+        values = np.array([points_at[r] for r in ranks])
+        curve = np.interp(np.arange(d + 1), ranks, values)
+        curve[0] = values[0]
+        curves[name] = np.maximum.accumulate(curve[::-1])[::-1]  # never rising with the rank
+    return curves
