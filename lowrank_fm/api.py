@@ -472,7 +472,8 @@ def approximate(
                                  list(_iter_inputs(data, to_input, 0, n_fit, config.device)),
                                  list(_iter_inputs(data, to_input, n_fit, total_images, config.device)),
                                  steps=config.matching_steps, lr=config.matching_lr,
-                                 batch_images=config.matching_batch, progress=config.progress)
+                                 batch_images=config.matching_batch, augment_shift=config.matching_shift,
+                                 augment_flip=config.matching_flip, seed=config.seed, progress=config.progress)
         timing["output_matching_s"] = matching["seconds"]
     if temp_dir is not None:
         temp_dir.cleanup()

@@ -49,6 +49,8 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
             BenchmarkRun("fm, closed-form", s, {"method": "fm", "solver": "closed-form"}),
             BenchmarkRun("fm, rmsprop", s, {"method": "fm", "solver": "rmsprop"}),
             BenchmarkRun("fm, rmsprop + output matching", s, {"method": "fm", "solver": "rmsprop", "output_matching": True}),
+            BenchmarkRun("fm-3d, rmsprop", s, {"method": "fm-3d"}),
+            BenchmarkRun("fm-3d, rmsprop, allocation output", s, {"method": "fm-3d", "allocation": "output"}),
         ]
     return runs
 
@@ -98,7 +100,11 @@ def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per run: model, method, target, achieved speedup, top-1 before/after, drop, wall time."""
+    """One line per run: model, method, target, achieved speedup, top-1 before/after, drop, wall time.
+
+    A re-run replaces an earlier one: of the rows with the same (model, label, target) the last is shown.
+    """
+    rows = list({(r["model"], r["label"], r["target_speedup"]): r for r in rows}.values())
     lines = ["| model | method | target | theoretical speedup | top-1 before | top-1 after | drop (points) | "
              "approximate (s) | run incl. evaluation (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -54,6 +54,8 @@ class ApproxConfig:
         calibration images (off by default: on vgg-fmnist it did not improve test accuracy, see README).
     matching_steps, matching_lr, matching_batch : Adam steps, learning rate and images per step of output
         matching.
+    matching_shift, matching_flip : output matching compares the networks on random views of the calibration
+        images (shifted by up to this many pixels, mirrored left-right), the reference computed on each view.
     force : factorize a layer even when its rank does not reduce its MACs (to check exactness; normally
         such a layer is kept with the reason).
     """
@@ -84,6 +86,8 @@ class ApproxConfig:
     matching_steps: int = 300
     matching_lr: float = 1e-4
     matching_batch: int | None = 64
+    matching_shift: int = 0
+    matching_flip: bool = False
     force: bool = False
 
     def __post_init__(self) -> None:

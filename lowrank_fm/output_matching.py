@@ -34,6 +34,19 @@ def _output_error(model: nn.Module, batches: Sequence, targets: Sequence[torch.T
     return total / max(count, 1)
 
 
+def shift_and_flip(images: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """A random translation by up to ``max_shift`` pixels (zero fill) and, with ``flip``, a random horizontal
+    flip of each image in a batch (B, C, H, W): label-free views on which the two networks are compared."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
+    out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+    if flip:
+        mirrored = torch.rand(b, generator=generator) < 0.5
+        out[mirrored] = out[mirrored].flip(-1)
+    return out
+
+
 def match_outputs(
     reference: nn.Module,
     model: nn.Module,
@@ -44,6 +57,9 @@ def match_outputs(
     steps: int = 300,
     lr: float = 1e-4,
     batch_images: int | None = None,
+    augment_shift: int = 0,
+    augment_flip: bool = False,
+    seed: int = 0,
     progress: bool = True,
 ) -> dict:
     """Refine ``factor_modules`` (parts of ``model``) in place so that ``model`` matches ``reference``.
@@ -56,6 +72,8 @@ def match_outputs(
     fit_batches, heldout_batches : model inputs (tensors); outputs must be tensors
     steps : Adam steps (one batch each, cycling through ``fit_batches``); lr : Adam learning rate
     batch_images : images per step (tensor inputs are re-batched to this size; None keeps the given batches)
+    augment_shift, augment_flip : with image batches (B, C, H, W), each step compares the networks on a
+        random view of its batch (:func:`shift_and_flip`), the target computed by ``reference`` on that view
 
     Returns
     -------
@@ -84,11 +102,18 @@ def match_outputs(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     was_training = model.training
     model.eval()
+    augment = augment_shift > 0 or augment_flip
+    generator = torch.Generator().manual_seed(seed)
     try:
         with torch.enable_grad():
             for step in tqdm(range(steps), desc="output matching", disable=not progress, leave=False):
                 index = step % len(fit_batches)
-                loss = (model(fit_batches[index]) - fit_targets[index]).pow(2).sum(dim=tuple(range(1, fit_targets[index].ndim))).mean()
+                batch, target = fit_batches[index], fit_targets[index]
+                if augment and torch.is_tensor(batch) and batch.ndim == 4:
+                    batch = shift_and_flip(batch, augment_shift, augment_flip, generator)
+                    with torch.no_grad():
+                        target = reference(batch)
+                loss = (model(batch) - target).pow(2).sum(dim=tuple(range(1, target.ndim))).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -107,3 +107,24 @@ def test_pointwise_layers_take_the_channel_method():
     ctx, _ = _context_with_stats(conv, x)
     assert get_method("fm-3d").macs(ctx, 3) == get_method("fm").macs(ctx, 3)
     torch.testing.assert_close(get_method("fm-3d").build(ctx, 3)(x), get_method("fm").build(ctx, 3)(x))
+
+
+def test_joint_refinement_objective_is_the_built_chains_heldout_error_and_never_worse():
+    from lowrank_fm import ApproxConfig
+
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    ctx, _ = _context_with_stats(conv, x)
+    image, position, out = _all_positions(conv, x)
+    targets = out.detach()[image, :, position[:, 0], position[:, 1]]
+    noisy = x + 0.05 * torch.randn_like(x)  # the "approximated network's" inputs
+    data = LayerData(patches_at(conv, noisy, image, position), targets, image == 2, "relu")
+    method = get_method("fm-3d", ApproxConfig(method="fm-3d", solver_steps=60))
+    chain = method.build(ctx, 3, data)
+    joint = method.last_info["joint"]
+    assert joint["objective_after"] <= joint["objective_before"]
+    with torch.no_grad():  # independent: the real conv chain on the held-out image
+        got = torch.relu(chain(noisy[2:3]))[0].permute(1, 2, 0).reshape(-1, 6)
+    want = torch.relu(out.detach()[2]).permute(1, 2, 0).reshape(-1, 6)
+    assert float((want - got).pow(2).sum(1).mean()) == pytest.approx(joint["objective_after"], rel=1e-6)

@@ -12,6 +12,8 @@ A kh x kw conv W (d filters over c channels) becomes three convs:
 2. Channel stage on the (1 x kw, d) conv: reduced-rank regression of y on yhat = H z + b, then the nonlinear
    refinement of :func:`~lowrank_fm.methods.fm_nonlinear.fit_two_factors` against f(y), f the activation
    that follows the layer.
+3. With the RMSProp solver, all three factors are refined together (:func:`refine_jointly`); the result is
+   kept only if it lowers the held-out objective.
 
 Ranks: the method's rank is the channel rank d'; the spatial rank follows the paper's even split of the
 layer's speedup between the two stages (each stage gains d / d'):
@@ -33,9 +35,10 @@ from ..layers import ConvChain, ConvFactor
 from .base import LayerContext, LayerData
 from .fm import fm_linear_factors
 from .fm_nonlinear import FeatureMap, fit_two_factors
+from .solvers import rmsprop_minimise
 from .spatial import spatial_factors
 
-__all__ = ["spatial_rank_for", "vertical_responses", "refit_horizontal", "FeatureMap3D"]
+__all__ = ["spatial_rank_for", "vertical_responses", "refit_horizontal", "refine_jointly", "FeatureMap3D"]
 
 
 def spatial_rank_for(channel_rank: int, out_channels: int, in_channels: int, kernel: tuple[int, int]) -> int:
@@ -81,6 +84,29 @@ def refit_horizontal(Z: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-8) -> t
     gram = gram + ridge * float(torch.trace(gram)) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
     H = torch.linalg.solve(gram, Zc.T @ Yc).T
     return H, ybar - H @ zbar
+
+
+def refine_jointly(vertical: torch.Tensor, factors: tuple, data: LayerData, kernel: tuple[int, int],
+                   settings: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """RMSProp on all three factors at once (the vertical filters too) against f(y), from the staged solution.
+
+    The chain on an input patch x (n, c kh kw): z = vertical_responses(x, V), y' = P (A z + b1) + c, with
+    V (K, c, kh, 1), A (d', K kw), b1 (d',), P (d, d'), c (d,). Returns the best of (staged, refined) on the
+    held-out rows, and what it measured.
+    """
+    fit, val = ~data.heldout, data.heldout
+    if not bool(val.any()):
+        val = fit
+    X, Y = data.inputs.double(), data.targets.double()
+
+    def forward(params, x):
+        V, A, b1, P, c = params
+        return (vertical_responses(x, V, kernel) @ A.T + b1) @ P.T + c
+
+    kwargs = {} if settings["steps"] is None else {"steps": int(settings["steps"])}
+    before, after, best, _ = rmsprop_minimise([vertical.double(), *factors], forward, X[fit], Y[fit], X[val], Y[val],
+                                              activation=data.activation, seed=settings["seed"], **kwargs)
+    return best[0], tuple(best[1:]), {"objective_before": before, "objective_after": after}
 
 
 class FeatureMap3D(FeatureMap):
@@ -136,9 +162,12 @@ class FeatureMap3D(FeatureMap):
             info["spatial_refit"] = heldout_error(refit_H, refit_b) < heldout_error(H, bias)
             if info["spatial_refit"]:
                 H, bias = refit_H, refit_b
+            settings = self.solver_settings()
             factors, solved = fit_two_factors(H, bias, LayerData(Z, Y, data.heldout, data.activation), rank,
-                                              **self.solver_settings())
+                                              **settings)
             info.update(solved)
+            if settings["solver"] == "rmsprop":
+                vertical, factors, info["joint"] = refine_jointly(vertical, factors, data, kernel, settings)
         self.last_info = info
         first_w, first_b, second_w, second_b = factors
         (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation

@@ -43,6 +43,7 @@ __all__ = [
     "nonlinear_objective",
     "closed_form_nonlinear",
     "rmsprop_refine",
+    "rmsprop_minimise",
     "to_layer_factors",
 ]
 
@@ -403,13 +404,72 @@ def closed_form_nonlinear(
 # ----------------------------------------------------------------------------------------------- RMSProp
 
 
-def _layer_objective(
-    X: torch.Tensor, fy: torch.Tensor, V: torch.Tensor, b1: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
-    activation: str,
-) -> torch.Tensor:
-    """Mean over samples of || f(y) - f(U (V x + b1) + c) ||^2 (``fy`` = f(Y) precomputed)."""
-    approx = (X @ V.T + b1) @ U.T + c
-    return (fy - _act(approx, activation)).pow(2).sum() / X.shape[0]
+@torch.enable_grad()
+def rmsprop_minimise(
+    init: list[torch.Tensor],
+    forward,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    X_val: torch.Tensor,
+    Y_val: torch.Tensor,
+    *,
+    activation: str = "relu",
+    steps: int = 300,
+    lr: float = 1e-3,
+    alpha: float = 0.9,
+    batch_size: int = 256,
+    seed: int = 0,
+    eval_every: int = 50,
+) -> tuple[float, float, list[torch.Tensor], tuple[float, ...]]:
+    """Stochastic RMSProp on min (1/n) sum_i || f(y_i) - f(forward(params, x_i)) ||^2 over ``params``.
+
+    Parameters
+    ----------
+    init : the starting parameters (copied; float64)
+    forward : (params, X (m, p)) -> (m, d), the factorized layer applied to input patches
+    X, Y : (n, p) patches and (n, d) original responses to fit; X_val, Y_val : held-out samples that choose
+        the best iterate (evaluated every ``eval_every`` steps and after the last)
+    steps, lr, alpha, batch_size, seed : RMSProp steps, learning rate, squared-gradient decay, samples per
+        step (drawn without replacement from a fresh seeded permutation each pass), seed
+
+    Returns
+    -------
+    (validation objective of ``init``, of the best iterate, the best iterate's parameters, the history of
+    validation objectives)
+    """
+    n = X.shape[0]
+    params = [t.detach().double().clone().requires_grad_(True) for t in init]
+    fy, fy_val = _act(Y, activation), _act(Y_val, activation)
+
+    def objective(x, fy_, ps) -> torch.Tensor:
+        return (fy_ - _act(forward(ps, x), activation)).pow(2).sum() / x.shape[0]
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(objective(X_val, fy_val, params))
+
+    before = validate()
+    best = (before, [t.detach().clone() for t in params])
+    history = [before]
+    optimiser = torch.optim.RMSprop(params, lr=lr, alpha=alpha)
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(batch_size, n)
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    for step in range(1, steps + 1):
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor:cursor + batch]
+        cursor += batch
+        optimiser.zero_grad(set_to_none=True)
+        objective(X[idx], fy[idx], params).backward()
+        optimiser.step()
+        if step % eval_every == 0 or step == steps:
+            value = validate()
+            history.append(value)
+            if value < best[0]:
+                best = (value, [t.detach().clone() for t in params])
+    return before, best[0], best[1], tuple(history)
 
 
 @torch.enable_grad()
@@ -508,40 +568,17 @@ def rmsprop_refine(
     V0, b10, U0, c0 = to_layer_factors(W, b, P, Q, c)
     if U0.shape[0] != d or c0.shape != (d,):
         raise ValueError(f"P, Q must be (d, r) and c (d,) with d={d}, got {tuple(P.shape)}, {tuple(c.shape)}")
-    params = [t.clone().requires_grad_(True) for t in (V0, b10, U0, c0)]
-    V, b1, U, cc = params
-    fy, fy_val = _act(Y, activation), _act(Y_val, activation)
 
-    def validate() -> float:
-        with torch.no_grad():
-            return float(_layer_objective(X_val, fy_val, V, b1, U, cc, activation))
+    def forward(params, x):
+        V, b1, U, cc = params
+        return (x @ V.T + b1) @ U.T + cc
 
-    before = validate()
-    best = (before, [t.detach().clone() for t in params])
-    history = [before]
-    optimiser = torch.optim.RMSprop(params, lr=lr, alpha=alpha)
-    generator = torch.Generator().manual_seed(seed)
-    batch = min(batch_size, n)
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
-    for step in range(1, steps + 1):
-        if cursor + batch > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        idx = order[cursor:cursor + batch]
-        cursor += batch
-        optimiser.zero_grad(set_to_none=True)
-        loss = _layer_objective(X[idx], fy[idx], V, b1, U, cc, activation)
-        loss.backward()
-        optimiser.step()
-        if step % eval_every == 0 or step == steps:
-            value = validate()
-            history.append(value)
-            if value < best[0]:
-                best = (value, [t.detach().clone() for t in params])
-    after, (V, b1, U, cc) = best
+    before, after, (V, b1, U, cc), history = rmsprop_minimise(
+        [V0, b10, U0, c0], forward, X, Y, X_val, Y_val, activation=activation, steps=steps, lr=lr, alpha=alpha,
+        batch_size=batch_size, seed=seed, eval_every=eval_every)
     logger.info("rmsprop refine: validation objective %.6g -> %.6g in %d steps", before, after, steps)
     return SolverResult(
         solver="rmsprop", objective_before=before, objective_after=after, iterations=steps,
-        history=tuple(history), P=U, Q=None, c=cc, first_weight=V, first_bias=b1, second_weight=U,
+        history=history, P=U, Q=None, c=cc, first_weight=V, first_bias=b1, second_weight=U,
         second_bias=cc,
     )

@@ -1,0 +1,19 @@
+"""The benchmark's Markdown table: grid order within a model and target, a re-run replaces the earlier row."""
+
+from lowrank_fm.benchmark import markdown_table
+
+
+def _row(label, target, top1_after, model="vgg-fmnist"):
+    return {"model": model, "label": label, "target_speedup": target, "theoretical_speedup": target,
+            "top1_before": 0.9, "top1_after": top1_after, "drop_points": 100 * (0.9 - top1_after),
+            "approximate_wall_s": 1.0, "run_wall_s": 2.0}
+
+
+def test_rerun_replaces_the_earlier_row_and_rows_follow_the_grid_order():
+    rows = [_row("fm-3d, rmsprop", 3.0, 0.80), _row("svd (weight-only)", 3.0, 0.50), _row("fm-3d, rmsprop", 3.0, 0.85),
+            _row("svd (weight-only)", 2.0, 0.70)]
+    lines = markdown_table(rows).splitlines()[2:]
+    assert len(lines) == 3
+    assert lines[0].startswith("| vgg-fmnist | svd (weight-only) | 2x |")
+    assert lines[1].startswith("| vgg-fmnist | svd (weight-only) | 3x |")
+    assert "| fm-3d, rmsprop | 3x |" in lines[2] and "| 85.00 | 5.00 |" in lines[2]
