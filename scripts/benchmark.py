@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_fm.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="results/accuracy.jsonl")
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the README table)")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
     return parser
 
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
         print(markdown_table(rows))
