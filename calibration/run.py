@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
 from .store import CalibrationWriter
+from .writer import BackgroundWriter
 
 __all__ = ["calibrate", "resolve_layers"]
 
@@ -97,15 +98,6 @@ def _check_model_device(model: nn.Module, device: torch.device) -> None:
                 f"or pass device={str(here)!r}"
             )
         return
-
-
-def _keep_below(samples: Mapping[str, Samples], limit: int) -> dict[str, Samples]:
-    """Drop the rows of images with ordinal >= limit."""
-    kept = {}
-    for name, (responses, ordinal, position) in samples.items():
-        stop = int(np.searchsorted(ordinal, limit, side="left"))
-        kept[name] = (responses[:stop], ordinal[:stop], position[:stop])
-    return kept
 
 
 def calibrate(
@@ -206,6 +198,27 @@ def calibrate(
     return path
 
 
+def _lookahead(items: Iterable[Any]) -> Iterator[tuple[Any, Any | None]]:
+    """Pairs (item, next item or None): the next batch is known while the current one runs. An error
+    raised while fetching the next item is raised after the current item has been handled."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    while True:
+        try:
+            following = next(iterator)
+        except StopIteration:
+            yield current, None
+            return
+        except BaseException:
+            yield current, None
+            raise
+        yield current, following
+        current = following
+
+
 def _run_batches(
     model: nn.Module,
     batches: Iterable[Any],
@@ -219,27 +232,38 @@ def _run_batches(
     device: torch.device,
     progress: bool,
     to_input: Callable[[Any], Any] | None,
+    first_ordinal: int = 0,
+    max_pending: int = 4,
 ) -> None:
-    """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``."""
+    """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``.
+
+    The forward pass overlaps the rest: the positions of the next batch are drawn in the recorder's
+    background thread, and the samples of finished batches are written by a :class:`BackgroundWriter`
+    (at most ``max_pending`` batches queued). ``first_ordinal`` is the global ordinal of the stream's first
+    image (a shard of a multi-process run): positions are drawn with global ordinals, the store keeps
+    ordinals relative to the shard.
+    """
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    ordinal = 0  # ordinal of the first image of the next batch
+    ordinal = 0  # ordinal (relative to the stream) of the first image of the next batch
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
-                              skip_before=n_done) as recorder, \
+                              start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \
+                BackgroundWriter(writer, max_pending=max_pending) as background, \
                 tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
                      disable=not progress) as bar, torch.no_grad():
-            for item in batches:
-                batch = item if to_input is None else to_input(item)
-                size = _batch_size(batch)
+            prepared = _prepared(batches, to_input)
+            for (batch, size), upcoming in _lookahead(prepared):
                 if ordinal + size <= n_done:  # already stored: do not run the model
                     recorder.skip(size)
                     ordinal += size
                     continue
+                if upcoming is not None and ordinal + size < n_images:
+                    recorder.plan(first_ordinal + ordinal + size, upcoming[1])
                 model(_to_device(batch, device))
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
-                writer.append(_keep_below(recorder.pop(), n_images), images_done=done)
+                background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done)
                 bar.update(done - max(ordinal, n_done))
                 ordinal += size
                 if ordinal >= n_images:
@@ -254,3 +278,19 @@ def _run_batches(
             f"batches (same images, same order) with the same settings to resume, or a smaller n_images with "
             f"another file"
         )
+
+
+def _prepared(batches: Iterable[Any], to_input: Callable[[Any], Any] | None) -> Iterator[tuple[Any, int]]:
+    for item in batches:
+        batch = item if to_input is None else to_input(item)
+        yield batch, _batch_size(batch)
+
+
+def _relative(samples: Mapping[str, Samples], first_ordinal: int, limit: int) -> dict[str, Samples]:
+    """Ordinals relative to the stream's first image, rows of images >= ``limit`` dropped."""
+    kept = {}
+    for name, (responses, ordinal, position) in samples.items():
+        local = ordinal - first_ordinal if first_ordinal else ordinal
+        stop = int(np.searchsorted(local, limit, side="left"))
+        kept[name] = (responses[:stop], local[:stop], position[:stop])
+    return kept
