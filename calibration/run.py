@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
-from .store import CalibrationWriter
+from .distributed import barrier, merge_shards, process_group, shard_meta, shard_path, shard_range
+from .store import CalibrationWriter, IncompleteCalibrationError, open_calibration
 from .writer import BackgroundWriter
 
 __all__ = ["calibrate", "resolve_layers"]
@@ -115,6 +116,8 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     to_input: Callable[[Any], Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -150,11 +153,18 @@ def calibrate(
         Show a tqdm progress bar over images.
     to_input : callable, optional
         ``to_input(item)`` turns a raw item of ``batches`` into the model input (default: identity).
+    rank, world_size : int, optional
+        This process's place in a multi-process run (default: those of the initialised
+        ``torch.distributed`` process group, else 0 and 1). With ``world_size > 1``, ``batches`` must yield
+        only this rank's images, ``shard_range(n_images, rank, world_size)`` of the whole ordered stream;
+        they go to ``shard_path(path, rank, world_size)`` (see :mod:`calibration.distributed`). Under a
+        process group the ranks then wait for each other and rank 0 merges the shards into ``path``;
+        without one, the shard's path is returned and the caller merges with ``merge_shards``.
 
     Returns
     -------
     str
-        The path of the complete store.
+        The path of the complete store (of the shard, for a rank outside a process group).
 
     Raises
     ------
@@ -179,8 +189,65 @@ def calibrate(
     path = os.fspath(path)
     layers = {name: layer_spec(module) for name, module in modules.items()}
 
+    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image)
+    options = dict(resume=resume, device=device, progress=progress, to_input=to_input)
+    if rank is None and world_size is None:
+        rank, world_size = process_group()
+    elif rank is None or world_size is None:
+        raise ValueError(f"pass both rank and world_size, or neither; got rank={rank!r}, world_size={world_size!r}")
+    if world_size == 1 and rank == 0:
+        return _calibrate_store(model, batches, modules, path, image_ids=ids, meta=meta, **settings, **options)
+
+    start, stop = shard_range(n_images, rank, world_size)
+    if _complete(path):  # a merged store already complete is reused as is (every rank sees the same)
+        CalibrationWriter.open(path, image_ids=ids, meta=meta, resume=resume, **settings).close()  # same run?
+        return path
+    shard = shard_path(path, rank, world_size)
+    logger.info("rank %d of %d calibrates images [%d, %d) into %s", rank, world_size, start, stop, shard)
+    _calibrate_store(model, batches, modules, shard, image_ids=ids[start:stop], first_ordinal=start,
+                     meta=shard_meta(meta, rank, world_size, n_images), **settings, **options)
+    if process_group() != (rank, world_size):
+        return shard  # no process group to wait on: the caller merges the shards (merge_shards)
+    barrier()
+    if rank == 0:
+        merge_shards(path, world_size=world_size, image_ids=ids, meta=meta, **settings)
+    barrier()
+    return path
+
+
+def _complete(path: str) -> bool:
+    """Whether ``path`` is a complete store (read-only: other ranks may be reading it too)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        open_calibration(path).close()
+    except IncompleteCalibrationError:
+        return False
+    return True
+
+
+def _calibrate_store(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: dict[str, nn.Module],
+    path: str,
+    *,
+    layers: dict[str, tuple[int, str]],
+    seed: int,
+    positions_per_image: int | None,
+    image_ids: np.ndarray,
+    meta: Mapping[str, Any] | None,
+    resume: bool,
+    device: torch.device,
+    progress: bool,
+    to_input: Callable[[Any], Any] | None,
+    first_ordinal: int = 0,
+) -> str:
+    """Write (or resume) one store of ``len(image_ids)`` images, the first with global ordinal
+    ``first_ordinal``; returns ``path``."""
+    n_images = int(image_ids.shape[0])
     with CalibrationWriter.open(
-        path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=ids,
+        path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=image_ids,
         meta=meta, resume=resume,
     ) as writer:
         if writer.complete:
@@ -192,7 +259,7 @@ def calibrate(
         if n_done < n_images:
             _run_batches(model, batches, modules, writer, n_images=n_images, n_done=n_done, seed=seed,
                          positions_per_image=positions_per_image, device=device, progress=progress,
-                         to_input=to_input)
+                         to_input=to_input, first_ordinal=first_ordinal)
         writer.mark_complete()
         logger.info("calibration file %s complete: %d images, layers %s", path, n_images, list(modules))
     return path
