@@ -85,9 +85,10 @@ def _batch_size(batch: Any) -> int:
 
 
 def _to_device(batch: torch.Tensor | list, device: torch.device) -> torch.Tensor | list:
+    # non_blocking: a batch in pinned memory is copied to a GPU while the host goes on (a no-op on the CPU)
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    return [item.to(device) if isinstance(item, torch.Tensor) else item for item in batch]
+        return batch.to(device, non_blocking=True)
+    return [item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else item for item in batch]
 
 
 def _check_model_device(model: nn.Module, device: torch.device) -> None:
