@@ -85,6 +85,9 @@ class ResponseRecorder:
     (h, w). A Linear output (B, F) has one position per image, (0, 0); an output (B, ..., F) has its middle
     dimensions flattened into P positions, position (p, 0).
 
+    Inside a ``with`` block, :meth:`plan` draws the positions of a coming batch in a background thread,
+    so that the hooks only gather rows during the forward pass.
+
     The image counter advances only through :meth:`next_batch` (after a model forward) and :meth:`skip`
     (for a batch not run). Each target layer must run exactly once per model forward: a second call before
     ``next_batch`` raises RuntimeError, since its images could not be told apart from the first call's.

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 
 
+#: A group of batches is handed to the writer thread once it holds this many images or bytes of samples.
+FLUSH_IMAGES = 1024
+FLUSH_BYTES = 8 << 20
+
+
 class BackgroundWriter:
     """Context manager that appends batches to a :class:`CalibrationWriter` from a background thread.
 
@@ -33,14 +38,16 @@ class BackgroundWriter:
     writer : CalibrationWriter
         The open store. While the context is active, only this object's thread may touch it.
     max_pending : int, default 4
-        Batches queued at most; :meth:`append` blocks while the queue is full.
+        Groups of batches queued at most; :meth:`append` blocks while the queue is full.
 
     Notes
     -----
-    Batches are written in the order given with :meth:`CalibrationWriter.append`, so the store's commit
-    protocol is unchanged: an interruption leaves the last batch written as the committed state. Batches
-    that wait in the queue when the thread comes to them are appended together (fewer, larger HDF5 writes). On leaving
-    the context the queued batches are written (also when the block raised), then the thread ends; an error
+    Batches are gathered into groups of about :data:`FLUSH_IMAGES` images (or :data:`FLUSH_BYTES` bytes of
+    samples, whichever comes first); the thread appends each group with one
+    :meth:`CalibrationWriter.append`: few, large HDF5 writes. The store's commit protocol is unchanged: an
+    interruption leaves the last group written as the committed state, and a resumed run redoes at most
+    the groups that were not written. Memory holds at most ``max_pending + 1`` groups. On leaving the
+    context the remaining batches are written (also when the block raised), then the thread ends; an error
     of the thread is raised from the next :meth:`append` or on leaving.
     """
 
@@ -48,10 +55,12 @@ class BackgroundWriter:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
         self._writer = writer
-        self._coalesce = max_pending
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._group: list[tuple[Mapping[str, Samples], int]] = []
+        self._group_bytes = 0
+        self._flushed_images = writer.n_images_done
 
     def __enter__(self) -> "BackgroundWriter":
         if self._thread is not None:
@@ -69,13 +78,24 @@ class BackgroundWriter:
         self.close(raise_error=exc_type is None)
 
     def append(self, samples: Mapping[str, Samples], images_done: int) -> None:
-        """Queue one batch for :meth:`CalibrationWriter.append` (blocks while ``max_pending`` are queued)."""
+        """Add one batch (as for :meth:`CalibrationWriter.append`); a full group goes to the thread's queue,
+        which blocks while ``max_pending`` groups wait."""
         if self._thread is None:
             raise RuntimeError("BackgroundWriter.append called outside its with-block")
         self._raise_error()
+        self._group.append((samples, images_done))
+        self._group_bytes += sum(array.nbytes for rows in samples.values() for array in rows)
+        if images_done - self._flushed_images >= FLUSH_IMAGES or self._group_bytes >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._group:
+            return
+        group, self._group, self._group_bytes = self._group, [], 0
+        self._flushed_images = group[-1][1]
         while True:
             try:
-                self._queue.put((samples, images_done), timeout=0.5)
+                self._queue.put(group, timeout=0.5)
                 return
             except queue.Full:
                 self._raise_error()
@@ -83,10 +103,12 @@ class BackgroundWriter:
                     raise RuntimeError("the calibration writer thread stopped") from None
 
     def close(self, raise_error: bool = True) -> None:
-        """Write what is queued, end the thread, and raise its error if it had one (and ``raise_error``)."""
+        """Write what is left, end the thread, and raise its error if it had one (and ``raise_error``)."""
         if self._thread is None:
             return
         if self._thread.is_alive():
+            if self._error is None:
+                self._flush()
             self._queue.put(_STOP)
             self._thread.join()
         self._thread = None
@@ -101,21 +123,14 @@ class BackgroundWriter:
             raise RuntimeError(f"writing the calibration store {self._writer.path!r} failed: {error}") from error
 
     def _loop(self) -> None:
-        stop = False
-        while not stop:
-            items = [self._queue.get()]
-            while items[-1] is not _STOP and len(items) < self._coalesce:  # batches already waiting
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if items[-1] is _STOP:
-                stop = True
-                items.pop()
-            if self._error is not None or not items:  # after a failure, drop the rest: the last commit stays
+        while True:
+            group = self._queue.get()
+            if group is _STOP:
+                return
+            if self._error is not None:  # after a failure, drop the rest: the last commit stays
                 continue
             try:
-                self._writer.append(_concatenate([samples for samples, _ in items]), images_done=items[-1][1])
+                self._writer.append(_concatenate([samples for samples, _ in group]), images_done=group[-1][1])
             except BaseException as error:  # handed to the caller's thread
                 self._error = error
 

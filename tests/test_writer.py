@@ -49,7 +49,9 @@ KILLED_RUN = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from test_writer import LAYERS, stream, tiny_model
+    import calibration.writer
     from calibration import calibrate
+    calibration.writer.FLUSH_IMAGES = 30  # commit every few batches, so the kill finds some committed
 
     def batches():
         for k, batch in enumerate(stream(200)):
@@ -91,12 +93,14 @@ def peak_bytes(tmp_path: Path, n_images: int) -> int:
         tracemalloc.stop()
 
 
-def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
-    small, large = peak_bytes(tmp_path, 100), peak_bytes(tmp_path, 1000)
-    # all positions are kept: the store grows by ~1000 * (64 * 4 + 9 * 6 + 5) * 4 bytes = 1.3 MB between the sizes
-    with open_calibration(tmp_path / "m1000.h5") as reader:
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path, monkeypatch) -> None:
+    # memory holds at most max_pending + 1 write groups; groups of 20 images let both sizes fill the queue
+    monkeypatch.setattr("calibration.writer.FLUSH_IMAGES", 20)
+    small, large = peak_bytes(tmp_path, 300), peak_bytes(tmp_path, 1500)
+    # all positions are kept: the store grows by ~1200 * (64 * 4 + 9 * 6 + 5) * 4 bytes = 1.5 MB between the sizes
+    with open_calibration(tmp_path / "m1500.h5") as reader:
         stored = sum(reader.responses(name).nbytes for name in LAYERS)
-    assert stored > 1_000_000
+    assert stored > 1_800_000
     assert large < small * 1.25 + 100_000, (small, large)
 
 
