@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model(args.model)
     result = calibration_throughput(model, batches, positions_per_image=args.positions_per_image,
                                     repeats=args.repeats, device=args.device)
-    result.update(model=args.model, batch_size=args.batch_size, load_average=list(os.getloadavg()),
-                  date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
+    result = {"kind": "throughput", "commit": commit, **result, "model": args.model, "batch_size": args.batch_size,
+              "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     out = Path(args.out)

@@ -13,21 +13,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from calibration import CalibrationWriter, calibrate, open_calibration
 from calibration.writer import BackgroundWriter
 
+from test_calibration import LAYERS, tiny_model  # tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["0", "2", "5"]
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),
-        nn.Linear(54, 5),
-    ).eval()
 
 
 def stream(n_images: int, batch: int = 10):
