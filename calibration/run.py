@@ -307,7 +307,7 @@ def _run_batches(
 
     The forward pass overlaps the rest: the positions of the next batch are drawn in the recorder's
     background thread, and the samples of finished batches are written by a :class:`BackgroundWriter`
-    (at most ``max_pending`` batches queued). ``first_ordinal`` is the global ordinal of the stream's first
+    (groups of batches, at most ``max_pending`` queued). ``first_ordinal`` is the global ordinal of the first
     image (a shard of a multi-process run): positions are drawn with global ordinals, the store keeps
     ordinals relative to the shard.
     """
