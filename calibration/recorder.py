@@ -11,13 +11,14 @@ advances the counter. Batches that are skipped without running the model advance
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 import numpy as np
 import torch
 from torch import nn
 
-from .sampling import check_positions_per_image, sample_positions
+from .sampling import check_positions_per_image, sample_positions_batch
 
 __all__ = ["ResponseRecorder", "layer_spec", "Samples"]
 
@@ -84,6 +85,9 @@ class ResponseRecorder:
     (h, w). A Linear output (B, F) has one position per image, (0, 0); an output (B, ..., F) has its middle
     dimensions flattened into P positions, position (p, 0).
 
+    Inside a ``with`` block, :meth:`plan` draws the positions of a coming batch in a background thread,
+    so that the hooks only gather rows during the forward pass.
+
     The image counter advances only through :meth:`next_batch` (after a model forward) and :meth:`skip`
     (for a batch not run). Each target layer must run exactly once per model forward: a second call before
     ``next_batch`` raises RuntimeError, since its images could not be told apart from the first call's.
@@ -121,6 +125,9 @@ class ResponseRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._called: dict[str, int] = {}
         self._gathered: dict[str, list[Samples]] = {name: [] for name in self._modules}
+        self._shapes: dict[int, tuple[int, int]] = {}  # layer index -> (height, width) of its last output
+        self._plans: dict[tuple[int, int, int, int, int], Future] = {}
+        self._planner: ThreadPoolExecutor | None = None
 
     @property
     def ordinal(self) -> int:
@@ -132,6 +139,7 @@ class ResponseRecorder:
             raise RuntimeError("this ResponseRecorder is already active; it cannot be entered twice")
         for index, (name, module) in enumerate(self._modules.items()):
             self._handles.append(module.register_forward_hook(self._make_hook(name, index)))
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-positions")
         return self
 
     def __exit__(
@@ -147,6 +155,25 @@ class ResponseRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
+            self._planner = None
+        self._plans = {}
+
+    def plan(self, first_ordinal: int, batch_size: int) -> None:
+        """Start drawing, in a background thread, the positions of a batch that will run later.
+
+        Optional: it only moves the position draw off the forward pass. It uses each layer's map size seen
+        in the last forward; a layer whose map size then differs draws its positions during the forward.
+        """
+        if self._planner is None:
+            return
+        for key in [k for k in self._plans if k[1] < self._ordinal]:  # plans of batches that did not run
+            self._plans.pop(key).cancel()
+        for index, (height, width) in self._shapes.items():
+            key = (index, int(first_ordinal), int(batch_size), height, width)
+            if key not in self._plans:
+                self._plans[key] = self._planner.submit(self._indices, *key)
 
     def next_batch(self, batch_size: int) -> None:
         """Close the current model forward and advance the image counter by ``batch_size``.
@@ -232,25 +259,33 @@ class ResponseRecorder:
             grid = out.reshape(out.shape[0], -1, 1, out.shape[-1])  # (B, P, 1, F)
         batch, height, width = int(grid.shape[0]), int(grid.shape[1]), int(grid.shape[2])
         self._called[name] = batch
-        count = self.positions_per_image
-        image_idx, ordinals, positions = [], [], []
-        for b in range(batch):
-            ordinal = self._ordinal + b
-            if ordinal < self.skip_before:
-                continue
-            pos = sample_positions(self.seed, index, ordinal, height, width, count)
-            image_idx.append(np.full(pos.shape[0], b, dtype=np.int64))
-            ordinals.append(np.full(pos.shape[0], ordinal, dtype=np.int64))
-            positions.append(pos)
-        if not positions:
+        self._shapes[index] = (height, width)
+        pending = self._plans.pop((index, self._ordinal, batch, height, width), None)
+        b_idx, rows_h, rows_w, ordinals, positions = (
+            self._indices(index, self._ordinal, batch, height, width) if pending is None else pending.result()
+        )
+        if ordinals.shape[0] == 0:
             return
-        b_idx = np.concatenate(image_idx)
-        pos_all = np.concatenate(positions)
         device = grid.device
-        rows = grid[
-            torch.from_numpy(b_idx).to(device),
-            torch.from_numpy(pos_all[:, 0].astype(np.int64)).to(device),
-            torch.from_numpy(pos_all[:, 1].astype(np.int64)).to(device),
-        ]  # (n, C)
+        rows = grid[b_idx.to(device), rows_h.to(device), rows_w.to(device)]  # (n, C)
         responses = rows.to(device="cpu", dtype=torch.float32).numpy()
-        self._gathered[name].append((responses, np.concatenate(ordinals), pos_all))
+        self._gathered[name].append((responses, ordinals, positions))
+
+    def _indices(
+        self, index: int, first_ordinal: int, batch: int, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Where to gather one layer's samples in a batch: (image in batch, row, col) as int64 tensors (n,),
+        with the image ordinals int64 (n,) and positions int32 (n, 2) that the store keeps."""
+        lo = min(max(self.skip_before - first_ordinal, 0), batch)
+        positions = sample_positions_batch(self.seed, index, first_ordinal + lo, batch - lo, height, width,
+                                           self.positions_per_image)  # (m, n, 2)
+        per_image = positions.shape[1]
+        b_idx = np.repeat(np.arange(lo, batch, dtype=np.int64), per_image)
+        flat = np.ascontiguousarray(positions.reshape(-1, 2))
+        return (
+            torch.from_numpy(b_idx),
+            torch.from_numpy(flat[:, 0].astype(np.int64)),
+            torch.from_numpy(flat[:, 1].astype(np.int64)),
+            b_idx + first_ordinal,
+            flat,
+        )

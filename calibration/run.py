@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
-from .store import CalibrationWriter
+from .distributed import barrier, merge_shards, process_group, shard_meta, shard_path, shard_range
+from .store import CalibrationWriter, IncompleteCalibrationError, open_calibration
+from .writer import BackgroundWriter
 
 __all__ = ["calibrate", "resolve_layers"]
 
@@ -83,9 +85,10 @@ def _batch_size(batch: Any) -> int:
 
 
 def _to_device(batch: torch.Tensor | list, device: torch.device) -> torch.Tensor | list:
+    # non_blocking: a batch in pinned memory is copied to a GPU while the host goes on (a no-op on the CPU)
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    return [item.to(device) if isinstance(item, torch.Tensor) else item for item in batch]
+        return batch.to(device, non_blocking=True)
+    return [item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else item for item in batch]
 
 
 def _check_model_device(model: nn.Module, device: torch.device) -> None:
@@ -97,15 +100,6 @@ def _check_model_device(model: nn.Module, device: torch.device) -> None:
                 f"or pass device={str(here)!r}"
             )
         return
-
-
-def _keep_below(samples: Mapping[str, Samples], limit: int) -> dict[str, Samples]:
-    """Drop the rows of images with ordinal >= limit."""
-    kept = {}
-    for name, (responses, ordinal, position) in samples.items():
-        stop = int(np.searchsorted(ordinal, limit, side="left"))
-        kept[name] = (responses[:stop], ordinal[:stop], position[:stop])
-    return kept
 
 
 def calibrate(
@@ -123,6 +117,8 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     to_input: Callable[[Any], Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -158,11 +154,18 @@ def calibrate(
         Show a tqdm progress bar over images.
     to_input : callable, optional
         ``to_input(item)`` turns a raw item of ``batches`` into the model input (default: identity).
+    rank, world_size : int, optional
+        This process's place in a multi-process run (default: those of the initialised
+        ``torch.distributed`` process group, else 0 and 1). With ``world_size > 1``, ``batches`` must yield
+        only this rank's images, ``shard_range(n_images, rank, world_size)`` of the whole ordered stream;
+        they go to ``shard_path(path, rank, world_size)`` (see :mod:`calibration.distributed`). Under a
+        process group the ranks then wait for each other and rank 0 merges the shards into ``path``;
+        without one, the shard's path is returned and the caller merges with ``merge_shards``.
 
     Returns
     -------
     str
-        The path of the complete store.
+        The path of the complete store (of the shard, for a rank outside a process group).
 
     Raises
     ------
@@ -187,8 +190,65 @@ def calibrate(
     path = os.fspath(path)
     layers = {name: layer_spec(module) for name, module in modules.items()}
 
+    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image)
+    options = dict(resume=resume, device=device, progress=progress, to_input=to_input)
+    if rank is None and world_size is None:
+        rank, world_size = process_group()
+    elif rank is None or world_size is None:
+        raise ValueError(f"pass both rank and world_size, or neither; got rank={rank!r}, world_size={world_size!r}")
+    if world_size == 1 and rank == 0:
+        return _calibrate_store(model, batches, modules, path, image_ids=ids, meta=meta, **settings, **options)
+
+    start, stop = shard_range(n_images, rank, world_size)
+    if _complete(path):  # a merged store already complete is reused as is (every rank sees the same)
+        CalibrationWriter.open(path, image_ids=ids, meta=meta, resume=resume, **settings).close()  # same run?
+        return path
+    shard = shard_path(path, rank, world_size)
+    logger.info("rank %d of %d calibrates images [%d, %d) into %s", rank, world_size, start, stop, shard)
+    _calibrate_store(model, batches, modules, shard, image_ids=ids[start:stop], first_ordinal=start,
+                     meta=shard_meta(meta, rank, world_size, n_images), **settings, **options)
+    if process_group() != (rank, world_size):
+        return shard  # no process group to wait on: the caller merges the shards (merge_shards)
+    barrier()
+    if rank == 0:
+        merge_shards(path, world_size=world_size, image_ids=ids, meta=meta, **settings)
+    barrier()
+    return path
+
+
+def _complete(path: str) -> bool:
+    """Whether ``path`` is a complete store (read-only: other ranks may be reading it too)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        open_calibration(path).close()
+    except IncompleteCalibrationError:
+        return False
+    return True
+
+
+def _calibrate_store(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: dict[str, nn.Module],
+    path: str,
+    *,
+    layers: dict[str, tuple[int, str]],
+    seed: int,
+    positions_per_image: int | None,
+    image_ids: np.ndarray,
+    meta: Mapping[str, Any] | None,
+    resume: bool,
+    device: torch.device,
+    progress: bool,
+    to_input: Callable[[Any], Any] | None,
+    first_ordinal: int = 0,
+) -> str:
+    """Write (or resume) one store of ``len(image_ids)`` images, the first with global ordinal
+    ``first_ordinal``; returns ``path``."""
+    n_images = int(image_ids.shape[0])
     with CalibrationWriter.open(
-        path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=ids,
+        path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=image_ids,
         meta=meta, resume=resume,
     ) as writer:
         if writer.complete:
@@ -200,10 +260,31 @@ def calibrate(
         if n_done < n_images:
             _run_batches(model, batches, modules, writer, n_images=n_images, n_done=n_done, seed=seed,
                          positions_per_image=positions_per_image, device=device, progress=progress,
-                         to_input=to_input)
+                         to_input=to_input, first_ordinal=first_ordinal)
         writer.mark_complete()
         logger.info("calibration file %s complete: %d images, layers %s", path, n_images, list(modules))
     return path
+
+
+def _lookahead(items: Iterable[Any]) -> Iterator[tuple[Any, Any | None]]:
+    """Pairs (item, next item or None): the next batch is known while the current one runs. An error
+    raised while fetching the next item is raised after the current item has been handled."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    while True:
+        try:
+            following = next(iterator)
+        except StopIteration:
+            yield current, None
+            return
+        except BaseException:
+            yield current, None
+            raise
+        yield current, following
+        current = following
 
 
 def _run_batches(
@@ -219,27 +300,38 @@ def _run_batches(
     device: torch.device,
     progress: bool,
     to_input: Callable[[Any], Any] | None,
+    first_ordinal: int = 0,
+    max_pending: int = 4,
 ) -> None:
-    """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``."""
+    """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``.
+
+    The forward pass overlaps the rest: the positions of the next batch are drawn in the recorder's
+    background thread, and the samples of finished batches are written by a :class:`BackgroundWriter`
+    (groups of batches, at most ``max_pending`` queued). ``first_ordinal`` is the global ordinal of the first
+    image (a shard of a multi-process run): positions are drawn with global ordinals, the store keeps
+    ordinals relative to the shard.
+    """
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    ordinal = 0  # ordinal of the first image of the next batch
+    ordinal = 0  # ordinal (relative to the stream) of the first image of the next batch
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
-                              skip_before=n_done) as recorder, \
+                              start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \
+                BackgroundWriter(writer, max_pending=max_pending) as background, \
                 tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
                      disable=not progress) as bar, torch.no_grad():
-            for item in batches:
-                batch = item if to_input is None else to_input(item)
-                size = _batch_size(batch)
+            prepared = _prepared(batches, to_input)
+            for (batch, size), upcoming in _lookahead(prepared):
                 if ordinal + size <= n_done:  # already stored: do not run the model
                     recorder.skip(size)
                     ordinal += size
                     continue
+                if upcoming is not None and ordinal + size < n_images:
+                    recorder.plan(first_ordinal + ordinal + size, upcoming[1])
                 model(_to_device(batch, device))
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
-                writer.append(_keep_below(recorder.pop(), n_images), images_done=done)
+                background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done)
                 bar.update(done - max(ordinal, n_done))
                 ordinal += size
                 if ordinal >= n_images:
@@ -254,3 +346,19 @@ def _run_batches(
             f"batches (same images, same order) with the same settings to resume, or a smaller n_images with "
             f"another file"
         )
+
+
+def _prepared(batches: Iterable[Any], to_input: Callable[[Any], Any] | None) -> Iterator[tuple[Any, int]]:
+    for item in batches:
+        batch = item if to_input is None else to_input(item)
+        yield batch, _batch_size(batch)
+
+
+def _relative(samples: Mapping[str, Samples], first_ordinal: int, limit: int) -> dict[str, Samples]:
+    """Ordinals relative to the stream's first image, rows of images >= ``limit`` dropped."""
+    kept = {}
+    for name, (responses, ordinal, position) in samples.items():
+        local = ordinal - first_ordinal if first_ordinal else ordinal
+        stop = int(np.searchsorted(local, limit, side="left"))
+        kept[name] = (responses[:stop], local[:stop], position[:stop])
+    return kept

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_positions", "check_positions_per_image"]
+__all__ = ["SAMPLER", "sample_positions", "sample_positions_batch", "position_keys", "check_positions_per_image"]
 
 
 def check_positions_per_image(positions_per_image: int | None) -> int | None:
@@ -50,6 +50,34 @@ def _check_non_negative_int(name: str, value: int) -> int:
     return int(value)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+#: Name of the draw below, recorded in every calibration store.
+SAMPLER = "splitmix64-smallest-keys"
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea, Flood, OOPSLA 2014) on uint64 arrays, wrapping mod 2^64."""
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def position_keys(seed: int, layer_index: int, ordinals: np.ndarray, total: int) -> np.ndarray:
+    """Pseudo-random 64-bit key of every position of every image: uint64 (len(ordinals), total).
+
+    ``key = mix(mix(mix(mix(seed) ^ layer_index) ^ ordinal) ^ position)`` with ``mix`` SplitMix64's output
+    function; a position's key depends on (seed, layer_index, ordinal, position) only.
+    """
+    ordinals = np.asarray(ordinals, dtype=np.uint64)
+    image = _mix(_mix(_mix(np.full(ordinals.shape, seed, dtype=np.uint64)) ^ np.uint64(layer_index)) ^ ordinals)
+    return _mix(image[:, None] ^ np.arange(total, dtype=np.uint64)[None, :])
+
+
 def sample_positions(
     seed: int, layer_index: int, image_ordinal: int, height: int, width: int, count: int | None
 ) -> np.ndarray:
@@ -75,22 +103,39 @@ def sample_positions(
 
     Notes
     -----
-    The draw is uniform over the ``height * width`` positions and uses
-    ``np.random.default_rng([seed, layer_index, image_ordinal])``, so it depends on its arguments only.
+    Each of the ``height * width`` positions gets a pseudo-random key (:func:`position_keys`); the ``count``
+    positions with the smallest keys are drawn, a uniform draw without replacement. It depends on its
+    arguments only, and is vectorised over the images of a batch (:func:`sample_positions_batch`), so the
+    draw costs little next to the forward pass.
+    """
+    return sample_positions_batch(seed, layer_index, image_ordinal, 1, height, width, count)[0]
+
+
+def sample_positions_batch(
+    seed: int, layer_index: int, first_ordinal: int, n_images: int, height: int, width: int, count: int | None
+) -> np.ndarray:
+    """:func:`sample_positions` of the images with ordinals ``first_ordinal .. first_ordinal + n_images - 1``.
+
+    Returns
+    -------
+    ndarray of shape (n_images, n, 2), int32
+        Row i holds ``sample_positions(seed, layer_index, first_ordinal + i, height, width, count)``.
     """
     seed = _check_non_negative_int("seed", seed)
     layer_index = _check_non_negative_int("layer_index", layer_index)
-    image_ordinal = _check_non_negative_int("image_ordinal", image_ordinal)
+    first_ordinal = _check_non_negative_int("first_ordinal", first_ordinal)
+    n_images = _check_non_negative_int("n_images", n_images)
     height = _check_non_negative_int("height", height)
     width = _check_non_negative_int("width", width)
     total = height * width
     if count is None or count <= 0 or count >= total:
-        flat = np.arange(total, dtype=np.int64)
+        flat = np.broadcast_to(np.arange(total, dtype=np.int64), (n_images, total))
     else:
-        rng = np.random.default_rng([seed, layer_index, image_ordinal])
-        flat = np.sort(rng.choice(total, size=int(count), replace=False))
-    positions = np.empty((flat.shape[0], 2), dtype=np.int32)
+        ordinals = np.arange(first_ordinal, first_ordinal + n_images, dtype=np.uint64)
+        keys = position_keys(seed, layer_index, ordinals, total)
+        flat = np.sort(np.argpartition(keys, int(count) - 1, axis=1)[:, : int(count)], axis=1)
+    positions = np.empty(flat.shape + (2,), dtype=np.int32)
     if width > 0:
-        positions[:, 0] = flat // width
-        positions[:, 1] = flat % width
+        positions[..., 0] = flat // width
+        positions[..., 1] = flat % width
     return positions

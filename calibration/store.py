@@ -1,9 +1,10 @@
-"""The HDF5 store of calibration responses (format version 1).
+"""The HDF5 store of calibration responses (format version 2).
 
 Layout
 ------
 File attrs
-    ``format_version`` (1), ``complete`` (bool), ``n_images_done`` (committed images),
+    ``format_version`` (2; version 1 drew positions with another sampler), ``position_sampler`` (the name
+    of the draw, :data:`calibration.sampling.SAMPLER`), ``complete`` (bool), ``n_images_done`` (committed images),
     ``n_images_planned``, ``seed``, ``positions_per_image`` (-1 = all positions),
     ``meta_json`` (JSON of caller-given metadata), ``layers_json`` (JSON list of layer names, in order).
 ``/image_ids`` int64 (n_images_planned,)
@@ -38,6 +39,8 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
+from .sampling import SAMPLER
+
 __all__ = [
     "FORMAT_VERSION",
     "CalibrationMismatchError",
@@ -47,7 +50,7 @@ __all__ = [
     "open_calibration",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KINDS = ("conv", "linear")
 _CHUNK_BYTES = 1 << 20  # target size of a responses chunk
 _MAX_CHUNK_ROWS = 4096
@@ -288,6 +291,18 @@ class CalibrationWriter(_OpenFile):
         self._config = config
         self.layers = config.names
         self.n_images_planned = int(config.image_ids.shape[0])
+        self._groups: dict[str, h5py.Group] = {}  # open handles, looked up once (appends are frequent)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._groups = {}
+        super().close()
+
+    def _layer_group(self, name: str) -> h5py.Group:
+        f = self._file
+        if name not in self._groups:
+            self._groups[name] = f["layers"][_escape(name)]
+        return self._groups[name]
 
     @property
     def complete(self) -> bool:
@@ -371,6 +386,7 @@ class CalibrationWriter(_OpenFile):
     @staticmethod
     def _create(f: h5py.File, config: _Config) -> None:
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["position_sampler"] = SAMPLER
         f.attrs["complete"] = False
         f.attrs["n_images_done"] = 0
         f.attrs["n_images_planned"] = int(config.image_ids.shape[0])
@@ -487,7 +503,7 @@ class CalibrationWriter(_OpenFile):
             prepared[name] = (responses, ordinal, position)
         starts = {}
         for name, (responses, ordinal, position) in prepared.items():
-            g = f["layers"][_escape(name)]
+            g = self._layer_group(name)
             start = int(g.attrs["committed_rows"])
             stop = start + responses.shape[0]
             for key, data in (("responses", responses), ("image_ordinal", ordinal), ("position", position)):
@@ -495,7 +511,7 @@ class CalibrationWriter(_OpenFile):
                 g[key][start:stop] = data
             starts[name] = stop
         for name, stop in starts.items():
-            f["layers"][_escape(name)].attrs["committed_rows"] = stop
+            self._layer_group(name).attrs["committed_rows"] = stop
         f.attrs["n_images_done"] = images_done
         f.flush()
 

@@ -48,7 +48,7 @@ def default_to_input(batch):
 
 def _to_device(batch, device):
     if torch.is_tensor(batch):
-        return batch.to(device)
+        return batch.to(device, non_blocking=True)  # asynchronous from pinned memory to a GPU
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)
     return batch
@@ -79,14 +79,20 @@ def _iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device
             return
 
 
-def _response_stats(reader, name: str, n_fit: int, backend: str) -> ResponseStats:
-    """Mean and principal components of the responses of images with ordinal < n_fit (float64)."""
+def _response_stats(reader, name: str, n_fit: int, backend: str, shard: tuple[int, int] | None = None) -> ResponseStats:
+    """Mean and principal components of the responses of images with ordinal < n_fit (float64).
+
+    With ``shard=(start, stop)`` (a rank of a multi-process run), this rank reads only its images' rows and
+    the ranks' streaming statistics are merged (:func:`~lowrank_fm.distributed.reduce_covariance`).
+    """
+    from .distributed import reduce_covariance
+
     ordinals = reader.image_ordinal(name)
     fit_rows = ordinals < n_fit
     if not fit_rows.any():
         raise ValueError(f"layer {name}: no calibration samples to fit on; pass more calibration images")
 
-    def blocks():
+    def blocks(fit_rows=fit_rows):
         start = 0
         for block in reader.iter_responses(name):
             rows = fit_rows[start : start + len(block)]
@@ -97,7 +103,8 @@ def _response_stats(reader, name: str, n_fit: int, backend: str) -> ResponseStat
     if backend == "ipca":
         mean, values, vectors = incremental_pca_basis(blocks())
         return ResponseStats(mean, values, vectors, int(fit_rows.sum()))
-    estimator = StreamingCovariance.from_blocks(blocks())
+    mine = fit_rows if shard is None else fit_rows & (ordinals >= shard[0]) & (ordinals < shard[1])
+    estimator = reduce_covariance(StreamingCovariance.from_blocks(blocks(mine)))
     values, vectors = principal_components(estimator.covariance_)
     return ResponseStats(estimator.mean_, values, vectors, estimator.n_samples_seen_)
 
@@ -387,7 +394,9 @@ def approximate(
     new_model : the approximated copy, in eval mode.
     report : a :class:`~lowrank_fm.report.Report` (accuracy and latency left for the caller to measure).
     """
-    from calibration import calibrate, open_calibration  # lazy: importing lowrank_fm must not import h5py
+    from calibration import calibrate, open_calibration, shard_range  # lazy: lowrank_fm must not import h5py
+
+    from .distributed import shard_loader, world
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
     method = get_method(config.method, config)
@@ -411,14 +420,20 @@ def approximate(
 
     stats: dict[str, ResponseStats] = {}
     temp_dir = None
+    rank, size = world()  # under torchrun: each rank calibrates one shard of the images, then all go on alike
+    shard = shard_range(total_images, rank, size) if size > 1 else (0, total_images)
+    shard_data = shard_loader(data, *shard) if size > 1 else None
     if method.needs_responses and targets:
+        if calib_file is None and size > 1:
+            raise ValueError("a multi-process run needs calib_file= on a file system that every rank sees")
         if calib_file is None:
             temp_dir = tempfile.TemporaryDirectory(prefix="lowrank_fm_")
             calib_file = Path(temp_dir.name) / "calibration.h5"
         start = time.perf_counter()
         calibrate(
             work,
-            _iter_inputs(data, to_input, 0, total_images, config.device),
+            _iter_inputs(shard_data, to_input, 0, shard[1] - shard[0], config.device) if shard_data is not None
+            else _iter_inputs(data, to_input, shard[0], shard[1], config.device),
             targets,
             str(calib_file),
             n_images=total_images,
@@ -434,7 +449,8 @@ def approximate(
     start = time.perf_counter()
     if method.needs_responses and targets:
         with open_calibration(str(calib_file)) as reader:
-            stats = {name: _response_stats(reader, name, n_fit, config.covariance) for name in targets}
+            stats = {name: _response_stats(reader, name, n_fit, config.covariance, shard if size > 1 else None)
+                     for name in targets}
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape) for name in targets}

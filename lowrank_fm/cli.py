@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images (default all)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="calibration and evaluation batch size")
     parser.add_argument("--latency-batch", type=_positive_int, default=32, help="batch size of the latency measurement")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: 4 for image files (imagefolder, cifar10), 0 for in-memory data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -126,12 +128,18 @@ def _run(args: argparse.Namespace) -> int:
     from .latency import compare_latency
     from .models import bundled_spec, create_model
 
+    from .distributed import init_from_env
+
     energy = 0.95 if args.energy is None else args.energy
     spec = bundled_spec(args.model)
     dataset_name = args.dataset or (spec.dataset if spec else "imagefolder")
+    rank, world_size, args.device = init_from_env(args.device)  # under torchrun: one calibration shard per rank
+    if args.workers is None:
+        args.workers = min(4, os.cpu_count() or 1) if dataset_name in ("imagefolder", "cifar10") else 0
     out = Path(args.out or f"runs/{args.model}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    if rank == 0:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
     data = load_dataset(dataset_name, args.data_dir, image_size=args.image_size)
     model = create_model(args.model, args.weights, num_classes=None if spec else (args.num_classes or data.num_classes))
@@ -153,6 +161,9 @@ def _run(args: argparse.Namespace) -> int:
     log.info("%s on %s: %d calibration images, method %s, %s", args.model, dataset_name, len(indices), args.method, target)
     new_model, report = approximate(model, loader, config, n_images=len(indices), calib_file=calib_file,
                                     image_ids=indices, model_name=args.model, dataset_name=dataset_name)
+    if rank != 0:  # every rank holds the same model; rank 0 evaluates and writes it
+        return 0
+    report.calibration["processes"] = world_size
 
     start = time.perf_counter()
     before = accuracy(model, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
@@ -190,3 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -105,6 +105,33 @@ def test_sample_positions_uniform() -> None:
     assert np.all(np.abs(counts - 1000) < 150)
 
 
+def _splitmix64(z: int) -> int:
+    """SplitMix64's output function on Python ints (the reference the vectorised sampler must match)."""
+    mask = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed, layer, ordinal, height, width, count", [(0, 0, 0, 4, 4, 3), (7, 5, 123456, 13, 9, 10)])
+def test_sample_positions_are_the_smallest_hash_keys(seed, layer, ordinal, height, width, count) -> None:
+    image = _splitmix64(_splitmix64(_splitmix64(seed) ^ layer) ^ ordinal)
+    keys = [_splitmix64(image ^ p) for p in range(height * width)]
+    chosen = sorted(sorted(range(height * width), key=lambda p: keys[p])[:count])
+    expected = np.array([[p // width, p % width] for p in chosen], dtype=np.int32)
+    np.testing.assert_array_equal(sample_positions(seed, layer, ordinal, height, width, count), expected)
+
+
+def test_sample_positions_batch_equals_one_by_one() -> None:
+    from calibration.sampling import sample_positions_batch
+
+    batch = sample_positions_batch(2, 1, 40, 6, 5, 7, 4)
+    assert batch.shape == (6, 4, 2)
+    for i in range(6):
+        np.testing.assert_array_equal(batch[i], sample_positions(2, 1, 40 + i, 5, 7, 4))
+
+
 def test_recorder_positions_do_not_depend_on_batch_size(images: torch.Tensor) -> None:
     model = tiny_model()
     results = []
@@ -193,7 +220,8 @@ def test_batch_size_does_not_change_the_store(tmp_path: Path, images: torch.Tens
 def test_file_layout_and_metadata(tmp_path: Path, images: torch.Tensor) -> None:
     path = run(tiny_model(), images, tmp_path / "c.h5", size=7, image_ids=np.arange(100, 100 + N_IMAGES))
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 1 and bool(f.attrs["complete"])
+        assert f.attrs["format_version"] == 2 and bool(f.attrs["complete"])
+        assert f.attrs["position_sampler"] == "splitmix64-smallest-keys"
         assert f.attrs["n_images_done"] == N_IMAGES and f.attrs["n_images_planned"] == N_IMAGES
         assert f.attrs["seed"] == 3 and f.attrs["positions_per_image"] == 5
         assert json.loads(f.attrs["meta_json"]) == META and json.loads(f.attrs["layers_json"]) == LAYERS
@@ -334,8 +362,8 @@ def test_layer_channels_mismatch_and_non_calibration_files(tmp_path: Path) -> No
     with pytest.raises(CalibrationMismatchError, match="no format_version"):
         open_calibration(tmp_path / "other.h5")
     with h5py.File(tmp_path / "c.h5", "r+") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(CalibrationMismatchError, match="format version 2"):
+        f.attrs["format_version"] = 1  # version 1 drew positions with another sampler
+    with pytest.raises(CalibrationMismatchError, match="format version 1; this code reads version 2"):
         open_calibration(tmp_path / "c.h5")
 
 
