@@ -9,6 +9,7 @@ This package is a stage of its own: it does not import ``lowrank_fm``, and it is
 h5py.
 """
 
+from .input_stats import InputPatchStats, input_patches, read_input_stats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .run import calibrate, resolve_layers
 from .sampling import sample_positions
@@ -27,11 +28,14 @@ __all__ = [
     "CalibrationReader",
     "CalibrationWriter",
     "IncompleteCalibrationError",
+    "InputPatchStats",
     "ResponseRecorder",
     "Samples",
     "calibrate",
+    "input_patches",
     "layer_spec",
     "open_calibration",
+    "read_input_stats",
     "resolve_layers",
     "sample_positions",
 ]

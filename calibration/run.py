@@ -9,6 +9,7 @@ batch that straddles the boundary is run with only its new images kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .input_stats import InputPatchStats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
 from .store import CalibrationWriter
@@ -123,6 +125,7 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     to_input: Callable[[Any], Any] | None = None,
+    input_stats: bool = False,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -158,6 +161,8 @@ def calibrate(
         Show a tqdm progress bar over images.
     to_input : callable, optional
         ``to_input(item)`` turns a raw item of ``batches`` into the model input (default: identity).
+    input_stats : bool, default False
+        Also store each layer's input-patch mean and covariance (:mod:`calibration.input_stats`).
 
     Returns
     -------
@@ -200,7 +205,7 @@ def calibrate(
         if n_done < n_images:
             _run_batches(model, batches, modules, writer, n_images=n_images, n_done=n_done, seed=seed,
                          positions_per_image=positions_per_image, device=device, progress=progress,
-                         to_input=to_input)
+                         to_input=to_input, input_stats=input_stats)
         writer.mark_complete()
         logger.info("calibration file %s complete: %d images, layers %s", path, n_images, list(modules))
     return path
@@ -219,14 +224,16 @@ def _run_batches(
     device: torch.device,
     progress: bool,
     to_input: Callable[[Any], Any] | None,
+    input_stats: bool = False,
 ) -> None:
     """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     ordinal = 0  # ordinal of the first image of the next batch
+    stats = InputPatchStats(modules, keep_from=n_done, keep_until=n_images).resume(writer) if input_stats else None
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
-                              skip_before=n_done) as recorder, \
+                              skip_before=n_done) as recorder, stats or contextlib.nullcontext(), \
                 tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
                      disable=not progress) as bar, torch.no_grad():
             for item in batches:
@@ -234,12 +241,17 @@ def _run_batches(
                 size = _batch_size(batch)
                 if ordinal + size <= n_done:  # already stored: do not run the model
                     recorder.skip(size)
+                    if stats is not None:
+                        stats.advance(size)
                     ordinal += size
                     continue
                 model(_to_device(batch, device))
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
                 writer.append(_keep_below(recorder.pop(), n_images), images_done=done)
+                if stats is not None:
+                    stats.save(writer, images_done=done)
+                    stats.advance(size)
                 bar.update(done - max(ordinal, n_done))
                 ordinal += size
                 if ordinal >= n_images:

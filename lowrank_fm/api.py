@@ -21,7 +21,7 @@ from torch import nn
 from .config import ApproxConfig
 from .cost import batch_size_of, measure_costs, module_params
 from .methods import LayerContext, ResponseStats, get_method
-from .methods.base import LayerData, Method
+from .methods.base import InputStats, LayerData, Method
 from .ranks import energy_kept, rank_for_energy
 from .report import LayerRecord, Report
 from .stats import StreamingCovariance, incremental_pca_basis, principal_components
@@ -193,6 +193,9 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
 
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
     free = {n: c for n, c in contexts.items() if n not in overrides}
+    if config.speedup is not None and hasattr(method, "select_ranks"):  # a method's own budgeted allocation
+        chosen, selection = method.select_ranks(free, macs, config)
+        return {**chosen, **overrides}, selection
     if config.ranks == "vbmf":
         if not hasattr(method, "vbmf_rank"):
             raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
@@ -377,7 +380,8 @@ def approximate(
 
     stats: dict[str, ResponseStats] = {}
     temp_dir = None
-    if method.needs_responses and targets:
+    calibrated = (method.needs_responses or method.needs_input_covariance) and bool(targets)
+    if calibrated:
         if calib_file is None:
             temp_dir = tempfile.TemporaryDirectory(prefix="lowrank_fm_")
             calib_file = Path(temp_dir.name) / "calibration.h5"
@@ -394,16 +398,23 @@ def approximate(
             meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
             device=config.device,
             progress=config.progress,
+            input_stats=method.needs_input_covariance,
         )
         timing["calibrate_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if method.needs_responses and targets:
+    inputs: dict[str, InputStats] = {}
+    if calibrated:
+        from calibration import read_input_stats
+
         with open_calibration(str(calib_file)) as reader:
-            stats = {name: _response_stats(reader, name, n_fit, config.covariance) for name in targets}
+            if method.needs_responses:
+                stats = {name: _response_stats(reader, name, n_fit, config.covariance) for name in targets}
+            if method.needs_input_covariance:
+                inputs = {name: InputStats(*read_input_stats(reader, name)) for name in targets}
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
-                                  costs[name].out_shape) for name in targets}
+                                  costs[name].out_shape, inputs.get(name)) for name in targets}
     chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
     records, ranks = _layer_records(layers, costs, reasons, contexts, chosen, method, config)
 
