@@ -49,6 +49,11 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
             BenchmarkRun("fm, closed-form", s, {"method": "fm", "solver": "closed-form"}),
             BenchmarkRun("fm, rmsprop", s, {"method": "fm", "solver": "rmsprop"}),
             BenchmarkRun("fm, rmsprop + output matching", s, {"method": "fm", "solver": "rmsprop", "output_matching": True}),
+            BenchmarkRun("svd-sigma (data-aware)", s, {"method": "svd-sigma"}),
+            BenchmarkRun("tucker2-sigma (data-aware)", s, {"method": "tucker2-sigma"}),
+            BenchmarkRun("cp-sigma (data-aware)", s, {"method": "cp-sigma"}),
+            BenchmarkRun("alds (weight-only)", s, {"method": "alds"}),
+            BenchmarkRun("alds-sigma (data-aware)", s, {"method": "alds-sigma"}),
         ]
     return runs
 
