@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import TracebackType
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -159,7 +158,7 @@ def read_input_stats(reader: CalibrationReader, name: str) -> tuple[np.ndarray, 
     Covariance = M / n - mu mu^T (the population covariance), from a complete store whose input statistics
     cover every calibration image.
     """
-    f: h5py.File = reader._file
+    f = reader._file
     root = f.get(_GROUP)
     if root is None or _escape(name) not in root:
         raise ValueError(

@@ -91,3 +91,24 @@ def test_select_ranks_meets_the_budget_and_balances_errors() -> None:
     total = sum(method.macs(contexts[n], r) if r is not None else macs[n] for n, r in ranks.items())
     assert selection["reachable"] and sum(macs.values()) / total >= 2.0
     assert selection["max_rel_error"] > 0
+
+
+@pytest.mark.parametrize("plain, sigma_method", [("alds", "alds-sigma"), ("svd", "svd-sigma")])
+def test_sigma_variant_at_identity_builds_the_plain_layer(plain: str, sigma_method: str) -> None:
+    from lowrank_fm.methods import InputStats
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 6, 3, padding=1).double()
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    base = layer_context(conv, x)
+    ctx = type(base)(base.name, conv, base.positions, None, base.in_shape, base.out_shape,
+                     InputStats(np.zeros(72), np.eye(72), 1000))
+    with torch.no_grad():
+        torch.testing.assert_close(get_method(sigma_method).build(ctx, 3)(x), get_method(plain).build(base, 3)(x),
+                                   rtol=1e-9, atol=1e-9)
+    if plain == "alds":
+        contexts, macs = {base.name: ctx}, {base.name: 6 * 72 * base.positions, "rest": 1000}
+        config = ApproxConfig(method="alds", speedup=1.8)
+        plain_method, sigma_m = get_method("alds"), get_method("alds-sigma")
+        sigma_m.group_options = plain_method.group_options
+        assert plain_method.select_ranks(contexts, macs, config)[0] == sigma_m.select_ranks(contexts, macs, config)[0]
