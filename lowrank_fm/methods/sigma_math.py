@@ -185,7 +185,7 @@ def tucker2_sigma(weight: np.ndarray, sigma: np.ndarray, core: np.ndarray, u_out
     weight : (T, S, kh, kw); sigma : (S kh kw, S kh kw), positive definite (see :func:`regularised_sigma`)
     core : (R4, R3, kh, kw), u_out : (T, R4), u_in : (S, R3): the start, e.g. :func:`~.tucker.tucker2`
     iterations : most sweeps; tol : stop when a sweep lowers the error by a relative amount below ``tol``
-    cg_iterations : CG steps of the u_in update when it is too large to solve directly
+    cg_iterations : most CG steps of each u_in update
 
     Returns
     -------
