@@ -11,6 +11,7 @@ This package is a stage of its own: it does not import ``lowrank_fm``, and it is
 h5py.
 """
 
+from .input_stats import InputPatchStats, input_patches, read_input_stats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .distributed import merge_shards, process_group, shard_path, shard_range
 from .run import calibrate, resolve_layers
@@ -30,13 +31,16 @@ __all__ = [
     "CalibrationReader",
     "CalibrationWriter",
     "IncompleteCalibrationError",
+    "InputPatchStats",
     "ResponseRecorder",
     "Samples",
     "calibrate",
+    "input_patches",
     "layer_spec",
     "merge_shards",
     "open_calibration",
     "process_group",
+    "read_input_stats",
     "resolve_layers",
     "sample_positions",
     "shard_path",

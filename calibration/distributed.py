@@ -13,6 +13,7 @@ another run (other settings, images or world size) is refused with the settings 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .input_stats import merge_input_stats
 from .store import CalibrationWriter, open_calibration
 
 __all__ = ["process_group", "shard_range", "shard_path", "shard_meta", "merge_shards", "barrier"]
@@ -135,6 +137,9 @@ def merge_shards(
                                    meta=shard_meta(meta, rank, world_size, n_images), **settings).close()
             with open_calibration(shard) as reader:
                 _copy_shard(reader, writer, start, stop, max(n_done - start, 0), block_images)
+        with contextlib.ExitStack() as stack:  # every shard is still there until the merged store is complete
+            merge_input_stats([stack.enter_context(open_calibration(shard_path(path, r, world_size)))
+                               for r in range(world_size)], writer)
         writer.mark_complete()
     logger.info("merged %d calibration shards into %s", world_size, path)
     if remove:

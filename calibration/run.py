@@ -9,6 +9,7 @@ batch that straddles the boundary is run with only its new images kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .input_stats import InputPatchStats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
 from .distributed import barrier, merge_shards, process_group, shard_meta, shard_path, shard_range
@@ -119,6 +121,7 @@ def calibrate(
     to_input: Callable[[Any], Any] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    input_stats: bool = False,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -161,6 +164,9 @@ def calibrate(
         they go to ``shard_path(path, rank, world_size)`` (see :mod:`calibration.distributed`). Under a
         process group the ranks then wait for each other and rank 0 merges the shards into ``path``;
         without one, the shard's path is returned and the caller merges with ``merge_shards``.
+    input_stats : bool, default False
+        Also store each layer's input-patch mean and covariance (:mod:`calibration.input_stats`); the
+        shards of a multi-process run each hold their own sums, which the merge adds up.
 
     Returns
     -------
@@ -260,7 +266,7 @@ def _calibrate_store(
         if n_done < n_images:
             _run_batches(model, batches, modules, writer, n_images=n_images, n_done=n_done, seed=seed,
                          positions_per_image=positions_per_image, device=device, progress=progress,
-                         to_input=to_input, first_ordinal=first_ordinal)
+                         to_input=to_input, first_ordinal=first_ordinal, input_stats=input_stats)
         writer.mark_complete()
         logger.info("calibration file %s complete: %d images, layers %s", path, n_images, list(modules))
     return path
@@ -302,6 +308,7 @@ def _run_batches(
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
     max_pending: int = 4,
+    input_stats: bool = False,
 ) -> None:
     """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``.
 
@@ -314,16 +321,21 @@ def _run_batches(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     ordinal = 0  # ordinal (relative to the stream) of the first image of the next batch
+    stats = InputPatchStats(modules, keep_from=n_done, keep_until=n_images).resume(writer) if input_stats else None
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
                               start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \
-                BackgroundWriter(writer, max_pending=max_pending) as background, \
+                stats or contextlib.nullcontext(), \
+                BackgroundWriter(writer, max_pending=max_pending,
+                                 snapshot=None if stats is None else stats.snapshot) as background, \
                 tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
                      disable=not progress) as bar, torch.no_grad():
             prepared = _prepared(batches, to_input)
             for (batch, size), upcoming in _lookahead(prepared):
                 if ordinal + size <= n_done:  # already stored: do not run the model
                     recorder.skip(size)
+                    if stats is not None:
+                        stats.advance(size)
                     ordinal += size
                     continue
                 if upcoming is not None and ordinal + size < n_images:
@@ -332,6 +344,8 @@ def _run_batches(
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
                 background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done)
+                if stats is not None:
+                    stats.advance(size)
                 bar.update(done - max(ordinal, n_done))
                 ordinal += size
                 if ordinal >= n_images:

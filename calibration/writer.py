@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 import numpy as np
@@ -39,6 +39,11 @@ class BackgroundWriter:
         The open store. While the context is active, only this object's thread may touch it.
     max_pending : int, default 4
         Groups of batches queued at most; :meth:`append` blocks while the queue is full.
+    snapshot : callable, optional
+        Called in the caller's thread when a group is handed over (its batches have all run); it returns
+        ``commit(writer, images_done)``, which the thread calls right after appending the group: running
+        statistics (e.g. :class:`~calibration.input_stats.InputPatchStats`) are stored with the responses of
+        exactly the same images.
 
     Notes
     -----
@@ -51,10 +56,12 @@ class BackgroundWriter:
     of the thread is raised from the next :meth:`append` or on leaving.
     """
 
-    def __init__(self, writer: CalibrationWriter, *, max_pending: int = 4) -> None:
+    def __init__(self, writer: CalibrationWriter, *, max_pending: int = 4,
+                 snapshot: Callable[[], Callable[[CalibrationWriter, int], None]] | None = None) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
         self._writer = writer
+        self._snapshot = snapshot
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -93,9 +100,10 @@ class BackgroundWriter:
             return
         group, self._group, self._group_bytes = self._group, [], 0
         self._flushed_images = group[-1][1]
+        commit = None if self._snapshot is None else self._snapshot()
         while True:
             try:
-                self._queue.put(group, timeout=0.5)
+                self._queue.put((group, commit), timeout=0.5)
                 return
             except queue.Full:
                 self._raise_error()
@@ -124,13 +132,16 @@ class BackgroundWriter:
 
     def _loop(self) -> None:
         while True:
-            group = self._queue.get()
-            if group is _STOP:
+            item = self._queue.get()
+            if item is _STOP:
                 return
             if self._error is not None:  # after a failure, drop the rest: the last commit stays
                 continue
+            group, commit = item
             try:
                 self._writer.append(_concatenate([samples for samples, _ in group]), images_done=group[-1][1])
+                if commit is not None:
+                    commit(self._writer, group[-1][1])
             except BaseException as error:  # handed to the caller's thread
                 self._error = error
 

@@ -21,7 +21,7 @@ from torch import nn
 from .config import ApproxConfig
 from .cost import batch_size_of, measure_costs, module_params
 from .methods import LayerContext, ResponseStats, get_method
-from .methods.base import LayerData, Method
+from .methods.base import InputStats, LayerData, Method
 from .ranks import energy_kept, rank_for_energy
 from .report import LayerRecord, Report
 from .stats import StreamingCovariance, incremental_pca_basis, principal_components
@@ -225,6 +225,9 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
 
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
     free = {n: c for n, c in contexts.items() if n not in overrides}
+    if config.speedup is not None and hasattr(method, "select_ranks"):  # a method's own budgeted allocation
+        chosen, selection = method.select_ranks(free, macs, config)
+        return {**chosen, **overrides}, selection
     if config.ranks == "vbmf":
         if not hasattr(method, "vbmf_rank"):
             raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
@@ -423,7 +426,8 @@ def approximate(
     rank, size = world()  # under torchrun: each rank calibrates one shard of the images, then all go on alike
     shard = shard_range(total_images, rank, size) if size > 1 else (0, total_images)
     shard_data = shard_loader(data, *shard) if size > 1 else None
-    if method.needs_responses and targets:
+    calibrated = (method.needs_responses or method.needs_input_covariance) and bool(targets)
+    if calibrated:
         if calib_file is None and size > 1:
             raise ValueError("a multi-process run needs calib_file= on a file system that every rank sees")
         if calib_file is None:
@@ -443,17 +447,24 @@ def approximate(
             meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
             device=config.device,
             progress=config.progress,
+            input_stats=method.needs_input_covariance,
         )
         timing["calibrate_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if method.needs_responses and targets:
+    inputs: dict[str, InputStats] = {}
+    if calibrated:
+        from calibration import read_input_stats
+
         with open_calibration(str(calib_file)) as reader:
-            stats = {name: _response_stats(reader, name, n_fit, config.covariance, shard if size > 1 else None)
-                     for name in targets}
+            if method.needs_responses:
+                stats = {name: _response_stats(reader, name, n_fit, config.covariance, shard if size > 1 else None)
+                         for name in targets}
+            if method.needs_input_covariance:
+                inputs = {name: InputStats(*read_input_stats(reader, name)) for name in targets}
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
-                                  costs[name].out_shape) for name in targets}
+                                  costs[name].out_shape, inputs.get(name)) for name in targets}
     layer_macs = {n: costs[n].macs for n in layers}
     output_errors = None
     if config.speedup is not None and config.allocation == "output" and contexts:

@@ -51,6 +51,11 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
             BenchmarkRun("fm, rmsprop + output matching", s, {"method": "fm", "solver": "rmsprop", "output_matching": True}),
             BenchmarkRun("fm-3d, rmsprop", s, {"method": "fm-3d"}),
             BenchmarkRun("fm-3d, rmsprop, allocation output", s, {"method": "fm-3d", "allocation": "output"}),
+            BenchmarkRun("svd-sigma (data-aware)", s, {"method": "svd-sigma"}),
+            BenchmarkRun("tucker2-sigma (data-aware)", s, {"method": "tucker2-sigma"}),
+            BenchmarkRun("cp-sigma (data-aware)", s, {"method": "cp-sigma"}),
+            BenchmarkRun("alds (weight-only)", s, {"method": "alds"}),
+            BenchmarkRun("alds-sigma (data-aware)", s, {"method": "alds-sigma"}),
         ]
     return runs
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ConvFactor", "ConvChain", "LinearChain", "chain_from_spec", "conv_like"]
+__all__ = ["ConvFactor", "ConvChain", "LinearChain", "chain_from_spec", "conv_like", "set_output_bias"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,18 @@ class LinearChain(nn.Sequential):
             "type": "LinearChain",
             "linears": [{"in_features": l.in_features, "out_features": l.out_features, "bias": l.bias is not None} for l in self],
         }
+
+
+def set_output_bias(chain: nn.Sequential, bias: torch.Tensor) -> nn.Sequential:
+    """Set the bias (out,) of the chain's last conv / Linear (adding one where it had none); returns ``chain``."""
+    last = chain[-1]
+    bias = bias.detach().to(last.weight.dtype)
+    if last.bias is None:
+        last.bias = nn.Parameter(bias.clone())
+    else:
+        with torch.no_grad():
+            last.bias.copy_(bias)
+    return chain
 
 
 def chain_from_spec(spec: dict) -> nn.Module:

@@ -6,16 +6,21 @@ A new method is one new file (a :class:`~lowrank_fm.methods.base.Method` subclas
 
 from __future__ import annotations
 
-from .base import LayerContext, Method, ResponseStats
+from .base import InputStats, LayerContext, Method, ResponseStats
+from .alds import ALDS
+from .alds_sigma import ALDSSigma
 from .cp import CPDecomposition
+from .cp_sigma import CPSigma
 from .fm import FeatureMapLinear
 from .fm3d import FeatureMap3D
 from .fm_nonlinear import FeatureMap
 from .spatial import SpatialSeparable
 from .svd import TruncatedSVD
+from .svd_sigma import SVDSigma
 from .tucker import Tucker1, Tucker2
+from .tucker2_sigma import Tucker2Sigma
 
-__all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats"]
+__all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats", "InputStats"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -50,3 +55,8 @@ register_method(SpatialSeparable)
 register_method(Tucker2)
 register_method(Tucker1)
 register_method(CPDecomposition)
+register_method(SVDSigma)
+register_method(Tucker2Sigma)
+register_method(CPSigma)
+register_method(ALDS)
+register_method(ALDSSigma)

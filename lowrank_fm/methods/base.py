@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResponseStats", "LayerContext", "LayerData", "Method", "original_macs_per_position", "unfold_weight"]
+__all__ = ["ResponseStats", "InputStats", "LayerContext", "LayerData", "Method", "original_macs_per_position", "unfold_weight"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,20 @@ class ResponseStats:
 
 
 @dataclass(frozen=True)
+class InputStats:
+    """Statistics of all of a layer's input patches x over the calibration images, float64.
+
+    mean : (p,)  mu = E[x]
+    covariance : (p, p)  Sigma = E[(x - mu)(x - mu)^T]
+    n_samples : number of patches
+    """
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    n_samples: int
+
+
+@dataclass(frozen=True)
 class LayerContext:
     """One target layer as a method sees it.
 
@@ -37,6 +51,7 @@ class LayerContext:
     positions : output positions per image (H' * W' for a conv)
     stats : response statistics from calibration, or None for weight-only methods
     in_shape, out_shape : per-image input and output shapes, e.g. (C, H, W) and (D, H', W')
+    input_stats : input-patch mean and covariance, for methods with ``needs_input_covariance``, else None
     """
 
     name: str
@@ -45,6 +60,14 @@ class LayerContext:
     stats: ResponseStats | None = None
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    input_stats: InputStats | None = None
+
+    def require_input_stats(self, method: str) -> InputStats:
+        """The input statistics, or a ValueError saying that ``method`` needs them."""
+        if self.input_stats is None:
+            raise ValueError(f"{method} needs the input-patch covariance of layer {self.name!r}: build the context "
+                             "with input_stats= (the pipeline gathers it when the method sets needs_input_covariance)")
+        return self.input_stats
 
     @property
     def kind(self) -> str:
@@ -95,6 +118,7 @@ class Method:
     name: str = ""
     needs_responses: bool = True
     needs_inputs: bool = False  # True: build() receives LayerData from the layer-wise pass
+    needs_input_covariance: bool = False  # True: calibration also stores input-patch statistics (ctx.input_stats)
 
     def __init__(self, config=None) -> None:
         self.config = config

@@ -23,7 +23,7 @@ from torch import nn
 from ..layers import ConvChain, ConvFactor
 from .base import LayerContext, Method, unfold_weight
 
-__all__ = ["cp_als", "cp_reconstruct", "CPDecomposition"]
+__all__ = ["cp_als", "cp_reconstruct", "cp_chain", "CPDecomposition"]
 
 # einsum subscripts of the MTTKRP (kernel unfolded along mode n times the Khatri-Rao product of the others)
 _MTTKRP = ("tsij,sr,ir,jr->tr", "tsij,tr,ir,jr->sr", "tsij,tr,sr,jr->ir", "tsij,tr,sr,ir->jr")
@@ -185,16 +185,23 @@ class CPDecomposition(Method):
             restarts=getattr(self.config, "cp_restarts", 3), iterations=getattr(self.config, "cp_iterations", 500),
             ridge=getattr(self.config, "cp_ridge", 1e-6), seed=getattr(self.config, "seed", 0))
         self.last_info = {"cp_fit": float(fit)}
-        t, s, kh, kw = conv.weight.shape
-        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-        bias = None if conv.bias is None else conv.bias.detach()
-        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        return ConvChain.from_factors(
-            [
-                ConvFactor(tensor(a_s.T).reshape(rank, s, 1, 1)),
-                ConvFactor(tensor(a_h.T).reshape(rank, 1, kh, 1), None, (sh, 1), (ph, 0), (dh, 1), groups=rank),
-                ConvFactor(tensor(a_w.T).reshape(rank, 1, 1, kw), None, (1, sw), (0, pw), (1, dw), groups=rank),
-                ConvFactor(tensor(a_t).reshape(t, rank, 1, 1), bias),
-            ],
-            dtype=conv.weight.dtype,
-        )
+        return cp_chain(conv, a_t, a_s, a_h, a_w)
+
+
+def cp_chain(conv: nn.Conv2d, a_t: np.ndarray, a_s: np.ndarray, a_h: np.ndarray, a_w: np.ndarray) -> ConvChain:
+    """The four-conv chain of the module notes from CP factors a_T (T, R), a_S (S, R), a_H (kh, R), a_W (kw, R),
+    with ``conv``'s geometry and bias, in ``conv``'s dtype."""
+    t, s, kh, kw = conv.weight.shape
+    rank = a_t.shape[1]
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    bias = None if conv.bias is None else conv.bias.detach()
+    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return ConvChain.from_factors(
+        [
+            ConvFactor(tensor(a_s.T).reshape(rank, s, 1, 1)),
+            ConvFactor(tensor(a_h.T).reshape(rank, 1, kh, 1), None, (sh, 1), (ph, 0), (dh, 1), groups=rank),
+            ConvFactor(tensor(a_w.T).reshape(rank, 1, 1, kw), None, (1, sw), (0, pw), (1, dw), groups=rank),
+            ConvFactor(tensor(a_t).reshape(t, rank, 1, 1), bias),
+        ],
+        dtype=conv.weight.dtype,
+    )

@@ -1,0 +1,43 @@
+"""``cp-sigma``: CP decomposition of a conv kernel under the Sigma norm of its input patches (ALGORITHMS.md
+section 6; Kalle et al., NeurIPS 2025, arXiv 2511.04494).
+
+Same layer, ranks and rank selection as ``cp`` (1x1, kh x 1, 1 x kw, 1x1); the factors start from CP-ALS
+and are refined by :func:`~.sigma_math.cp_sigma` to minimise the mean squared output error over the
+calibration patches; the bias becomes b + (W - W~) mu.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import set_output_bias
+from .base import LayerContext
+from .cp import CPDecomposition, cp_als, cp_chain, cp_reconstruct
+from .sigma_math import corrected_bias, cp_sigma, regularised_sigma
+
+__all__ = ["CPSigma"]
+
+
+class CPSigma(CPDecomposition):
+    """``cp-sigma``: Sigma-norm ALS CP (at most ``als_iterations`` sweeps); options as ``cp``."""
+
+    name = "cp-sigma"
+    needs_input_covariance = True
+    als_iterations = 30
+
+    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+        conv = ctx.module
+        stats = ctx.require_input_stats(self.name)
+        weight = conv.weight.detach().double().numpy()
+        *start, _ = cp_als(
+            weight, rank, restarts=getattr(self.config, "cp_restarts", 3),
+            iterations=getattr(self.config, "cp_iterations", 500), ridge=getattr(self.config, "cp_ridge", 1e-6),
+            seed=getattr(self.config, "seed", 0))
+        factors, history = cp_sigma(weight, regularised_sigma(stats.covariance), start, iterations=self.als_iterations)
+        approx = cp_reconstruct(*factors).reshape(weight.shape[0], -1)
+        bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
+                              weight.reshape(weight.shape[0], -1), approx, stats.mean)
+        self.last_info = {"sigma_error_start": history[0], "sigma_error": history[-1], "als_sweeps": len(history) - 1}
+        return set_output_bias(cp_chain(conv, *factors), torch.from_numpy(bias))

@@ -1,0 +1,44 @@
+"""``tucker2-sigma``: Tucker-2 of a conv kernel under the Sigma norm of its input patches (ALGORITHMS.md
+section 6; Kalle et al., NeurIPS 2025, arXiv 2511.04494).
+
+Same layer, ranks and rank selection as ``tucker2`` (1x1, kh x kw core, 1x1); the factors start from the
+Frobenius HOSVD + HOOI and are refined by :func:`~.sigma_math.tucker2_sigma` to minimise the mean squared
+output error over the calibration patches; the bias becomes b + (W - W~) mu.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import set_output_bias
+from .base import LayerContext
+from .sigma_math import corrected_bias, regularised_sigma, tucker2_sigma
+from .tucker import Tucker2, tucker2, tucker2_chain
+
+__all__ = ["Tucker2Sigma"]
+
+
+class Tucker2Sigma(Tucker2):
+    """``tucker2-sigma``: Sigma-norm ALS Tucker-2 (at most ``als_iterations`` sweeps)."""
+
+    name = "tucker2-sigma"
+    needs_input_covariance = True
+    als_iterations = 30
+
+    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+        conv = ctx.module
+        stats = ctx.require_input_stats(self.name)
+        rank_out, rank_in = self.ranks(ctx, rank)
+        start = tucker2(conv.weight, rank_out, rank_in, iterations=self.iterations)
+        weight = conv.weight.detach().double().numpy()
+        core, u_out, u_in, history = tucker2_sigma(weight, regularised_sigma(stats.covariance),
+                                                   *(f.numpy() for f in start), iterations=self.als_iterations)
+        approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in).reshape(weight.shape[0], -1)
+        bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
+                              weight.reshape(weight.shape[0], -1), approx, stats.mean)
+        self.last_info = {"ranks": [rank_out, rank_in], "sigma_error_start": history[0],
+                          "sigma_error": history[-1], "als_sweeps": len(history) - 1}
+        chain = tucker2_chain(conv, *(torch.from_numpy(np.ascontiguousarray(f)) for f in (core, u_out, u_in)))
+        return set_output_bias(chain, torch.from_numpy(bias))

@@ -1,0 +1,114 @@
+"""Input-patch statistics in the calibration store: equal to explicit unfolded patches, resumable, gated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibration import CalibrationMismatchError, calibrate, open_calibration, read_input_stats
+
+N_IMAGES = 13
+LAYERS = ["0", "2", "5"]
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    # conv 2->4 (padding 1), conv 4->3 (stride 2, dilation 2, anisotropic padding), linear 75 -> 5
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, (3, 2), stride=2, padding=(2, 1), dilation=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 5),
+    ).double().eval()  # float64, so that batch sizes do not change the layers' inputs by rounding
+
+
+def images() -> torch.Tensor:
+    return torch.randn(N_IMAGES + 3, 2, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def explicit(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Mean and covariance of every layer's input patches from torch unfold on the whole input at once."""
+    inputs = {}
+    hooks = [model[int(n)].register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0])) for n in LAYERS]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name in LAYERS:
+        module, inp = model[int(name)], inputs[name].double()
+        if isinstance(module, nn.Conv2d):
+            cols = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            rows = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).numpy()
+        else:
+            rows = inp.numpy()
+        out[name] = (rows.mean(0), np.cov(rows.T, bias=True), rows.shape[0])
+    return out
+
+
+def run(path: Path, size: int, crash_after: int | None = None, **kwargs) -> str:
+    def batches():
+        for k, batch in enumerate(images().split(size)):
+            if crash_after is not None and k == crash_after:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    return calibrate(tiny_model(), batches(), LAYERS, path, n_images=N_IMAGES, seed=0, positions_per_image=3,
+                     progress=False, input_stats=True, **kwargs)
+
+
+def read_all(path) -> dict:
+    with open_calibration(path) as reader:
+        return {name: read_input_stats(reader, name) for name in LAYERS}
+
+
+@pytest.mark.parametrize("size", [1, 4, 13])
+def test_streamed_covariance_equals_explicit_unfold(tmp_path: Path, size: int) -> None:
+    stored = read_all(run(tmp_path / "c.h5", size))
+    reference = explicit(tiny_model(), images()[:N_IMAGES])
+    for name in LAYERS:
+        mean, cov, count = stored[name]
+        assert count == reference[name][2]
+        np.testing.assert_allclose(mean, reference[name][0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(cov, reference[name][1], rtol=1e-10, atol=1e-12)
+
+
+def test_resume_after_crash_gives_the_same_statistics(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(path, 3, crash_after=2)
+    run(path, 5)  # other batch size: the resumed batch straddles the 6 committed images
+    reference = explicit(tiny_model(), images()[:N_IMAGES])
+    for name, (mean, cov, count) in read_all(path).items():
+        assert count == reference[name][2]
+        np.testing.assert_allclose(cov, reference[name][1], rtol=1e-10, atol=1e-12)
+
+
+def test_statistics_lagging_the_responses_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(path, 3, crash_after=2)
+    with h5py.File(path, "r+") as f:  # as if the run died between the responses and the statistics
+        f["input_stats"].attrs["images_done"] = 3
+    with pytest.raises(CalibrationMismatchError, match="input statistics of 3"):
+        run(path, 3)
+
+
+def test_complete_store_with_incomplete_statistics_is_not_read(tmp_path: Path) -> None:
+    path = run(tmp_path / "c.h5", 4)
+    with h5py.File(path, "r+") as f:
+        f["input_stats"].attrs["images_done"] = 8
+    with open_calibration(path) as reader, pytest.raises(CalibrationMismatchError, match="cover 8 of 13"):
+        read_input_stats(reader, "0")
+
+
+def test_statistics_are_gathered_only_on_request(tmp_path: Path) -> None:
+    path = calibrate(tiny_model(), images().split(4), LAYERS, tmp_path / "c.h5", n_images=N_IMAGES, progress=False)
+    with h5py.File(path, "r") as f:
+        assert "input_stats" not in f
+    with open_calibration(path) as reader, pytest.raises(ValueError, match="no input covariance"):
+        read_input_stats(reader, "0")
