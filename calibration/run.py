@@ -197,7 +197,7 @@ def calibrate(
     layers = {name: layer_spec(module) for name, module in modules.items()}
 
     settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image)
-    options = dict(resume=resume, device=device, progress=progress, to_input=to_input)
+    options = dict(resume=resume, device=device, progress=progress, to_input=to_input, input_stats=input_stats)
     if rank is None and world_size is None:
         rank, world_size = process_group()
     elif rank is None or world_size is None:
@@ -249,6 +249,7 @@ def _calibrate_store(
     progress: bool,
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
+    input_stats: bool = False,
 ) -> str:
     """Write (or resume) one store of ``len(image_ids)`` images, the first with global ordinal
     ``first_ordinal``; returns ``path``."""

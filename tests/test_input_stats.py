@@ -112,3 +112,24 @@ def test_statistics_are_gathered_only_on_request(tmp_path: Path) -> None:
         assert "input_stats" not in f
     with open_calibration(path) as reader, pytest.raises(ValueError, match="no input covariance"):
         read_input_stats(reader, "0")
+
+
+def test_shards_of_a_two_process_run_sum_to_the_single_process_statistics(tmp_path: Path) -> None:
+    from calibration import merge_shards, shard_range
+    from calibration.recorder import layer_spec
+
+    model, x = tiny_model(), images()[:N_IMAGES]
+    path = tmp_path / "two.h5"
+    for rank in (0, 1):  # each rank sees only its own images, no process group: shards only
+        start, stop = shard_range(N_IMAGES, rank, 2)
+        calibrate(model, x[start:stop].split(3), LAYERS, path, n_images=N_IMAGES, seed=0, positions_per_image=3,
+                  progress=False, input_stats=True, rank=rank, world_size=2)
+    layers = {name: layer_spec(model[int(name)]) for name in LAYERS}
+    merge_shards(path, world_size=2, layers=layers, seed=0, positions_per_image=3, image_ids=np.arange(N_IMAGES),
+                 meta=None)
+    merged, reference = read_all(path), explicit(model, x)
+    for name in LAYERS:
+        mean, cov, count = merged[name]
+        assert count == reference[name][2]
+        np.testing.assert_allclose(mean, reference[name][0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(cov, reference[name][1], rtol=1e-10, atol=1e-12)
