@@ -186,9 +186,23 @@ def _layer_records(layers: dict[str, nn.Module], costs: dict, reasons: dict, con
 
 
 def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int],
-                  config: ApproxConfig) -> tuple[dict[str, int | None], dict]:
+                  config: ApproxConfig, latency=None) -> tuple[dict[str, int | None], dict]:
+    """Rank per target layer (None: keep original), rounded to ``config.rank_multiple``."""
+    from .speedgate import round_rank
+
+    chosen, selection = _choose_raw_ranks(method, contexts, macs, config, latency)
+    if config.rank_multiple > 1:
+        chosen = {n: None if r is None else round_rank(r, config.rank_multiple, method.full_rank(contexts[n]))
+                  for n, r in chosen.items()}
+        selection["rank_multiple"] = config.rank_multiple
+    return chosen, selection
+
+
+def _choose_raw_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int],
+                      config: ApproxConfig, latency=None) -> tuple[dict[str, int | None], dict]:
     """Rank per target layer (None: keep original): overrides first, then the per-layer energy, or, with
-    ``config.speedup``, the whole-model budget over real MACs (both factors counted)."""
+    ``config.speedup``, the whole-model budget over real MACs (both factors counted), or over measured
+    latency when ``latency`` = (curves by layer name, milliseconds of the rest of the model) is given."""
     from .ranks import BudgetLayer, select_ranks_for_speedup, select_uniform_energy
 
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
@@ -211,11 +225,17 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
             second_moment = spectrum.sum() + (float(np.sum(ctx.stats.mean ** 2)) if ctx.stats is not None else 0.0)
             tail = np.concatenate([np.cumsum(spectrum[::-1])[::-1], [0.0]])
             errors = np.sqrt(tail / max(second_moment, 1e-300))
-        budget_layers.append(BudgetLayer(
-            name, spectrum, lambda r, ctx=ctx: method.macs(ctx, r), macs[name],
-            errors=errors))
-    fixed = sum(m for n, m in macs.items() if n not in free) - sum(
-        macs[n] - method.macs(contexts[n], r) for n, r in overrides.items())
+        if latency is None:
+            cost_at, original = (lambda r, ctx=ctx: method.macs(ctx, r)), macs[name]
+        else:  # integer nanoseconds, + r so that the cost strictly grows with the rank
+            curve = latency[0][name]
+            cost_at, original = (lambda r, curve=curve: int(1e6 * curve.at(r)) + r), int(1e6 * curve.original_ms)
+        budget_layers.append(BudgetLayer(name, spectrum, cost_at, original, errors=errors))
+    if latency is None:
+        fixed = sum(m for n, m in macs.items() if n not in free) - sum(
+            macs[n] - method.macs(contexts[n], r) for n, r in overrides.items())
+    else:
+        fixed = int(1e6 * latency[1])
     if config.allocation == "uniform":
         result = select_uniform_energy(budget_layers, config.speedup, fixed_macs=fixed)
     else:
@@ -223,8 +243,82 @@ def _choose_ranks(method: Method, contexts: dict[str, LayerContext], macs: dict[
     if not result.reachable:
         log.warning("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
-                 "reachable": result.reachable, "allocation": config.allocation}
+                 "reachable": result.reachable, "allocation": config.allocation,
+                 "budget": "macs" if latency is None else "latency"}
     return {**result.ranks, **overrides}, selection
+
+
+def _latency_model(method: Method, contexts: dict[str, LayerContext], costs: dict, work: nn.Module, example,
+                   config: ApproxConfig) -> tuple[dict, float]:
+    """Per-layer latency curves (ms against rank, measured at ``config.speed_batch``) of the free target
+    layers, and the measured milliseconds of the rest of the model (whole model minus those layers)."""
+    from .latency import compare_latency, repeat_to_batch
+    from .speedgate import fit_latency_curve
+
+    curves = {}
+    free = [n for n in contexts if n not in config.layer_ranks]
+    for name in _progress(free, config, "latency model"):
+        ctx = contexts[name]
+        original = costs[name].macs
+        below = [r for r in range(1, method.full_rank(ctx) + 1) if method.macs(ctx, r) < original]
+        top = max(below) if below else 1
+        ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
+        curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.build(ctx, r), ranks, ctx.in_shape,
+                                         config.speed_batch, repeats=config.speed_repeats, device=config.device)
+    if not torch.is_tensor(example) or example.ndim != 4:
+        raise ValueError("budget='latency' needs image-tensor inputs (N, C, H, W) to time the whole model")
+    whole = compare_latency({"model": work}, repeat_to_batch(example, config.speed_batch),
+                            repeats=config.speed_repeats, warmup=1, device=config.device)["model"]
+    rest = max(whole - sum(curve.original_ms for curve in curves.values()), 0.0)
+    return curves, rest
+
+
+def _progress(items, config: ApproxConfig, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not config.progress, leave=False)
+
+
+def _speed_gated_ranks(method: Method, contexts: dict[str, LayerContext], costs: dict, config: ApproxConfig,
+                       latency=None) -> tuple[dict[str, int | None], dict, dict]:
+    """Choose ranks, then time each layer to factorize (a module of the exact shape the method builds at its
+    rank) against the original; a layer that is not faster is kept original and, under a speedup target,
+    the ranks of the others are chosen again without it (up to 3 rounds).
+
+    Returns the ranks, the selection summary and the :class:`~lowrank_fm.speedgate.LayerTiming` per layer
+    checked (the slower ones are those absent from the ranks' factorized set).
+    """
+    from .speedgate import SpeedGate
+
+    macs = {n: c.macs for n, c in costs.items()}
+    chosen, selection = _choose_ranks(method, contexts, macs, config, latency)
+    if not config.speed_gate:
+        return chosen, selection, {}
+    gate = SpeedGate(config.speed_batch, repeats=config.speed_repeats, device=config.device)
+    slower: set[str] = set()
+    checked: dict[str, int] = {}  # layer -> the rank its timing was taken at
+    for _ in range(3):
+        checks = [n for n, r in chosen.items() if r is not None and n not in slower and checked.get(n) != r
+                  and (config.force or method.macs(contexts[n], r) < costs[n].macs)]
+        checked.update({n: chosen[n] for n in checks})
+        new = {n for n in _progress(checks, config, "speed gate")
+               if not gate.check(n, contexts[n].module, method.build(contexts[n], chosen[n]), contexts[n].in_shape)}
+        if not new:
+            break
+        slower |= new
+        log.info("speed gate: %s not faster than the original at batch %d; kept", sorted(new), config.speed_batch)
+        if config.speedup is None:
+            break
+        free = {n: c for n, c in contexts.items() if n not in slower}
+        if latency is not None:  # a kept layer's measured time joins the fixed part
+            curves, rest = latency
+            latency = ({n: c for n, c in curves.items() if n not in slower},
+                       rest + sum(c.original_ms for n, c in curves.items() if n in new))
+        chosen, selection = _choose_ranks(method, free, macs, config, latency)
+    for name in slower:
+        chosen[name] = None
+    selection["speed_gate"] = {"batch": config.speed_batch, "repeats": config.speed_repeats, "slower": sorted(slower)}
+    return chosen, selection, {n: t for n, t in gate.timings_.items() if n in slower or chosen.get(n) is not None}
 
 
 class _LayerSamples:
@@ -404,8 +498,13 @@ def approximate(
 
     contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape) for name in targets}
-    chosen, selection = _choose_ranks(method, contexts, {n: costs[n].macs for n in layers}, config)
-    records, ranks = _layer_records(layers, costs, reasons, contexts, chosen, method, config)
+    latency = _latency_model(method, contexts, costs, work, example, config) if config.budget == "latency" else None
+    chosen, selection, layer_timings = _speed_gated_ranks(method, contexts, costs, config, latency)
+    slower = set(selection.get("speed_gate", {}).get("slower", ()))
+    records, ranks = _layer_records(layers, costs, {**reasons, **{n: "slower" for n in slower}}, contexts, chosen,
+                                    method, config)
+    for name, measured in layer_timings.items():  # the gate's measurement (ms at config.speed_batch images)
+        records[name].extra.update(measured.to_dict())
 
     if method.needs_inputs and ranks:
         batches = list(_iter_inputs(data, to_input, 0, total_images, config.device))
