@@ -556,5 +556,6 @@ def approximate(
         folded_batchnorm=[list(p) for p in folded],
         selection=selection,
         output_matching=matching,
+        spectra={name: np.asarray(method.spectrum(ctx), dtype=np.float64) for name, ctx in contexts.items()},
     )
     return work.eval(), report
