@@ -18,8 +18,9 @@ def test_speed_benchmark_writes_rows_table_and_plots(tmp_path, vgg_digits):
     for row in lines:
         assert set(row["measured_speedup"]) == {"1", "4"}
         assert row["threads"] >= 1 and row["speed"]["device"] == "cpu"
-        assert 0.0 <= row["top1_after"] <= 1.0 and row["theoretical_speedup"] > 1.0
+        assert 0.0 <= row["top1_after"] <= 1.0 and row["theoretical_speedup"] >= 1.0
         assert row["mode"].startswith("accuracy")
+    assert lines[1]["theoretical_speedup"] > 1.0  # ungated (gated, this tiny model's layers may all be kept)
     assert "speed_gate" in lines[0]["selection"] and "speed_gate" not in lines[1]["selection"]
     assert lines[0]["export"]["torchscript"]["parity"]
     table = speed_table(rows)
