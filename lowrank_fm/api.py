@@ -314,7 +314,16 @@ def _speed_gated_ranks(method: Method, contexts: dict[str, LayerContext], costs:
             curves, rest = latency
             latency = ({n: c for n, c in curves.items() if n not in slower},
                        rest + sum(c.original_ms for n, c in curves.items() if n in new))
+        previous = chosen
         chosen, selection = _choose_ranks(method, free, macs, config, latency)
+        if not selection["reachable"]:
+            # the others cannot make up for the kept layers: cutting them to the bone would wreck accuracy,
+            # so keep their ranks and accept a lower speedup than the target
+            log.warning("speed gate: %.2fx is out of reach without the slower layers; keeping the other ranks",
+                        config.speedup)
+            chosen = {n: r for n, r in previous.items() if n not in slower}
+            selection = {**selection, "rebudget": "unreachable: other ranks kept"}
+            break
     for name in slower:
         chosen[name] = None
     selection["speed_gate"] = {"batch": config.speed_batch, "repeats": config.speed_repeats, "slower": sorted(slower)}

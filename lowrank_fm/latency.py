@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 import time
 
@@ -48,7 +49,7 @@ def _timed_run(model: nn.Module, batch, device: torch.device) -> float:
 
 def compare_latency(
     models: dict[str, nn.Module], example_input, *, repeats: int = 15, warmup: int = 3, device="cpu",
-    inputs: dict | None = None,
+    inputs: dict | None = None, min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median milliseconds per forward of each model, measured in interleaved rounds.
 
@@ -58,6 +59,8 @@ def compare_latency(
     example_input : the batch every model runs on, unless ``inputs`` names another one for it (e.g. the
         same batch in channels-last memory format).
     repeats, warmup : timed rounds, and untimed forwards of each model first.
+    min_seconds : run more rounds (up to 20 x ``repeats``) until the rounds last about this long, so that
+        millisecond-scale forwards get enough samples for a stable median on a loaded machine.
     device : where the models and inputs live (CUDA events are used on a GPU).
     """
     if repeats < 1 or warmup < 0:
@@ -70,7 +73,11 @@ def compare_latency(
             run_model(model, inputs.get(name, example_input))
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
+    rounds = repeats
+    if min_seconds > 0:
+        first = sum(_timed_run(model, inputs.get(name, example_input), device) for name, model in models.items())
+        rounds = max(repeats, min(20 * repeats, int(math.ceil(min_seconds * 1000.0 / max(first, 1e-3)))))
+    for _ in range(rounds):
         for name, model in models.items():
             times[name].append(_timed_run(model, inputs.get(name, example_input), device))
     return {name: statistics.median(values) for name, values in times.items()}
@@ -101,7 +108,7 @@ def machine_load() -> list[float] | None:
 
 def measure_speed(
     original: nn.Module, approximated: nn.Module, images: torch.Tensor, *, batch_sizes=(1, 32),
-    repeats: int = 10, warmup: int = 2, device="cpu", try_channels_last: bool = True,
+    repeats: int = 10, warmup: int = 2, device="cpu", try_channels_last: bool = True, min_seconds: float = 3.0,
 ) -> dict:
     """Latency of the original against the approximated model at each batch size, in one process.
 
@@ -114,6 +121,8 @@ def measure_speed(
     Parameters
     ----------
     images : (N, C, H, W) example images, repeated cyclically to fill each batch.
+    repeats, min_seconds : at least ``repeats`` interleaved rounds per batch size, more (up to 20 x) until
+        the rounds last ``min_seconds`` (batch 1 on a shared machine needs many samples).
 
     Returns
     -------
@@ -132,7 +141,8 @@ def measure_speed(
         batch = repeat_to_batch(images, int(batch_size)).to(device)
         inputs = {name: batch.contiguous(memory_format=torch.channels_last) for name in variants
                   if name.endswith("channels_last")}
-        ms = compare_latency(variants, batch, repeats=repeats, warmup=warmup, device=device, inputs=inputs)
+        ms = compare_latency(variants, batch, repeats=repeats, warmup=warmup, device=device, inputs=inputs,
+                             min_seconds=min_seconds)
         entry: dict = {f"{name}_ms": value for name, value in ms.items()}
         for side in ("before", "after"):
             layout = min((name for name in ms if name.startswith(side)), key=ms.get)

@@ -55,7 +55,6 @@ def _fmnist_grid() -> list[SpeedRun]:
     runs = []
     for s in (2.0, 3.0, 4.0):
         runs += [SpeedRun("vgg-fmnist", "fm, rmsprop", s, {"method": "fm"}, export=s == 3.0),
-                 SpeedRun("vgg-fmnist", "fm-linear (symmetric)", s, {"method": "fm-linear"}),
                  SpeedRun("vgg-fmnist", "svd (weight-only)", s, {"method": "svd"}),
                  SpeedRun("vgg-fmnist", "spatial (weight-only)", s, {"method": "spatial"}),
                  SpeedRun("vgg-fmnist", "tucker2 (weight-only)", s, {"method": "tucker2"})]
