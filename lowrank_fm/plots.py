@@ -36,6 +36,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_accuracy_vs_speedup(rows: Sequence[Mapping], path: str | Path, *, title: str = "") -> Path:
     """Top-1 after approximation against theoretical (left) and measured (right) speedup, one line per method.
 
@@ -67,12 +76,7 @@ def plot_accuracy_vs_speedup(rows: Sequence[Mapping], path: str | Path, *, title
     axes[1].legend(fontsize=7, loc="lower left")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_spectra(spectra: Mapping[str, np.ndarray], ranks: Mapping[str, int | None], path: str | Path, *,
@@ -103,9 +107,4 @@ def plot_spectra(spectra: Mapping[str, np.ndarray], ranks: Mapping[str, int | No
     axis.legend(fontsize=7)
     if title:
         axis.set_title(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
