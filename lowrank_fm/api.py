@@ -460,6 +460,15 @@ def approximate(
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
     method = get_method(config.method, config)
+    spectra: dict[str, np.ndarray] = {}  # each layer's spectrum computed once (rank choice, records, report)
+    method_spectrum = method.spectrum
+
+    def cached_spectrum(ctx: LayerContext) -> np.ndarray:
+        if ctx.name not in spectra:
+            spectra[ctx.name] = np.asarray(method_spectrum(ctx), dtype=np.float64)
+        return spectra[ctx.name]
+
+    method.spectrum = cached_spectrum
     to_input = to_input or default_to_input
     total_images = _count_images(data, n_images)
     if total_images < 2:
@@ -565,6 +574,6 @@ def approximate(
         folded_batchnorm=[list(p) for p in folded],
         selection=selection,
         output_matching=matching,
-        spectra={name: np.asarray(method.spectrum(ctx), dtype=np.float64) for name, ctx in contexts.items()},
+        spectra=spectra,
     )
     return work.eval(), report

@@ -55,6 +55,7 @@ def _fmnist_grid() -> list[SpeedRun]:
     runs = []
     for s in (2.0, 3.0, 4.0):
         runs += [SpeedRun("vgg-fmnist", "fm, rmsprop", s, {"method": "fm"}, export=s == 3.0),
+                 SpeedRun("vgg-fmnist", "fm, rmsprop, ranks multiple of 8", s, {"method": "fm", "rank_multiple": 8}),
                  SpeedRun("vgg-fmnist", "svd (weight-only)", s, {"method": "svd"}),
                  SpeedRun("vgg-fmnist", "spatial (weight-only)", s, {"method": "spatial"}),
                  SpeedRun("vgg-fmnist", "tucker2 (weight-only)", s, {"method": "tucker2"})]
