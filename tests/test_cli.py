@@ -296,3 +296,10 @@ def test_speed_gate_latency_and_export_in_the_report(tmp_path):
     export = latency["export"]
     assert export["torchscript"]["parity"] and (out / "model.torchscript.pt").is_file()
     assert "skipped" in export["onnx"] or (export["onnx"]["parity"] and (out / "model.onnx").is_file())
+
+
+def test_latency_budget_needs_a_speedup(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--budget", "latency", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "--budget latency needs --speedup" in capsys.readouterr().err
