@@ -106,7 +106,7 @@ def _gate_says_slower(monkeypatch, slow_names):
     monkeypatch.setattr(SpeedGate, "check", check)
 
 
-def test_a_slower_layer_stays_original_and_the_target_is_still_met(digits_run, monkeypatch):
+def test_a_slower_layer_stays_original_and_the_others_keep_their_ranks(digits_run, monkeypatch):
     model, loader, n = digits_run
     _, plain = approximate(model, loader, n_images=n, method="svd", speedup=1.6, progress=False, speed_gate=False)
     assert all(l.reason != "slower" for l in plain.layers) and "speed_gate" not in plain.selection
@@ -118,9 +118,12 @@ def test_a_slower_layer_stays_original_and_the_target_is_still_met(digits_run, m
     assert isinstance(dict(new_model.named_modules())[slow], nn.Conv2d | nn.Linear)
     assert by_name[slow].to_dict()["original_ms"] > 0
     assert report.selection["speed_gate"]["slower"] == [slow]
-    # the other layers were re-budgeted: the whole-model target still holds without the slow layer
-    assert report.totals["theoretical_speedup"] >= 1.6 * 0.95
     assert by_name[slow].macs_after == by_name[slow].macs_before
+    # the other layers keep the ranks the budget gave them (no deeper cuts to make up for the kept layer)
+    for layer in plain.layers:
+        if layer.name != slow:
+            assert (by_name[layer.name].rank, by_name[layer.name].status) == (layer.rank, layer.status)
+    assert report.totals["theoretical_speedup"] < plain.totals["theoretical_speedup"]
 
 
 def test_rank_multiple_rounds_every_factorized_rank(digits_run):
