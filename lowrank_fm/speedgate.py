@@ -41,12 +41,13 @@ def _random_input(in_shape: Sequence[int], batch: int, device, seed: int = 0) ->
 
 
 def time_layers(modules: dict[str, nn.Module], in_shape: Sequence[int], batch: int, *, repeats: int = 5,
-                warmup: int = 1, device="cpu") -> dict[str, float]:
-    """Median milliseconds of each module on one random batch of shape (batch, *in_shape), interleaved."""
+                warmup: int = 1, device="cpu", min_seconds: float = 0.5) -> dict[str, float]:
+    """Median milliseconds of each module on one random batch of shape (batch, *in_shape), interleaved
+    (at least ``repeats`` rounds, more for fast layers until the rounds last ``min_seconds``)."""
     if not in_shape:
         raise ValueError("time_layers needs the layer's per-image input shape, got an empty shape")
     x = _random_input(in_shape, batch, device)
-    return compare_latency(modules, x, repeats=repeats, warmup=warmup, device=device)
+    return compare_latency(modules, x, repeats=repeats, warmup=warmup, device=device, min_seconds=min_seconds)
 
 
 class SpeedGate:
