@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images (default all)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="calibration and evaluation batch size")
     parser.add_argument("--latency-batch", type=_positive_int, default=32, help="batch size of the latency measurement")
+    parser.add_argument("--no-speed-gate", dest="speed_gate", action="store_false", default=True,
+                        help="factorize layers even when they are not faster than the original (timed at --latency-batch)")
+    parser.add_argument("--budget", choices=["macs", "latency"], default="macs",
+                        help="what --speedup counts: MACs (default) or measured per-layer latency")
+    parser.add_argument("--rank-multiple", type=_positive_int, default=1, help="round every rank to a multiple of N")
+    parser.add_argument("--export", action="store_true",
+                        help="also write TorchScript and ONNX forms to OUT, with a parity check and their latency")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: 4 for image files (imagefolder, cifar10), 0 for in-memory data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -125,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     from .config import ApproxConfig
     from .data import load_dataset
     from .evaluate import accuracy
-    from .latency import compare_latency
+    from .latency import measure_speed
     from .models import bundled_spec, create_model
 
     from .distributed import init_from_env
@@ -155,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         include=args.include, exclude=tuple(args.exclude),
         positions_per_image=args.positions_per_image, fit_positions=args.fit_positions, covariance=args.covariance, seed=args.seed,
         device=args.device, progress=not args.quiet,
+        speed_gate=args.speed_gate, speed_batch=args.latency_batch, budget=args.budget, rank_multiple=args.rank_multiple,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
     target = f"speedup {args.speedup}x" if args.speedup else f"energy {energy}"
@@ -175,10 +183,18 @@ def _run(args: argparse.Namespace) -> int:
     report.accuracy = {"top1_before": before["top1"], "top1_after": after["top1"], "top5_before": before["top5"],
                        "top5_after": after["top5"], "eval_images": before["images"]}
 
-    batch = torch.stack([data.test[i][0] for i in range(min(args.latency_batch, len(data.test)))]).to(args.device)
-    ms = compare_latency({"before": model, "after": new_model}, batch, device=args.device)
-    report.latency = {"before_ms": ms["before"], "after_ms": ms["after"], "measured_speedup": ms["before"] / ms["after"],
-                      "batch_size": int(batch.shape[0]), "threads": torch.get_num_threads(), "device": args.device}
+    images = torch.stack([data.test[i][0] for i in range(min(args.latency_batch, len(data.test)))]).to(args.device)
+    speed = measure_speed(model, new_model, images, batch_sizes=sorted({1, args.latency_batch}), device=args.device)
+    main_batch = speed["batches"][str(args.latency_batch)]
+    report.latency = {"before_ms": main_batch["before_ms"], "after_ms": main_batch["after_ms"],
+                      "measured_speedup": main_batch["measured_speedup"], "batch_size": args.latency_batch,
+                      "threads": speed["threads"], "device": args.device,
+                      "memory_format": main_batch["after_memory_format"], "load": speed["load"],
+                      "batches": speed["batches"]}
+    if args.export:
+        from .export import export_and_check
+
+        report.latency["export"] = export_and_check(new_model, images.cpu(), out)
 
     kwargs = {} if spec else {"num_classes": args.num_classes or data.num_classes}
     save_approximated(new_model, out, folded=report.folded_batchnorm, model_name=args.model, model_kwargs=kwargs)
@@ -189,7 +205,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.budget == "latency" and args.speedup is None:
+        parser.error("--budget latency needs --speedup S (a measured-latency target)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)

@@ -12,6 +12,7 @@ __all__ = ["ApproxConfig"]
 
 _COVARIANCE_BACKENDS = ("streaming", "ipca")
 ALLOCATIONS = ("uniform", "energy", "error", "output")
+_BUDGETS = ("macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ class ApproxConfig:
         images (shifted by up to this many pixels, mirrored left-right), the reference computed on each view.
     force : factorize a layer even when its rank does not reduce its MACs (to check exactness; normally
         such a layer is kept with the reason).
+    speed_gate : time every factorized layer against the original on its real input shape at
+        ``speed_batch`` images and keep the original (reason ``slower``) when it is not faster.
+    speed_batch, speed_repeats : batch size and interleaved repetitions of those per-layer timings.
+    budget : what ``speedup`` counts: ``"macs"`` (theoretical) or ``"latency"`` (measured per-layer latency
+        on ``device`` at ``speed_batch``, the rest of the model measured as a fixed cost).
+    rank_multiple : round every chosen rank to a multiple of this (e.g. 8, friendlier to vectorised
+        kernels); 1 leaves ranks as chosen.
     """
 
     method: str = "fm"
@@ -89,6 +97,11 @@ class ApproxConfig:
     matching_shift: int = 0
     matching_flip: bool = False
     force: bool = False
+    speed_gate: bool = True
+    speed_batch: int = 32
+    speed_repeats: int = 5
+    budget: str = "macs"
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         from .methods import list_methods
@@ -119,6 +132,13 @@ class ApproxConfig:
             raise ValueError(f"solver must be one of ('rmsprop', 'closed-form', 'none'), got {self.solver!r}")
         if self.covariance not in _COVARIANCE_BACKENDS:
             raise ValueError(f"covariance must be one of {_COVARIANCE_BACKENDS}, got {self.covariance!r}")
+        if self.budget not in _BUDGETS:
+            raise ValueError(f"budget must be one of {_BUDGETS}, got {self.budget!r}")
+        if self.budget == "latency" and self.speedup is None:
+            raise ValueError("budget='latency' (--budget latency) needs a speedup target (--speedup S)")
+        for key in ("speed_batch", "speed_repeats", "rank_multiple"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)}")
         object.__setattr__(self, "layer_ranks", {str(k): int(v) for k, v in dict(self.layer_ranks).items()})
         object.__setattr__(self, "layer_energy", {str(k): float(v) for k, v in dict(self.layer_energy).items()})
         if self.include is not None:

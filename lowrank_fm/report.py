@@ -59,6 +59,7 @@ class Report:
     folded_batchnorm: list[list[str]] = field(default_factory=list)
     selection: dict = field(default_factory=dict)
     output_matching: dict = field(default_factory=dict)
+    spectra: dict = field(default_factory=dict, repr=False)  # layer -> method spectrum (for plots; not in JSON)
 
     @property
     def totals(self) -> dict:

@@ -2,8 +2,11 @@
 
     python scripts/benchmark.py                       # the full grid (vgg-fmnist 2/3/4x, resnet-fmnist 1.5/2/3x)
     python scripts/benchmark.py --models vgg-fmnist --speedups 3 4 --out results/quick.jsonl
+    python scripts/benchmark.py --speed                # measured latency: vgg-fmnist grid + vgg16 speed-only
+    python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
 
-Writes one JSON line per run to --out (default results/accuracy.jsonl) and prints a Markdown table.
+Writes one JSON line per run to --out (default results/accuracy.jsonl; with --speed results/latency.jsonl,
+plus results/*.png plots) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_fm.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
+from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=list(DEFAULT_GRID), choices=list(DEFAULT_GRID))
+    parser.add_argument("--models", nargs="*", default=None, choices=sorted(set(DEFAULT_GRID) | set(SPEED_GRID)))
+    parser.add_argument("--speed", action="store_true",
+                        help="measured-latency benchmark (original vs approximated, batch 1 and 32 / 8) and plots")
+    parser.add_argument("--repeats", type=int, default=10, help="--speed: timed interleaved repetitions")
+    parser.add_argument("--plots", action="store_true", help="--speed: only redraw the plots from an existing --out")
     parser.add_argument("--speedups", nargs="*", type=float, default=None, help="override the grid's targets")
     parser.add_argument("--labels", nargs="*", default=None, help="only the runs with these labels")
-    parser.add_argument("--out", default="results/accuracy.jsonl")
+    parser.add_argument("--out", default=None, help="default results/accuracy.jsonl (--speed: results/latency.jsonl)")
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the README table)")
@@ -38,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.speed:
+        return _speed(args)
+    args.out = args.out or "results/accuracy.jsonl"
+    args.models = args.models or list(DEFAULT_GRID)
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
         print(markdown_table(rows))
@@ -53,6 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         grid[model] = runs
     rows = run_benchmark(grid, args.out, eval_images=args.eval_images, data_dir=args.data_dir)
     print(markdown_table(rows))
+    return 0
+
+
+def _speed(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out or "results/latency.jsonl")
+    if not (args.table or args.plots):
+        torch.set_num_threads(1)  # a shared 2-core machine: one thread gives the steadiest ratios
+        runs = [r for m in (args.models or list(SPEED_GRID)) for r in SPEED_GRID.get(m, [])]
+        if args.speedups:
+            runs = [r for r in runs if r.speedup in args.speedups]
+        if args.labels:
+            runs = [r for r in runs if r.label in args.labels]
+        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, repeats=args.repeats)
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    if not args.table:
+        for path in make_plots(rows, out.parent):
+            print(f"wrote {path}")
+    print(speed_table(rows))
     return 0
 
 

@@ -24,6 +24,7 @@ def _loader(digits, n=200):
 def approximated(digits, model):
     original = copy.deepcopy(model.state_dict())
     new_model, report = approximate(model, _loader(digits), method="fm-linear", energy=0.95, progress=False,
+                                    speed_gate=False,  # exact ranks and MACs, not timings
                                     model_name="vgg-digits")
     return new_model, report, original
 
@@ -74,7 +75,7 @@ def test_accuracy_drop_is_bounded(approximated, digits, model):
 
 
 def test_energy_one_forced_reproduces_the_whole_model(digits, model):
-    new_model, report = approximate(model, _loader(digits, 64), method="fm-linear", energy=1.0, force=True,
+    new_model, report = approximate(model, _loader(digits, 64), method="fm-linear", energy=1.0, force=True, speed_gate=False,
                                     keep_first_layer=False, keep_last_layer=False, progress=False)
     assert all(l.status == "approximated" for l in report.layers)
     x = torch.stack([digits.test[i][0] for i in range(64)])
@@ -85,7 +86,7 @@ def test_energy_one_forced_reproduces_the_whole_model(digits, model):
 
 
 def test_layer_rank_overrides_and_exclude(digits, model):
-    _, report = approximate(model, _loader(digits, 64), ApproxConfig(method="fm-linear", layer_ranks={"features.3": 5},
+    _, report = approximate(model, _loader(digits, 64), ApproxConfig(method="fm-linear", speed_gate=False, layer_ranks={"features.3": 5},
                             exclude=("classifier",), progress=False))
     by_name = {l.name: l for l in report.layers}
     assert by_name["features.3"].rank == 5 and by_name["features.3"].status == "approximated"
@@ -94,8 +95,8 @@ def test_layer_rank_overrides_and_exclude(digits, model):
 
 def test_ipca_backend_gives_the_same_ranks(digits, model):
     loader = _loader(digits, 64)
-    _, a = approximate(model, loader, method="fm-linear", energy=0.9, progress=False)
-    _, b = approximate(model, loader, method="fm-linear", energy=0.9, covariance="ipca", progress=False)
+    _, a = approximate(model, loader, method="fm-linear", energy=0.9, progress=False, speed_gate=False)
+    _, b = approximate(model, loader, method="fm-linear", energy=0.9, covariance="ipca", progress=False, speed_gate=False)
     assert [l.rank for l in a.layers] == [l.rank for l in b.layers]
 
 
@@ -132,7 +133,8 @@ def test_a_layer_run_twice_per_forward_is_kept_with_its_reason():
 
     torch.manual_seed(0)
     data = [torch.randn(4, 1, 8, 8) for _ in range(3)]
-    _, report = approximate(Shared().eval(), data, method="fm-linear", energy=0.5, n_images=12, progress=False)
+    _, report = approximate(Shared().eval(), data, method="fm-linear", energy=0.5, n_images=12, progress=False,
+                            speed_gate=False)
     shared = {l.name: l for l in report.layers}["shared"]
     assert shared.status == "kept" and shared.reason == "runs 2 times per forward (shared weights)"
     assert shared.macs_before == 2 * 64 * 16 * 16 * 9

@@ -51,7 +51,7 @@ def ranks(report: dict) -> dict:
 def default_run(tmp_path_factory):
     """``approximate.py --out OUT --quiet``, no model: (exit code, OUT, report.json as a dict)."""
     out = tmp_path_factory.mktemp("default-run")
-    code = main(["--out", str(out), "--quiet"])
+    code = main(["--out", str(out), "--quiet", "--no-speed-gate"])  # reproducible ranks: no timings
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return code, out, report
 
@@ -242,7 +242,7 @@ def test_calib_file_reuse_and_seed_mismatch(default_run, tmp_path, capsys):
     calib = out / "calibration.h5"
     before = calib.stat().st_mtime_ns, calib.stat().st_size
 
-    code = main(["--calib-file", str(calib), "--out", str(tmp_path / "again"), "--quiet"])
+    code = main(["--calib-file", str(calib), "--out", str(tmp_path / "again"), "--quiet", "--no-speed-gate"])
     assert code == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert ranks(again) == ranks(report)
@@ -272,3 +272,34 @@ def test_calibration_file_records_the_run(default_run):
     assert stored == targeted
     np.testing.assert_array_equal(ids, calibration_indices(1437, 0.01, None, 0))
 
+
+
+def test_speed_gate_latency_and_export_in_the_report(tmp_path):
+    """The default (gated) run: every layer is approximated faster than its original or kept as 'slower';
+    latency at batch 1 and 32 with the layout used; TorchScript and ONNX forms pass parity."""
+    out = tmp_path / "gated"
+    code = main(["--out", str(out), "--quiet", "--speedup", "1.5", "--method", "svd", "--export", "--rank-multiple", "4"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    gate = report["rank_selection"]["speed_gate"]
+    assert gate["batch"] == 32
+    for layer in report["layers"]:
+        if layer["status"] == "approximated":
+            assert layer["factorized_ms"] < layer["original_ms"]
+            assert layer["rank"] % 4 == 0 or layer["rank"] == layer["shape"][0]
+        elif layer["name"] in gate["slower"]:
+            assert layer["reason"] == "slower" and layer["factorized_ms"] >= layer["original_ms"]
+    latency = report["latency"]
+    assert set(latency["batches"]) == {"1", "32"}
+    assert latency["memory_format"] in ("nchw", "channels_last")
+    assert latency["measured_speedup"] == pytest.approx(latency["before_ms"] / latency["after_ms"])
+    export = latency["export"]
+    assert export["torchscript"]["parity"] and (out / "model.torchscript.pt").is_file()
+    assert "skipped" in export["onnx"] or (export["onnx"]["parity"] and (out / "model.onnx").is_file())
+
+
+def test_latency_budget_needs_a_speedup(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--budget", "latency", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "--budget latency needs --speedup" in capsys.readouterr().err

@@ -86,7 +86,8 @@ def exact(detector, calib_batches, calib_file):
     """fm-linear at energy 1.0, forced: every supported backbone layer factorized at full rank."""
     model, _ = detector
     return lowrank_fm.approximate(model, calib_batches, method="fm-linear", include=("backbone",), energy=1.0,
-                                  force=True, n_images=N_CALIB, progress=False, calib_file=calib_file)
+                                  force=True, n_images=N_CALIB, progress=False, calib_file=calib_file,
+                                  speed_gate=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def reduced(detector, calib_batches, calib_file, exact):
     """The default method at energy 0.95 (reuses the calibration file of ``exact``: same layers and seed)."""
     model, _ = detector
     return lowrank_fm.approximate(model, calib_batches, include=("backbone",), energy=0.95, n_images=N_CALIB,
-                                  progress=False, calib_file=calib_file)
+                                  progress=False, calib_file=calib_file, speed_gate=False)
 
 
 def test_detections_depend_on_the_backbone(detector, eval_images):

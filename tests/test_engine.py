@@ -25,8 +25,8 @@ def _output_error(model, new_model, digits):
 
 
 def test_asymmetric_pass_beats_symmetric_at_equal_ranks(model, digits, loader):
-    symmetric, sym_report = approximate(model, loader, method="fm-linear", energy=0.8, progress=False)
-    asymmetric, asym_report = approximate(model, loader, method="fm", solver="none", output_matching=False,
+    symmetric, sym_report = approximate(model, loader, speed_gate=False, method="fm-linear", energy=0.8, progress=False)
+    asymmetric, asym_report = approximate(model, loader, speed_gate=False, method="fm", solver="none", output_matching=False,
                                           energy=0.8, progress=False)
     assert [l.rank for l in sym_report.layers] == [l.rank for l in asym_report.layers]
     sym_error, asym_error = _output_error(model, symmetric, digits), _output_error(model, asymmetric, digits)
@@ -36,7 +36,7 @@ def test_asymmetric_pass_beats_symmetric_at_equal_ranks(model, digits, loader):
 
 @pytest.mark.parametrize("solver", ["closed-form", "rmsprop"])
 def test_solvers_report_their_work_and_never_lose_to_the_linear_start(model, loader, solver):
-    _, report = approximate(model, loader, method="fm", solver=solver, output_matching=False, energy=0.8,
+    _, report = approximate(model, loader, speed_gate=False, method="fm", solver=solver, output_matching=False, energy=0.8,
                             solver_steps=100, progress=False)
     approximated = [l for l in report.layers if l.status == "approximated"]
     assert approximated
@@ -54,20 +54,20 @@ def test_solvers_report_their_work_and_never_lose_to_the_linear_start(model, loa
 @pytest.mark.parametrize("allocation", ["uniform", "energy", "error", "output"])
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_speedup_target_is_met_within_five_percent(model, loader, allocation, speedup):
-    _, report = approximate(model, loader, method="fm-linear", speedup=speedup, allocation=allocation, progress=False)
+    _, report = approximate(model, loader, speed_gate=False, method="fm-linear", speedup=speedup, allocation=allocation, progress=False)
     achieved = report.totals["theoretical_speedup"]
     assert speedup <= achieved <= 1.05 * speedup
     assert report.selection["reachable"] is True
 
 
 def test_unreachable_speedup_is_reported(model, loader):
-    _, report = approximate(model, loader, method="fm-linear", speedup=200.0, progress=False)
+    _, report = approximate(model, loader, speed_gate=False, method="fm-linear", speedup=200.0, progress=False)
     assert report.selection["reachable"] is False
     assert report.totals["theoretical_speedup"] < 200.0
 
 
 def test_output_matching_reports_the_heldout_output_error_it_reaches(model, loader, digits):
-    new_model, report = approximate(model, loader, method="fm", solver="none", speedup=3.0, output_matching=True,
+    new_model, report = approximate(model, loader, speed_gate=False, method="fm", solver="none", speedup=3.0, output_matching=True,
                                     matching_steps=100, progress=False)
     matching = report.output_matching
     assert matching["steps"] == 100 and "output_matching_s" in report.timing

@@ -1,0 +1,195 @@
+"""Measured-speed benchmark: the latency users get from approximated models, beside accuracy.
+
+Two kinds of cell:
+
+- ``accuracy`` cells (bundled models on their data): approximate from 1% of the training split, evaluate
+  top-1 on the test split, and time original against approximated at each batch size;
+- ``speed-only`` cells (torchvision architectures at 224 px): random weights and random input images, ranks
+  from a weight-only method (no calibration data exists for them here); no accuracy is measured, and every
+  row says so in its ``mode``.
+
+Every row records threads, device and the machine's load average, and speed only as ratios measured in
+the same process with interleaved repetitions. Rows go to a JSON-lines file as they finish; plots
+(:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .api import approximate
+from .config import ApproxConfig
+from .latency import measure_speed
+from .models import bundled_spec, create_model
+
+__all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots"]
+
+log = logging.getLogger(__name__)
+
+SPEED_ONLY = "speed-only: random weights, random 224x224 inputs, ranks from the weight-only method; accuracy not measured"
+
+
+@dataclass(frozen=True)
+class SpeedRun:
+    """One cell: a model, a method label with its settings, a speedup target and the batch sizes timed."""
+
+    model: str
+    label: str
+    speedup: float
+    settings: dict = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = (1, 32)
+    speed_only: bool = False
+    export: bool = False
+    repeats: int | None = None  # timed repetitions (None: the benchmark's)
+
+
+def _fmnist_grid() -> list[SpeedRun]:
+    runs = []
+    for s in (2.0, 3.0, 4.0):
+        runs += [SpeedRun("vgg-fmnist", "fm, rmsprop", s, {"method": "fm"}, export=s == 3.0),
+                 SpeedRun("vgg-fmnist", "fm, rmsprop, ranks multiple of 8", s, {"method": "fm", "rank_multiple": 8}),
+                 SpeedRun("vgg-fmnist", "svd (weight-only)", s, {"method": "svd"}),
+                 SpeedRun("vgg-fmnist", "spatial (weight-only)", s, {"method": "spatial"}),
+                 SpeedRun("vgg-fmnist", "tucker2 (weight-only)", s, {"method": "tucker2"})]
+    return runs
+
+
+SPEED_GRID = {
+    "vgg-fmnist": _fmnist_grid(),
+    "vgg16": [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
+                       {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
+                        "rank_multiple": 8, "speed_repeats": 3},
+                       batch_sizes=(1, 8), speed_only=True, repeats=3) for budget in ("macs", "latency")],
+}
+
+
+def _speed_only_data(model_name: str, images: int, seed: int):
+    model = create_model(model_name, "none", num_classes=1000)
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(images, 3, 224, 224, generator=generator)
+    return model, [batch[i:i + 4] for i in range(0, images, 4)], batch, None, None
+
+
+def _accuracy_data(model_name: str, calib_fraction: float, seed: int, data_dir: str | None):
+    from .cli import calibration_indices
+    from .data import load_dataset
+
+    spec = bundled_spec(model_name)
+    data = load_dataset(spec.dataset, data_dir)
+    model = create_model(model_name)
+    indices = calibration_indices(len(data.train), calib_fraction, None, seed)
+    loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)
+    images = torch.stack([data.test[i][0] for i in range(64)])
+    return model, loader, images, data, indices
+
+
+def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int = 0, calib_fraction: float = 0.01,
+                        eval_images: int | None = None, data_dir: str | None = None, repeats: int = 10,
+                        export_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
+    """Run every cell and append one JSON line per run to ``out_path``; returns the rows.
+
+    The speed gate times each layer at the largest batch size of the cell.
+    """
+    from .evaluate import accuracy
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows, loaded = [], {}
+    for run in runs:
+        if run.model not in loaded:
+            loaded.clear()  # one model's data in memory at a time
+            loaded[run.model] = (_speed_only_data(run.model, 8, seed) if run.speed_only
+                                 else _accuracy_data(run.model, calib_fraction, seed, data_dir))
+            if not run.speed_only:
+                model, _, _, data, _ = loaded[run.model]
+                loaded["top1_before"] = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
+        model, loader, images, data, indices = loaded[run.model]
+        n_images = len(indices) if indices is not None else sum(len(b) for b in loader)
+        config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress,
+                              speed_batch=max(run.batch_sizes), **run.settings)
+        start = time.perf_counter()
+        new_model, report = approximate(model, loader, config, n_images=n_images, image_ids=indices,
+                                        model_name=run.model, dataset_name=None if data is None else data.name)
+        wall = time.perf_counter() - start
+        speed = measure_speed(model, new_model, images, batch_sizes=run.batch_sizes, repeats=run.repeats or repeats)
+        row = {
+            "model": run.model, "label": run.label, "target_speedup": run.speedup,
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in run.settings.items()},
+            "mode": SPEED_ONLY if run.speed_only else "accuracy: trained weights, test split",
+            "theoretical_speedup": report.totals["theoretical_speedup"],
+            "measured_speedup": {b: e["measured_speedup"] for b, e in speed["batches"].items()},
+            "speed": speed, "approximate_wall_s": wall, "selection": report.selection,
+            "layers": [{k: v for k, v in l.to_dict().items() if k in ("name", "rank", "status", "reason", "macs_before",
+                                                                      "macs_after", "original_ms", "factorized_ms")}
+                       for l in report.layers],
+            "threads": torch.get_num_threads(),
+        }
+        if not run.speed_only:
+            row["top1_before"] = loaded["top1_before"]
+            row["top1_after"] = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)["top1"]
+            row["spectra"] = {n: [float(v) for v in s] for n, s in report.spectra.items()}
+        if run.export:
+            from .export import export_and_check
+
+            with tempfile.TemporaryDirectory(prefix="lowrank_fm_export_") as tmp:
+                row["export"] = export_and_check(new_model, images[: max(run.batch_sizes)], export_dir or tmp,
+                                                 repeats=run.repeats or repeats)
+        log.info("%s %s %.1fx: theoretical %.2fx, measured %s", run.model, run.label, run.speedup,
+                 row["theoretical_speedup"], {b: round(v, 2) for b, v in row["measured_speedup"].items()})
+        with out_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    """Markdown: model, method, target, theoretical and measured speedup per batch, layouts, slower layers,
+    top-1 before/after (or 'speed only'), threads and load."""
+    lines = ["| model | method | target | theoretical | measured (batch: speedup) | layout (original / approximated) | "
+             "top-1 before -> after | layers kept as slower | threads, load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        batches = r["speed"]["batches"]
+        measured = ", ".join(f"{b}: {e['measured_speedup']:.2f}x" for b, e in batches.items())
+        last = batches[max(batches, key=int)]
+        layout = f"{last['before_memory_format']} / {last['after_memory_format']}"
+        top1 = (f"{100 * r['top1_before']:.2f} -> {100 * r['top1_after']:.2f}" if "top1_after" in r else "speed only")
+        slower = len(r["selection"].get("speed_gate", {}).get("slower", []))
+        load = r["speed"].get("load")
+        lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
+                     f"{measured} | {layout} | {top1} | {slower} | {r['threads']}, {load[0] if load else '?'} |")
+    return "\n".join(lines)
+
+
+def make_plots(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """accuracy_vs_speedup_MODEL.png per accuracy model (measured speedup at its largest batch) and
+    spectra_MODEL_METHOD_S.png for each row that carries spectra and exported (the reference cell)."""
+    from .plots import plot_accuracy_vs_speedup, plot_spectra
+
+    out_dir = Path(out_dir)
+    written = []
+    for model in dict.fromkeys(r["model"] for r in rows if "top1_after" in r):
+        mine = []
+        for r in rows:
+            if r["model"] == model and "top1_after" in r:
+                batch = max(r["measured_speedup"], key=int)
+                mine.append({**r, "measured_speedup": r["measured_speedup"][batch]})
+        written.append(plot_accuracy_vs_speedup(
+            mine, out_dir / f"accuracy_vs_speedup_{model}.png",
+            title=f"{model}: top-1 vs speedup (measured at batch {batch}, {mine[0]['threads']} CPU thread(s))"))
+    for r in rows:
+        if r.get("spectra") and r.get("export"):
+            ranks = {l["name"]: l["rank"] for l in r["layers"] if l["status"] == "approximated"}
+            method = r["settings"].get("method", "fm")
+            written.append(plot_spectra(r["spectra"], ranks,
+                                        out_dir / f"spectra_{r['model']}_{method}_{r['target_speedup']:g}x.png",
+                                        title=f"{r['model']} {r['label']} {r['target_speedup']:g}x: response spectra"))
+    return written

@@ -1,0 +1,125 @@
+"""Measured speed of single layers: the speed gate (is a factorized layer faster than the original on its
+real input shape?) and the latency cost model of ``budget="latency"`` (milliseconds as a function of rank).
+
+Only measurement lives here; which layers to gate and what to do with the answer is the pipeline's
+(:mod:`lowrank_fm.api`). Every number is a median of interleaved runs on random input of the layer's real
+per-image input shape at the given batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .latency import compare_latency
+
+__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "round_rank"]
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """Median milliseconds of the original layer and of its replacement on one batch."""
+
+    original_ms: float
+    factorized_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.factorized_ms
+
+    def to_dict(self) -> dict:
+        return {"original_ms": self.original_ms, "factorized_ms": self.factorized_ms, "layer_speedup": self.speedup}
+
+
+def _random_input(in_shape: Sequence[int], batch: int, device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *in_shape), generator=generator).to(device)
+
+
+def time_layers(modules: dict[str, nn.Module], in_shape: Sequence[int], batch: int, *, repeats: int = 5,
+                warmup: int = 1, device="cpu", min_seconds: float = 0.5) -> dict[str, float]:
+    """Median milliseconds of each module on one random batch of shape (batch, *in_shape), interleaved
+    (at least ``repeats`` rounds, more for fast layers until the rounds last ``min_seconds``)."""
+    if not in_shape:
+        raise ValueError("time_layers needs the layer's per-image input shape, got an empty shape")
+    x = _random_input(in_shape, batch, device)
+    return compare_latency(modules, x, repeats=repeats, warmup=warmup, device=device, min_seconds=min_seconds)
+
+
+class SpeedGate:
+    """Keeps a factorized layer only when it runs faster than the original layer.
+
+    Parameters
+    ----------
+    batch : batch size of the measurement (the batch the model will be used at).
+    repeats, warmup : timed interleaved rounds and untimed forwards per module.
+    device : where the layers run.
+    margin : the factorized layer passes when ``factorized_ms * margin < original_ms`` (1.0: strictly faster).
+
+    Attributes
+    ----------
+    timings_ : name -> :class:`LayerTiming` of every layer checked.
+    """
+
+    def __init__(self, batch: int = 32, *, repeats: int = 5, warmup: int = 1, device="cpu", margin: float = 1.0) -> None:
+        if batch < 1 or repeats < 1:
+            raise ValueError(f"SpeedGate needs batch >= 1 and repeats >= 1, got batch={batch}, repeats={repeats}")
+        self.batch, self.repeats, self.warmup, self.device, self.margin = batch, repeats, warmup, device, margin
+        self.timings_: dict[str, LayerTiming] = {}
+
+    def check(self, name: str, original: nn.Module, factorized: nn.Module, in_shape: Sequence[int]) -> bool:
+        """True when ``factorized`` is faster than ``original`` on input (batch, *in_shape)."""
+        ms = time_layers({"original": original, "factorized": factorized.to(self.device)}, in_shape, self.batch,
+                         repeats=self.repeats, warmup=self.warmup, device=self.device)
+        timing = LayerTiming(ms["original"], ms["factorized"])
+        self.timings_[name] = timing
+        return timing.factorized_ms * self.margin < timing.original_ms
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    """Measured latency of one layer: the original's, and the factorized layer's as ``intercept + slope * r``.
+
+    A factorized conv chain's work is linear in its rank r (every factor has r input or output channels),
+    so a straight line through a few measured ranks is the model; ``slope`` is clipped to a small positive
+    value so that cost strictly grows with rank (the budget's greedy needs that).
+    """
+
+    original_ms: float
+    intercept_ms: float
+    slope_ms: float
+    measured: dict
+
+    def at(self, rank: int) -> float:
+        return self.intercept_ms + self.slope_ms * rank
+
+
+def fit_latency_curve(original: nn.Module, build_at: Callable[[int], nn.Module], ranks: Sequence[int],
+                      in_shape: Sequence[int], batch: int, *, repeats: int = 3, device="cpu") -> LatencyCurve:
+    """Time the original layer and the factorized one at each of ``ranks`` (interleaved), then fit
+    ms(r) = a + b r by least squares."""
+    ranks = sorted({int(r) for r in ranks})
+    if not ranks:
+        raise ValueError("fit_latency_curve needs at least one rank")
+    modules = {"original": original, **{f"r{r}": build_at(r).to(device) for r in ranks}}
+    ms = time_layers(modules, in_shape, batch, repeats=repeats, device=device)
+    values = np.array([ms[f"r{r}"] for r in ranks])
+    if len(ranks) == 1:
+        slope, intercept = values[0] / ranks[0], 0.0
+    else:
+        slope, intercept = np.polyfit(np.array(ranks, dtype=float), values, 1)
+    slope = max(float(slope), 1e-6)
+    return LatencyCurve(float(ms["original"]), float(intercept), slope, {r: float(ms[f"r{r}"]) for r in ranks})
+
+
+def round_rank(rank: int, multiple: int, full_rank: int) -> int:
+    """``rank`` rounded to the nearest multiple of ``multiple`` (at least ``multiple``), at most ``full_rank``."""
+    if multiple < 1:
+        raise ValueError(f"rank_multiple must be >= 1, got {multiple}")
+    if multiple == 1:
+        return rank
+    return int(min(full_rank, max(multiple, multiple * round(rank / multiple))))

@@ -1,0 +1,149 @@
+"""Latency harness, speed gate, latency cost model and rank rounding.
+
+Timing tests use modules whose cost is a known sleep, so the expected ratios are independent of the
+machine's load; the pipeline tests check what the gate's verdict does to the model and the report.
+"""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_fm import approximate
+from lowrank_fm.config import ApproxConfig
+from lowrank_fm.latency import compare_latency, measure_speed, repeat_to_batch
+from lowrank_fm.speedgate import SpeedGate, fit_latency_curve, round_rank
+
+
+class Sleeper(nn.Module):
+    """Identity that sleeps ``ms`` milliseconds per call (a layer of known cost)."""
+
+    def __init__(self, ms: float, channels: int = 3) -> None:
+        super().__init__()
+        self.ms = ms
+        self.conv = nn.Conv2d(channels, channels, 1)  # a 4-D weight, so channels-last applies
+
+    def forward(self, x):
+        time.sleep(self.ms / 1000.0)
+        return x
+
+
+def test_compare_latency_orders_models_by_known_cost():
+    # sleeps long against scheduler delays on a loaded machine (a few ms each)
+    ms = compare_latency({"slow": Sleeper(40.0), "fast": Sleeper(10.0)}, torch.zeros(1, 3, 4, 4), repeats=5, warmup=1)
+    assert ms["slow"] >= 40.0 and ms["fast"] >= 10.0
+    assert 2.5 < ms["slow"] / ms["fast"] < 4.5
+
+
+def test_measure_speed_reports_every_batch_layout_and_a_ratio():
+    result = measure_speed(Sleeper(30.0), Sleeper(6.0), torch.randn(3, 3, 4, 4), batch_sizes=(1, 5), repeats=3, warmup=1)
+    assert result["threads"] == torch.get_num_threads() and result["device"] == "cpu"
+    assert set(result["batches"]) == {"1", "5"}
+    for entry in result["batches"].values():
+        assert entry["before_memory_format"] in ("nchw", "channels_last")
+        assert entry["before_ms"] == min(entry["before_nchw_ms"], entry["before_channels_last_ms"])
+        assert entry["measured_speedup"] == pytest.approx(entry["before_ms"] / entry["after_ms"])
+        assert 2.5 < entry["measured_speedup"] < 5.5
+
+
+def test_repeat_to_batch_cycles_images():
+    images = torch.arange(3.0).reshape(3, 1, 1, 1)
+    batch = repeat_to_batch(images, 7)
+    assert batch.flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match=r"shape \(N >= 1, C, H, W\)"):
+        repeat_to_batch(torch.zeros(3, 4), 2)
+
+
+def test_speed_gate_passes_a_faster_layer_and_stops_a_slower_one():
+    gate = SpeedGate(batch=2, repeats=5)
+    assert gate.check("fast", Sleeper(20.0), Sleeper(4.0), (3, 4, 4))
+    assert not gate.check("slow", Sleeper(4.0), Sleeper(20.0), (3, 4, 4))
+    assert gate.timings_["slow"].speedup < 0.7 < 1.4 < gate.timings_["fast"].speedup
+    with pytest.raises(ValueError, match="batch >= 1"):
+        SpeedGate(batch=0)
+
+
+def test_latency_curve_recovers_a_linear_cost():
+    # a "factorized layer" of rank r costs r ms: slope 1, intercept ~0 (+ the machine's constant delay)
+    curve = fit_latency_curve(Sleeper(40.0), lambda r: Sleeper(1.0 * r), [4, 8, 16, 24], (3, 2, 2), 1, repeats=3)
+    assert curve.slope_ms == pytest.approx(1.0, rel=0.25)
+    assert curve.at(16) == pytest.approx(16.0, rel=0.4)
+    assert curve.original_ms >= 40.0
+
+
+def test_round_rank():
+    assert [round_rank(r, 8, 60) for r in (1, 4, 5, 11, 13, 59, 60)] == [8, 8, 8, 8, 16, 56, 60]
+    assert round_rank(13, 1, 60) == 13
+    with pytest.raises(ValueError, match="rank_multiple must be >= 1"):
+        round_rank(3, 0, 10)
+
+
+def test_config_rejects_bad_speed_settings():
+    with pytest.raises(ValueError, match="budget must be one of"):
+        ApproxConfig(budget="flops")
+    with pytest.raises(ValueError, match="needs a speedup target"):
+        ApproxConfig(budget="latency")
+    with pytest.raises(ValueError, match="rank_multiple must be an integer >= 1"):
+        ApproxConfig(rank_multiple=0)
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits, vgg_digits):
+    from torch.utils.data import DataLoader, Subset
+
+    return vgg_digits, DataLoader(Subset(digits.train, range(160)), batch_size=32, shuffle=False), 160
+
+
+def _gate_says_slower(monkeypatch, slow_names):
+    """Make the gate's verdict 'slower' for the named layers (its timing still runs)."""
+    real = SpeedGate.check
+
+    def check(self, name, original, factorized, in_shape):
+        verdict = real(self, name, original, factorized, in_shape)
+        return False if name in slow_names else True
+
+    monkeypatch.setattr(SpeedGate, "check", check)
+
+
+def test_a_slower_layer_stays_original_and_the_others_keep_their_ranks(digits_run, monkeypatch):
+    model, loader, n = digits_run
+    _, plain = approximate(model, loader, n_images=n, method="svd", speedup=1.6, progress=False, speed_gate=False)
+    assert all(l.reason != "slower" for l in plain.layers) and "speed_gate" not in plain.selection
+    slow = max((l for l in plain.layers if l.status == "approximated"), key=lambda l: l.macs_before).name
+    _gate_says_slower(monkeypatch, {slow})
+    new_model, report = approximate(model, loader, n_images=n, method="svd", speedup=1.6, progress=False)
+    by_name = {l.name: l for l in report.layers}
+    assert by_name[slow].status == "kept" and by_name[slow].reason == "slower"
+    assert isinstance(dict(new_model.named_modules())[slow], nn.Conv2d | nn.Linear)
+    assert by_name[slow].to_dict()["original_ms"] > 0
+    assert report.selection["speed_gate"]["slower"] == [slow]
+    assert by_name[slow].macs_after == by_name[slow].macs_before
+    # the other layers keep the ranks the budget gave them (no deeper cuts to make up for the kept layer)
+    for layer in plain.layers:
+        if layer.name != slow:
+            assert (by_name[layer.name].rank, by_name[layer.name].status) == (layer.rank, layer.status)
+    assert report.totals["theoretical_speedup"] < plain.totals["theoretical_speedup"]
+
+
+def test_rank_multiple_rounds_every_factorized_rank(digits_run):
+    model, loader, n = digits_run
+    new_model, report = approximate(model, loader, n_images=n, method="svd", energy=0.9, rank_multiple=8,
+                                    speed_gate=False, progress=False)
+    done = [l for l in report.layers if l.status == "approximated"]
+    assert done
+    for layer in done:
+        assert layer.rank % 8 == 0 or layer.rank == layer.shape[0]
+        chain = dict(new_model.named_modules())[layer.name]
+        assert chain[0].weight.shape[0] == layer.rank  # the module really has that width
+
+
+def test_latency_budget_runs_and_says_so(digits_run):
+    model, loader, n = digits_run
+    _, report = approximate(model, loader, n_images=n, method="svd", speedup=1.5, budget="latency",
+                            speed_batch=4, speed_repeats=2, progress=False, speed_gate=False)
+    assert report.selection["budget"] == "latency"
+    # on this tiny model the measured fixed part (pooling, the kept layers, Python) dominates: the budget
+    # factorizes layers, and its plan is a latency ratio, not the MAC ratio
+    assert any(l.status == "approximated" for l in report.layers)
+    assert report.selection["planned_speedup"] != pytest.approx(report.totals["theoretical_speedup"])
