@@ -113,8 +113,15 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | method | target | theoretical speedup | top-1 before | top-1 after | drop (points) | "
              "approximate (s) | run incl. evaluation (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    order = {run.label: i for runs in DEFAULT_GRID.values() for i, run in enumerate(runs)}
-    for r in sorted(rows, key=lambda r: (r["model"], r["target_speedup"], order.get(r["label"], len(order)))):
+    order: dict[str, int] = {}
+    for runs in DEFAULT_GRID.values():
+        for run in runs:
+            order.setdefault(run.label, len(order))
+
+    def place(label: str) -> tuple[int, str]:  # a variant "label [note]" right after its label
+        return order.get(label.split(" [")[0], len(order)), label
+
+    for r in sorted(rows, key=lambda r: (r["model"], r["target_speedup"], place(r["label"]))):
         lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
                      f"{100 * r['top1_before']:.2f} | {100 * r['top1_after']:.2f} | {r['drop_points']:.2f} | "
                      f"{r['approximate_wall_s']:.1f} | {r.get('run_wall_s', float('nan')):.1f} |")
