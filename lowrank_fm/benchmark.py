@@ -43,6 +43,7 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
             BenchmarkRun("svd (weight-only)", s, {"method": "svd"}),
             BenchmarkRun("spatial (weight-only)", s, {"method": "spatial"}),
             BenchmarkRun("tucker2 (weight-only)", s, {"method": "tucker2"}),
+            BenchmarkRun("tucker1 (weight-only)", s, {"method": "tucker1"}),
             BenchmarkRun("cp (weight-only)", s, {"method": "cp"}),
             BenchmarkRun("fm-linear (symmetric)", s, {"method": "fm-linear"}),
             BenchmarkRun("fm, no solver, no output matching", s, {"method": "fm", "solver": "none", "output_matching": False}),
