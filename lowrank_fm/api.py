@@ -298,9 +298,7 @@ def _latency_model(method: Method, contexts: dict[str, LayerContext], costs: dic
     free = [n for n in contexts if n not in config.layer_ranks]
     for name in _progress(free, config, "latency model"):
         ctx = contexts[name]
-        original = costs[name].macs
-        below = [r for r in range(1, method.full_rank(ctx) + 1) if method.macs(ctx, r) < original]
-        top = max(below) if below else 1
+        top = _below_break_even(method, ctx, costs[name].macs)
         ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
         curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.build(ctx, r), ranks, ctx.in_shape,
                                          config.speed_batch, repeats=config.speed_repeats, device=config.device)

@@ -11,7 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["patches_at"]
+__all__ = ["output_grid", "patches_at"]
+
+
+def output_grid(module: nn.Module, inputs: torch.Tensor) -> tuple[int, int]:
+    """(H', W') of ``module``'s output for ``inputs``; (tokens, 1) for a Linear layer."""
+    if isinstance(module, nn.Conv2d):
+        sizes = []
+        for axis in (0, 1):
+            span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
+            sizes.append((inputs.shape[2 + axis] + 2 * module.padding[axis] - span) // module.stride[axis] + 1)
+        return sizes[0], sizes[1]
+    return (inputs[0].numel() // inputs.shape[-1]), 1
 
 
 def patches_at(module: nn.Module, inputs: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -34,8 +45,7 @@ def patches_at(module: nn.Module, inputs: torch.Tensor, image: torch.Tensor, pos
         if module.groups != 1:
             raise ValueError(f"patches_at: grouped convs (groups={module.groups}) are not supported")
         columns = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        out_h = (inputs.shape[2] + 2 * module.padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
-        out_w = columns.shape[2] // out_h
+        out_w = output_grid(module, inputs)[1]
         return columns[image, :, position[:, 0] * out_w + position[:, 1]]
     flat = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
     return flat[image, position[:, 0]]

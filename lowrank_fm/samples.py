@@ -16,20 +16,9 @@ import torch
 from torch import nn
 
 from .methods.base import LayerData, unfold_weight
-from .patches import patches_at
+from .patches import output_grid, patches_at
 
-__all__ = ["output_grid", "draw_positions", "layer_data_from_maps"]
-
-
-def output_grid(module: nn.Module, inputs: torch.Tensor) -> tuple[int, int]:
-    """(H', W') of ``module``'s output for ``inputs``; (tokens, 1) for a Linear layer."""
-    if isinstance(module, nn.Conv2d):
-        sizes = []
-        for axis in (0, 1):
-            span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
-            sizes.append((inputs.shape[2 + axis] + 2 * module.padding[axis] - span) // module.stride[axis] + 1)
-        return sizes[0], sizes[1]
-    return (inputs[0].numel() // inputs.shape[-1]), 1
+__all__ = ["draw_positions", "layer_data_from_maps"]
 
 
 def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generator: torch.Generator

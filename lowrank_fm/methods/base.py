@@ -93,6 +93,11 @@ class LayerData:
     heldout: torch.Tensor
     activation: str = "identity"
 
+    def fit_and_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean row masks (fit, validation): the held-out rows validate; without any, the fit rows do."""
+        fit, val = ~self.heldout, self.heldout
+        return fit, (val if bool(val.any()) else fit)
+
 
 def original_macs_per_position(module: nn.Module) -> int:
     """MACs of the original layer per output position: d * (c / groups) * kh * kw, or out * in."""

@@ -94,9 +94,7 @@ def refine_jointly(vertical: torch.Tensor, factors: tuple, data: LayerData, kern
     V (K, c, kh, 1), A (d', K kw), b1 (d',), P (d, d'), c (d,). Returns the best of (staged, refined) on the
     held-out rows, and what it measured.
     """
-    fit, val = ~data.heldout, data.heldout
-    if not bool(val.any()):
-        val = fit
+    fit, val = data.fit_and_validation()
     X, Y = data.inputs.double(), data.targets.double()
 
     def forward(params, x):
@@ -151,9 +149,7 @@ class FeatureMap3D(FeatureMap):
         else:
             Z = vertical_responses(data.inputs, vertical, kernel)
             Y = data.targets.double()
-            fit, val = ~data.heldout, data.heldout
-            if not bool(val.any()):
-                val = fit
+            fit, val = data.fit_and_validation()
 
             def heldout_error(h, b):
                 return float((Y[val] - Z[val] @ h.T - (0.0 if b is None else b)).pow(2).sum())

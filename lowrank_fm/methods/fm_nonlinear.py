@@ -43,9 +43,7 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
     info : solver, iterations, error_before / error_after (objective relative to E||f(y)||^2), kept
     """
     X, Y = data.inputs.double(), data.targets.double()
-    fit, val = ~data.heldout, data.heldout
-    if not bool(val.any()):
-        val = fit
+    fit, val = data.fit_and_validation()
     yhat = X @ weight.T + (0.0 if bias is None else bias)
     P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
     act = data.activation
