@@ -558,7 +558,9 @@ def approximate(
             if method.needs_input_covariance:
                 inputs = {name: InputStats(*read_input_stats(reader, name)) for name in targets}
 
-    contexts = {name: LayerContext(name, layers[name], costs[name].positions, stats.get(name), costs[name].in_shape,
+    # the methods' math runs in float64 on the CPU: on another device they see a CPU copy of each layer
+    on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}
+    contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
     output_errors = None
     if config.speedup is not None and config.allocation == "output" and contexts:

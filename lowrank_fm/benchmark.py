@@ -22,7 +22,7 @@ from .data import load_dataset
 from .evaluate import accuracy
 from .models import bundled_spec, create_model
 
-__all__ = ["BenchmarkRun", "run_benchmark", "markdown_table", "DEFAULT_GRID"]
+__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID"]
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +61,87 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
     return runs
 
 
-DEFAULT_GRID = {"vgg-fmnist": _grid((2.0, 3.0, 4.0)), "resnet-fmnist": _grid((1.5, 2.0, 3.0))}
+DEFAULT_GRID = {"vgg-fmnist": _grid((2.0, 3.0, 4.0)), "resnet-fmnist": _grid((1.5, 2.0, 3.0)),
+                "vgg-fmnist-narrow": _grid((2.0, 3.0, 4.0))}
 
 
 def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, calib_fraction: float = 0.01,
                   seed: int = 0, eval_images: int | None = None, data_dir: str | None = None,
-                  progress: bool = False) -> list[dict]:
-    """Run every cell of ``grid`` (model name -> runs) and append one JSON line per run to ``out_path``."""
-    from .cli import calibration_indices
+                  progress: bool = False, jobs: int = 1) -> list[dict]:
+    """Run every cell of ``grid`` (model name -> runs) and append one JSON line per run to ``out_path``.
 
+    ``jobs`` > 1 runs the cells in that many worker processes of one thread each (every worker loads its
+    model and measures top-1 before on its own); rows are appended as cells finish, so the file's order is
+    the order of completion.
+    """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(row: dict) -> None:
+        with out_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    settings = dict(calib_fraction=calib_fraction, seed=seed, eval_images=eval_images, data_dir=data_dir)
+    if jobs <= 1:
+        results = []
+        for model_name, runs in grid.items():
+            results += run_cells(model_name, runs, progress=progress, on_row=write, **settings)
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    cells = [(m, r) for m, runs in grid.items() for r in runs]
+    cells.sort(key=lambda cell: not any(k in cell[1].settings.get("method", "") for k in ("sigma", "cp")))  # slow first
     results = []
-    for model_name, runs in grid.items():
-        spec = bundled_spec(model_name)
-        data = load_dataset(spec.dataset, data_dir)
-        model = create_model(model_name)
-        indices = calibration_indices(len(data.train), calib_fraction, None, seed)
-        loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)
-        top1_before = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
-        for run in runs:
-            config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, **run.settings)
-            start = time.perf_counter()  # each run calibrates afresh (a temporary store), as a CLI run does
-            new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
-                                            model_name=model_name, dataset_name=spec.dataset)
-            wall = time.perf_counter() - start
-            after = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)
-            evaluate = time.perf_counter() - start - wall
-            row = {
-                "model": model_name, "label": run.label, "target_speedup": run.speedup, "settings": run.settings,
-                "theoretical_speedup": report.totals["theoretical_speedup"],
-                "top1_before": top1_before, "top1_after": after["top1"],
-                "drop_points": 100 * (top1_before - after["top1"]), "eval_images": after["images"],
-                "approximate_wall_s": wall, "run_wall_s": wall + evaluate, "timing": report.timing, "calib_images": len(indices),
-                "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
-                "threads": torch.get_num_threads(),
-            }
-            log.info("%s %s %.1fx: top-1 %.4f -> %.4f (%.2f points), %.1f s", model_name, run.label,
-                     row["theoretical_speedup"], top1_before, after["top1"], row["drop_points"], wall)
-            with out_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            results.append(row)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = [pool.submit(run_cells, m, [r], **settings) for m, r in cells]
+        for future in as_completed(futures):
+            for row in future.result():
+                write(row)
+                results.append(row)
     return results
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: float = 0.01, seed: int = 0,
+              eval_images: int | None = None, data_dir: str | None = None, progress: bool = False,
+              on_row=None) -> list[dict]:
+    """The rows of ``runs`` on one bundled model (calling ``on_row(row)`` as each one finishes)."""
+    from .cli import calibration_indices
+
+    spec = bundled_spec(model_name)
+    data = load_dataset(spec.dataset, data_dir)
+    model = create_model(model_name)
+    indices = calibration_indices(len(data.train), calib_fraction, None, seed)
+    loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)
+    top1_before = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
+    rows = []
+    for run in runs:
+        config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, **run.settings)
+        start = time.perf_counter()  # each run calibrates afresh (a temporary store), as a CLI run does
+        new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
+                                        model_name=model_name, dataset_name=spec.dataset)
+        wall = time.perf_counter() - start
+        after = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)
+        evaluate = time.perf_counter() - start - wall
+        row = {
+            "model": model_name, "label": run.label, "target_speedup": run.speedup, "settings": run.settings,
+            "theoretical_speedup": report.totals["theoretical_speedup"],
+            "top1_before": top1_before, "top1_after": after["top1"],
+            "drop_points": 100 * (top1_before - after["top1"]), "eval_images": after["images"],
+            "approximate_wall_s": wall, "run_wall_s": wall + evaluate, "timing": report.timing, "calib_images": len(indices),
+            "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
+            "threads": torch.get_num_threads(),
+        }
+        log.info("%s %s %.1fx: top-1 %.4f -> %.4f (%.2f points), %.1f s", model_name, run.label,
+                 row["theoretical_speedup"], top1_before, after["top1"], row["drop_points"], wall)
+        if on_row is not None:
+            on_row(row)
+        rows.append(row)
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:

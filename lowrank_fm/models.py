@@ -4,7 +4,8 @@ Bundled (registered with :func:`register_model`):
 
 - ``vgg-digits``: a small VGG on scikit-learn's digits; trained on first use (seconds, deterministic) and
   cached under ``$LOWRANK_FM_CACHE`` (default ``~/.cache/lowrank_fm``).
-- ``vgg-fmnist``, ``resnet-fmnist``: Fashion-MNIST models whose checkpoints ship in
+- ``vgg-fmnist`` (VGG, 64-64-128-128-256-256), ``vgg-fmnist-narrow`` (the same at half width; the reference
+  VGG until 2026-11-23) and ``resnet-fmnist``: Fashion-MNIST models whose checkpoints ship in
   ``lowrank_fm/checkpoints`` (made by ``scripts/train_reference.py``; see the JSON beside each).
 
 Any other name is looked up in ``torchvision.models`` (``weights``: ``none``, ``default`` or a path to a
@@ -84,7 +85,11 @@ register_model(
     )
 )
 register_model(
-    ModelSpec("vgg-fmnist", lambda: VGGSmall([32, 32, "M", 64, 64, "M", 128, 128, "M"]), "fashion-mnist", "checkpoint")
+    ModelSpec("vgg-fmnist", lambda: VGGSmall([64, 64, "M", 128, 128, "M", 256, 256, "M"]), "fashion-mnist", "checkpoint")
+)
+register_model(  # the reference VGG until 2026-11-23: half the width, less redundant, harder to approximate
+    ModelSpec("vgg-fmnist-narrow", lambda: VGGSmall([32, 32, "M", 64, 64, "M", 128, 128, "M"]), "fashion-mnist",
+              "checkpoint")
 )
 register_model(
     ModelSpec("resnet-fmnist", lambda: ResNetSmall((32, 64, 128), blocks=2), "fashion-mnist", "checkpoint")

@@ -62,7 +62,7 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     LayerData with inputs (n, p) = xhat patches, targets (n, d) = x patches @ W^T + b, float64.
     """
     weight = unfold_weight(module)
-    bias = None if module.bias is None else module.bias.detach().double()
+    bias = None if module.bias is None else module.bias.detach().double().cpu()
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     xs, ys, held = [], [], []
     seen = 0

@@ -8,6 +8,7 @@ per-image input shape at the given batch size.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ class LayerTiming:
 
     def to_dict(self) -> dict:
         return {"original_ms": self.original_ms, "factorized_ms": self.factorized_ms, "layer_speedup": self.speedup}
+
+
+def _on(module: nn.Module, device) -> nn.Module:
+    """``module`` on ``device``: itself when it is there already, else a copy (the caller's stays put)."""
+    first = next(module.parameters(), None)
+    if first is None or first.device == torch.device(device):
+        return module
+    return copy.deepcopy(module).to(device)
 
 
 def _random_input(in_shape: Sequence[int], batch: int, device, seed: int = 0) -> torch.Tensor:
@@ -73,8 +82,8 @@ class SpeedGate:
 
     def check(self, name: str, original: nn.Module, factorized: nn.Module, in_shape: Sequence[int]) -> bool:
         """True when ``factorized`` is faster than ``original`` on input (batch, *in_shape)."""
-        ms = time_layers({"original": original, "factorized": factorized.to(self.device)}, in_shape, self.batch,
-                         repeats=self.repeats, warmup=self.warmup, device=self.device)
+        modules = {"original": _on(original, self.device), "factorized": factorized.to(self.device)}
+        ms = time_layers(modules, in_shape, self.batch, repeats=self.repeats, warmup=self.warmup, device=self.device)
         timing = LayerTiming(ms["original"], ms["factorized"])
         self.timings_[name] = timing
         return timing.factorized_ms * self.margin < timing.original_ms
@@ -105,7 +114,7 @@ def fit_latency_curve(original: nn.Module, build_at: Callable[[int], nn.Module],
     ranks = sorted({int(r) for r in ranks})
     if not ranks:
         raise ValueError("fit_latency_curve needs at least one rank")
-    modules = {"original": original, **{f"r{r}": build_at(r).to(device) for r in ranks}}
+    modules = {"original": _on(original, device), **{f"r{r}": build_at(r).to(device) for r in ranks}}
     ms = time_layers(modules, in_shape, batch, repeats=repeats, device=device)
     values = np.array([ms[f"r{r}"] for r in ranks])
     if len(ranks) == 1:

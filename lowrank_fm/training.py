@@ -33,6 +33,7 @@ class TrainSettings:
     augment: bool = True  # random 2-pixel shifts and horizontal flips
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # "cuda" trains on a GPU; images are augmented on the CPU and moved per batch
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -64,6 +65,8 @@ def train_classifier(
     seed); shuffling and augmentation draw from their own seeded generator.
     """
     images, labels = train.tensors
+    device = torch.device(settings.device)
+    model.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
@@ -83,7 +86,7 @@ def train_classifier(
             x = images[index]
             if settings.augment:
                 x = _augment(x, generator)
-            loss = F.cross_entropy(model(x), labels[index])
+            loss = F.cross_entropy(model(x.to(device)), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -91,8 +94,8 @@ def train_classifier(
             total += loss.item() * len(index)
         history["loss"].append(total / len(labels))
         if test is not None:
-            top1 = accuracy(model, test, progress=False)["top1"]
+            top1 = accuracy(model, test, device=device, progress=False)["top1"]
             history["test_top1"].append(top1)
             log.info("epoch %d: loss %.4f test top-1 %.4f", epoch + 1, history["loss"][-1], top1)
-    model.eval()
+    model.eval().to("cpu")
     return history

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                       # the full grid (vgg-fmnist 2/3/4x, resnet-fmnist 1.5/2/3x)
     python scripts/benchmark.py --models vgg-fmnist --speedups 3 4 --out results/quick.jsonl
+    python scripts/benchmark.py --jobs 15                 # the grid in 15 one-thread processes (many cores)
     python scripts/benchmark.py --speed                # measured latency: vgg-fmnist grid + vgg16 speed-only
     python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the README table)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the accuracy cells in this many processes of one thread each (a many-core machine)")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
     return parser
 
@@ -49,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         return _speed(args)
     args.out = args.out or "results/accuracy.jsonl"
-    args.models = args.models or list(DEFAULT_GRID)
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-        print(markdown_table(rows))
+        print(markdown_table([r for r in rows if not args.models or r["model"] in args.models]))
         return 0
+    args.models = args.models or list(DEFAULT_GRID)
     grid = {}
     for model in args.models:
         runs = DEFAULT_GRID[model]
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels:
             runs = [r for r in runs if r.label in args.labels]
         grid[model] = runs
-    rows = run_benchmark(grid, args.out, eval_images=args.eval_images, data_dir=args.data_dir)
+    rows = run_benchmark(grid, args.out, eval_images=args.eval_images, data_dir=args.data_dir, jobs=args.jobs)
     print(markdown_table(rows))
     return 0
 

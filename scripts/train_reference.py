@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the shipped vgg-fmnist was trained on a GPU)")
     parser.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
     return parser
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(spec.dataset, args.data_dir)
     torch.manual_seed(args.seed)
     model = spec.build()
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             device=args.device)
     start = time.time()
     history = train_classifier(model, data.train, data.test, settings)
     seconds = time.time() - start
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_seconds": round(seconds, 1),
         "threads": args.threads,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "machine": platform.machine(),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),

@@ -17,3 +17,22 @@ def test_rerun_replaces_the_earlier_row_and_rows_follow_the_grid_order():
     assert lines[0].startswith("| vgg-fmnist | svd (weight-only) | 2x |")
     assert lines[1].startswith("| vgg-fmnist | svd (weight-only) | 3x |")
     assert "| fm-3d, rmsprop | 3x |" in lines[2] and "| 85.00 | 5.00 |" in lines[2]
+
+
+def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
+    import json
+
+    from lowrank_fm.benchmark import BenchmarkRun, run_benchmark
+
+    grid = {"vgg-digits": [BenchmarkRun("fm-linear (symmetric)", 1.5, {"method": "fm-linear", "speed_gate": False}),
+                           BenchmarkRun("svd (weight-only)", 1.5, {"method": "svd", "speed_gate": False})]}
+    serial = run_benchmark(grid, tmp_path / "serial.jsonl")
+    parallel = run_benchmark(grid, tmp_path / "parallel.jsonl", jobs=2)
+    written = [json.loads(line) for line in (tmp_path / "parallel.jsonl").read_text().splitlines()]
+    assert len(written) == len(parallel) == 2
+    by_label = {r["label"]: r for r in parallel}
+    for row in serial:
+        other = by_label[row["label"]]
+        assert other["ranks"] == row["ranks"]
+        assert other["top1_after"] == row["top1_after"]
+        assert other["threads"] == 1

@@ -161,7 +161,7 @@ def test_state_dict_file_errors(tmp_path):
         load_state_dict_file(tmp_path / "tensor.pt")
 
 
-@pytest.mark.parametrize("name,floor", [("vgg-fmnist", 0.93), ("resnet-fmnist", 0.925)])
+@pytest.mark.parametrize("name,floor", [("vgg-fmnist", 0.93), ("vgg-fmnist-narrow", 0.93), ("resnet-fmnist", 0.925)])
 def test_shipped_checkpoints_load_safely_and_keep_their_accuracy(name, floor):
     from conftest import FMNIST_PRESENT
     from lowrank_fm.models import checkpoint_path, checkpoint_record

@@ -108,8 +108,9 @@ def original_macs_per_position(module: nn.Module) -> int:
 
 
 def unfold_weight(module: nn.Module) -> torch.Tensor:
-    """The weight unfolded along its output mode, float64: (d, c/groups * kh * kw) or (out, in)."""
-    return module.weight.detach().double().reshape(module.weight.shape[0], -1)
+    """The weight unfolded along its output mode, float64 on the CPU (where every decomposition runs, whatever
+    the model's device): (d, c/groups * kh * kw) or (out, in)."""
+    return module.weight.detach().double().cpu().reshape(module.weight.shape[0], -1)
 
 
 class Method:
