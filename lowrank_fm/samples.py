@@ -59,9 +59,10 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
 
     Returns
     -------
-    LayerData with inputs (n, p) = xhat patches, targets (n, d) = x patches @ W^T + b, float64.
+    LayerData with inputs (n, p) = xhat patches in the network's precision (float32: 64 positions x p
+    values per image add up), targets (n, d) = x patches @ W^T + b in float64.
     """
-    weight = unfold_weight(module)
+    weight32 = unfold_weight(module).to(module.weight.dtype)
     bias = None if module.bias is None else module.bias.detach().double().cpu()
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     xs, ys, held = [], [], []
@@ -70,8 +71,9 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
         n_images = approx.shape[0]
         image, position = draw_positions(n_images, output_grid(module, approx), per_image, generator)
         image, position = image.to(approx.device), position.to(approx.device)
-        xs.append(patches_at(module, approx, image, position).double().cpu())
-        target = patches_at(module, original, image, position).double().cpu() @ weight.T
+        xs.append(patches_at(module, approx, image, position).cpu())  # the network's precision (float32)
+        # the targets in the layer's own precision (as the network computes them), then float64
+        target = (patches_at(module, original, image, position).cpu() @ weight32.T).double()
         ys.append(target if bias is None else target + bias)
         held.append((image.cpu() + seen) >= n_fit)
         seen += n_images

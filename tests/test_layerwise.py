@@ -111,6 +111,7 @@ def test_samples_from_maps_take_original_responses_at_distinct_drawn_positions()
     approximated = [x + 0.1 * torch.randn_like(x) for x in originals]
     data = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=7, seed=0, activation="relu")
     assert data.inputs.shape == (5 * 7, 27) and data.targets.shape == (5 * 7, 4) and data.activation == "relu"
+    assert data.inputs.dtype == torch.float32 and data.targets.dtype == torch.float64
     assert data.heldout.tolist() == [False] * 28 + [True] * 7  # the fifth image (ordinal 4) is held out
     outputs = torch.cat([conv(x) for x in originals]).detach().double()  # (5, 4, 5, 4): 20 positions per image
     maps_hat = torch.cat(approximated)
@@ -120,10 +121,32 @@ def test_samples_from_maps_take_original_responses_at_distinct_drawn_positions()
         assert int(matches.sum()) == 1  # the target is the original response at exactly one position
         flat = int(matches.nonzero())
         patch = patches_at(conv, maps_hat, torch.tensor([image]), torch.tensor([[flat // 4, flat % 4]]))
-        torch.testing.assert_close(data.inputs[row], patch[0].double())
+        torch.testing.assert_close(data.inputs[row], patch[0])  # inputs keep the network's float32
     for image in range(5):  # 7 distinct positions per image
         assert len({tuple(t.tolist()) for t in data.targets[image * 7:(image + 1) * 7]}) == 7
     again = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=7, seed=0, activation="relu")
     torch.testing.assert_close(again.targets, data.targets)  # seeded
     everything = layer_data_from_maps("layer", conv, approximated, originals, n_fit=4, per_image=99, seed=0, activation="relu")
     assert everything.inputs.shape[0] == 5 * 20  # capped at the grid
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, 0, 1), ((3, 5), (2, 1), (1, 2), 1), (3, 1, 2, 2), (1, 1, 0, 1), ((1, 3), 2, (0, 1), (1, 2))])
+def test_patches_at_equal_the_unfolded_columns(kernel, stride, padding, dilation):
+    import torch.nn.functional as F
+
+    from lowrank_fm.patches import output_grid
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 3, 11, 10)
+    out_h, out_w = output_grid(conv, x)
+    image = torch.arange(2).repeat_interleave(out_h * out_w)
+    flat = torch.arange(out_h * out_w).repeat(2)
+    position = torch.stack([flat // out_w, flat % out_w], dim=1)
+    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    expected = columns.permute(0, 2, 1).reshape(-1, columns.shape[1])  # every window, image-major
+    torch.testing.assert_close(patches_at(conv, x, image, position), expected, rtol=0, atol=0)
+    y = conv(x).detach().permute(0, 2, 3, 1).reshape(-1, 4)  # and they give the conv's responses
+    torch.testing.assert_close(patches_at(conv, x, image, position) @ conv.weight.reshape(4, -1).T + conv.bias, y,
+                               rtol=1e-5, atol=1e-5)

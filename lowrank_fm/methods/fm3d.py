@@ -69,8 +69,9 @@ def vertical_responses(patches: torch.Tensor, vertical: torch.Tensor, kernel: tu
     """
     kh, kw = kernel
     n = patches.shape[0]
-    x = patches.double().reshape(n, -1, kh, kw)
-    return torch.einsum("ncij,eci->nej", x, vertical.double()[..., 0]).reshape(n, -1)
+    dtype = torch.promote_types(patches.dtype, vertical.dtype)  # float64 unless both are float32 (RMSProp)
+    x = patches.to(dtype).reshape(n, -1, kh, kw)
+    return torch.einsum("ncij,eci->nej", x, vertical.to(dtype)[..., 0]).reshape(n, -1)
 
 
 def refit_horizontal(Z: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +96,7 @@ def refine_jointly(vertical: torch.Tensor, factors: tuple, data: LayerData, kern
     held-out rows, and what it measured.
     """
     fit, val = data.fit_and_validation()
-    X, Y = data.inputs.double(), data.targets.double()
+    X, Y = data.inputs, data.targets.double()
 
     def forward(params, x):
         V, A, b1, P, c = params
@@ -147,7 +148,7 @@ class FeatureMap3D(FeatureMap):
             factors = fm_linear_factors(H, bias, torch.from_numpy(stats.mean), basis)
             info.update(solver="symmetric-linear", note="no layer-wise pass: model not traceable")
         else:
-            Z = vertical_responses(data.inputs, vertical, kernel)
+            Z = vertical_responses(data.inputs.double(), vertical, kernel)
             Y = data.targets.double()
             fit, val = data.fit_and_validation()
 

@@ -42,9 +42,11 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
         whichever of (linear start, refined) has the lower objective on the held-out rows
     info : solver, iterations, error_before / error_after (objective relative to E||f(y)||^2), kept
     """
-    X, Y = data.inputs.double(), data.targets.double()
+    X, Y = data.inputs, data.targets.double()  # X stays in its own precision: it is the largest array
     fit, val = data.fit_and_validation()
-    yhat = X @ weight.T + (0.0 if bias is None else bias)
+    # yhat = W xhat + b: the product in float32 (n x p x d multiply-adds, the bulk of the cost), then float64
+    # for the regression's covariances
+    yhat = (X.float() @ weight.float().T).double() + (0.0 if bias is None else bias)
     P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
     act = data.activation
     linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act)
@@ -63,14 +65,22 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
         result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=seed,
                                 X_val=X[val], Y_val=Y[val], **kwargs)
         info["iterations"] = result.iterations
-        if result.objective_after < linear_val:
-            factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
-            after = result.objective_after
+        refined = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
+        refined_val = _patch_objective(X[val].double(), Y[val], refined, act)  # float64, as linear_val
+        if refined_val < linear_val:
+            factors, after = refined, refined_val
     elif solver != "none":
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     info["error_after"] = after / max(scale, 1e-30)
     info["kept"] = "refined" if after < linear_val else "linear"
     return factors, info
+
+
+def _patch_objective(X: torch.Tensor, Y: torch.Tensor, factors, activation: str) -> float:
+    """(1/n) sum_i || f(y_i) - f(U (V x_i + b1) + c) ||^2 in float64; X (n, p), Y (n, d)."""
+    V, b1, U, c = (t.double() for t in factors)
+    act = torch.relu if activation == "relu" else (lambda t: t)
+    return float((act(Y) - act((X @ V.T + b1) @ U.T + c)).pow(2).sum() / max(X.shape[0], 1))
 
 
 class FeatureMap(FeatureMapLinear):

@@ -118,12 +118,12 @@ def _act(t: torch.Tensor, activation: str) -> torch.Tensor:
     return t.clamp_min(0.0) if activation == "relu" else t
 
 
-def _matrix(name: str, t: torch.Tensor) -> torch.Tensor:
+def _matrix(name: str, t: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples as rows), got shape {tuple(t.shape)}")
-    return t.detach().double()
+    return t.detach() if keep_dtype and t.is_floating_point() else t.detach().double()
 
 
 def _check_rank(rank: int, d: int) -> int:
@@ -420,6 +420,7 @@ def rmsprop_minimise(
     batch_size: int = 256,
     seed: int = 0,
     eval_every: int = 50,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float, list[torch.Tensor], tuple[float, ...]]:
     """Stochastic RMSProp on min (1/n) sum_i || f(y_i) - f(forward(params, x_i)) ||^2 over ``params``.
 
@@ -431,6 +432,8 @@ def rmsprop_minimise(
         the best iterate (evaluated every ``eval_every`` steps and after the last)
     steps, lr, alpha, batch_size, seed : RMSProp steps, learning rate, squared-gradient decay, samples per
         step (drawn without replacement from a fresh seeded permutation each pass), seed
+    dtype : the precision of the iterations (float32 by default: a stochastic refinement's steps are far
+        coarser than float32's rounding, and it halves the time); validation and the result are float64
 
     Returns
     -------
@@ -438,18 +441,26 @@ def rmsprop_minimise(
     validation objectives)
     """
     n = X.shape[0]
-    params = [t.detach().double().clone().requires_grad_(True) for t in init]
-    fy, fy_val = _act(Y, activation), _act(Y_val, activation)
+    params = [t.detach().to(dtype).clone().requires_grad_(True) for t in init]
+    X = X.to(dtype)
+    fy = _act(Y.to(dtype), activation)
+    X_val64, fy_val64 = X_val.double(), _act(Y_val.double(), activation)
+    X_val, fy_val = X_val.to(dtype), fy_val64.to(dtype)
 
     def objective(x, fy_, ps) -> torch.Tensor:
         return (fy_ - _act(forward(ps, x), activation)).pow(2).sum() / x.shape[0]
 
-    def validate() -> float:
+    def validate(ps) -> float:  # iterates are ranked in the working precision
         with torch.no_grad():
-            return float(objective(X_val, fy_val, params))
+            return float(objective(X_val, fy_val, ps))
 
-    before = validate()
-    best = (before, [t.detach().clone() for t in params])
+    def validate64(ps) -> float:  # the objectives returned (init and chosen iterate) in float64
+        with torch.no_grad():
+            return float(objective(X_val64, fy_val64, [t.double() for t in ps]))
+
+    start = [t.detach().double() for t in init]
+    before = validate64(start)
+    best = (validate(params), [t.detach().clone() for t in params])
     history = [before]
     optimiser = torch.optim.RMSprop(params, lr=lr, alpha=alpha)
     generator = torch.Generator().manual_seed(seed)
@@ -465,11 +476,14 @@ def rmsprop_minimise(
         objective(X[idx], fy[idx], params).backward()
         optimiser.step()
         if step % eval_every == 0 or step == steps:
-            value = validate()
+            value = validate(params)
             history.append(value)
             if value < best[0]:
                 best = (value, [t.detach().clone() for t in params])
-    return before, best[0], best[1], tuple(history)
+    after = validate64(best[1])
+    if not after < before:  # nothing beat the start (in float64): return it unchanged
+        return before, before, start, tuple(history)
+    return before, after, [t.double() for t in best[1]], tuple(history)
 
 
 @torch.enable_grad()
@@ -536,10 +550,10 @@ def rmsprop_refine(
     -----
     Loss per mini-batch B: (1/|B|) sum_{i in B} || f(y_i) - f(U (V x_i + b1) + c) ||^2, the objective of
     :func:`nonlinear_objective` evaluated on patches rather than responses, optimised with
-    ``torch.optim.RMSprop(lr, alpha)`` in float64.
+    ``torch.optim.RMSprop(lr, alpha)`` in float32 (:func:`rmsprop_minimise`); factors returned in float64.
     """
     _check_activation(activation)
-    X, Y = _matrix("X", X), _matrix("Y", Y)
+    X, Y = _matrix("X", X, keep_dtype=True), _matrix("Y", Y)  # RMSProp iterates in float32 anyway
     W = _matrix("W", W)
     n, p = X.shape
     d = W.shape[0]
@@ -552,7 +566,7 @@ def rmsprop_refine(
     if X_val is None:
         X_val, Y_val = X, Y
     else:
-        X_val, Y_val = _matrix("X_val", X_val), _matrix("Y_val", Y_val)
+        X_val, Y_val = _matrix("X_val", X_val, keep_dtype=True), _matrix("Y_val", Y_val)
         if X_val.shape[1] != p or Y_val.shape != (X_val.shape[0], d):
             raise ValueError(
                 f"X_val must be (m, {p}) and Y_val (m, {d}), got {tuple(X_val.shape)} and {tuple(Y_val.shape)}"
