@@ -65,22 +65,14 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
         result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=seed,
                                 X_val=X[val], Y_val=Y[val], **kwargs)
         info["iterations"] = result.iterations
-        refined = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
-        refined_val = _patch_objective(X[val].double(), Y[val], refined, act)  # float64, as linear_val
-        if refined_val < linear_val:
-            factors, after = refined, refined_val
+        if result.objective_after < linear_val:  # float64 on the same held-out rows, as linear_val
+            factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
+            after = result.objective_after
     elif solver != "none":
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     info["error_after"] = after / max(scale, 1e-30)
     info["kept"] = "refined" if after < linear_val else "linear"
     return factors, info
-
-
-def _patch_objective(X: torch.Tensor, Y: torch.Tensor, factors, activation: str) -> float:
-    """(1/n) sum_i || f(y_i) - f(U (V x_i + b1) + c) ||^2 in float64; X (n, p), Y (n, d)."""
-    V, b1, U, c = (t.double() for t in factors)
-    act = torch.relu if activation == "relu" else (lambda t: t)
-    return float((act(Y) - act((X @ V.T + b1) @ U.T + c)).pow(2).sum() / max(X.shape[0], 1))
 
 
 class FeatureMap(FeatureMapLinear):
