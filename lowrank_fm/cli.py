@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .allocator import ALLOCATORS, use_allocator
 from .config import ALLOCATIONS
 
 __all__ = ["build_parser", "main", "calibration_indices"]
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="factorize layers even when they are not faster than the original (timed at --latency-batch)")
     parser.add_argument("--budget", choices=["macs", "latency"], default="macs",
                         help="what --speedup counts: MACs (default) or measured per-layer latency")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="reuse",
+                        help="reuse (default): freed tensor memory stays in the process for the next forward, as it "
+                             "would under jemalloc; system: glibc returns it and large outputs are page-faulted on "
+                             "every forward (slows factorized layers most; the latency report records which)")
     parser.add_argument("--rank-multiple", type=_positive_int, default=1, help="round every rank to a multiple of N")
     parser.add_argument("--export", action="store_true",
                         help="also write TorchScript and ONNX forms to OUT, with a parity check and their latency")
@@ -138,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     from .distributed import init_from_env
 
     energy = 0.95 if args.energy is None else args.energy
+    use_allocator(args.allocator)  # process-wide: the speed gate's and the latency report's timings run under it
     spec = bundled_spec(args.model)
     dataset_name = args.dataset or (spec.dataset if spec else "imagefolder")
     rank, world_size, args.device = init_from_env(args.device)  # under torchrun: one calibration shard per rank
@@ -190,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
                       "measured_speedup": main_batch["measured_speedup"], "batch_size": args.latency_batch,
                       "threads": speed["threads"], "device": args.device,
                       "memory_format": main_batch["after_memory_format"], "load": speed["load"],
+                      "allocator": speed["allocator"],
                       "batches": speed["batches"]}
     if args.export:
         from .export import export_and_check

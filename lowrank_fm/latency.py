@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from .allocator import allocator_state
 from .surgery import run_model
 
 __all__ = ["compare_latency", "measure_speed", "repeat_to_batch", "to_channels_last", "machine_load"]
@@ -126,13 +127,14 @@ def measure_speed(
 
     Returns
     -------
-    dict with ``device``, ``threads``, ``load`` (load averages before measuring), ``repeats``, ``warmup``
+    dict with ``device``, ``threads``, ``load`` (load averages before measuring), ``allocator`` (what the
+    process does with freed memory, :func:`lowrank_fm.allocator.allocator_state`), ``repeats``, ``warmup``
     and ``batches``: one entry per batch size with ``before_ms``, ``after_ms``, ``measured_speedup``,
     ``speedup_nchw``, the per-layout milliseconds and the layout chosen for each model.
     """
     device = _device_of(device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "load": machine_load(),
-              "repeats": repeats, "warmup": warmup, "batches": {}}
+              "allocator": allocator_state(), "repeats": repeats, "warmup": warmup, "batches": {}}
     variants = {"before_nchw": original.eval(), "after_nchw": approximated.eval()}
     if try_channels_last:
         variants["before_channels_last"] = to_channels_last(original).eval()

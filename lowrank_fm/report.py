@@ -130,9 +130,11 @@ class Report:
             )
         if self.latency:
             lat = self.latency
+            allocator = f", allocator {lat['allocator']['allocator']}" if "allocator" in lat else ""
             lines.append(
                 f"latency: {lat['before_ms']:.2f} ms -> {lat['after_ms']:.2f} ms (measured speedup "
-                f"{lat['measured_speedup']:.2f}x, batch {lat['batch_size']}, {lat['threads']} threads, {lat['device']})"
+                f"{lat['measured_speedup']:.2f}x, batch {lat['batch_size']}, {lat['threads']} threads, {lat['device']}"
+                f"{allocator})"
             )
         if self.timing:
             lines.append("timing: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timing.items()))

@@ -8,9 +8,12 @@ Two kinds of cell:
   from a weight-only method (no calibration data exists for them here); no accuracy is measured, and every
   row says so in its ``mode``.
 
-Every row records threads, device and the machine's load average, and speed only as ratios measured in
-the same process with interleaved repetitions. Rows go to a JSON-lines file as they finish; plots
-(:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
+Every row records threads, device, the machine's load average and the allocator setting, and speed only
+as ratios measured in the same process with interleaved repetitions. Each cell is timed with freed memory
+reused (``"reuse"``, what the command line does) and again with glibc's default (``"system"``, in a
+freshly spawned process: a heap that has been retaining memory would still serve some blocks from its
+holes), so the table shows both (:mod:`lowrank_fm.allocator` says why they differ). Rows go to a JSON-lines file as they
+finish; plots (:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .allocator import use_allocator
 from .api import approximate
 from .config import ApproxConfig
 from .latency import measure_speed
@@ -49,6 +53,7 @@ class SpeedRun:
     speed_only: bool = False
     export: bool = False
     repeats: int | None = None  # timed repetitions (None: the benchmark's)
+    allocators: tuple[str, ...] = ("reuse", "system")  # the first is the row's; approximate() runs under it
 
 
 def _fmnist_grid() -> list[SpeedRun]:
@@ -91,12 +96,30 @@ def _accuracy_data(model_name: str, calib_fraction: float, seed: int, data_dir: 
     return model, loader, images, data, indices
 
 
+def _measure_under(allocator: str, threads: int, *args, **kwargs) -> dict:
+    torch.set_num_threads(threads)
+    use_allocator(allocator)
+    return measure_speed(*args, **kwargs)
+
+
+def _speed_in_fresh_process(allocator: str, original, approximated, images, batch_sizes, repeats: int) -> dict:
+    """:func:`measure_speed` in a newly spawned process with ``allocator`` set and this one's thread count."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_under, allocator, torch.get_num_threads(), original, approximated, images,
+                           batch_sizes=batch_sizes, repeats=repeats).result()
+
+
 def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int = 0, calib_fraction: float = 0.01,
                         eval_images: int | None = None, data_dir: str | None = None, repeats: int = 10,
                         export_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
     """Run every cell and append one JSON line per run to ``out_path``; returns the rows.
 
-    The speed gate times each layer at the largest batch size of the cell.
+    The speed gate times each layer at the largest batch size of the cell. The first of a run's
+    ``allocators`` is set in this process (:func:`lowrank_fm.allocator.use_allocator`; it stays in effect)
+    for ``approximate()`` and the row's ``speed``; each other one is timed in a freshly spawned process.
     """
     from .evaluate import accuracy
 
@@ -115,18 +138,25 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
         n_images = len(indices) if indices is not None else sum(len(b) for b in loader)
         config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress,
                               speed_batch=max(run.batch_sizes), **run.settings)
+        main_allocator = use_allocator(run.allocators[0])["allocator"]  # "system" where reuse cannot be set
         start = time.perf_counter()
         new_model, report = approximate(model, loader, config, n_images=n_images, image_ids=indices,
                                         model_name=run.model, dataset_name=None if data is None else data.name)
         wall = time.perf_counter() - start
         speed = measure_speed(model, new_model, images, batch_sizes=run.batch_sizes, repeats=run.repeats or repeats)
+        by_allocator = {main_allocator: speed}  # keyed by the setting in effect
+        for allocator in run.allocators[1:]:
+            other = _speed_in_fresh_process(allocator, model, new_model, images, run.batch_sizes, run.repeats or repeats)
+            by_allocator.setdefault(other["allocator"]["allocator"], other)
         row = {
             "model": run.model, "label": run.label, "target_speedup": run.speedup,
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in run.settings.items()},
             "mode": SPEED_ONLY if run.speed_only else "accuracy: trained weights, test split",
             "theoretical_speedup": report.totals["theoretical_speedup"],
             "measured_speedup": {b: e["measured_speedup"] for b, e in speed["batches"].items()},
-            "speed": speed, "approximate_wall_s": wall, "selection": report.selection,
+            "speed": speed, "approximate_wall_s": wall,
+            "measured_speedup_by_allocator": {a: {b: e["measured_speedup"] for b, e in sp["batches"].items()}
+                                              for a, sp in by_allocator.items()}, "selection": report.selection,
             "layers": [{k: v for k, v in l.to_dict().items() if k in ("name", "rank", "status", "reason", "macs_before",
                                                                       "macs_after", "original_ms", "factorized_ms")}
                        for l in report.layers],
@@ -151,21 +181,25 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
 
 
 def speed_table(rows: list[dict]) -> str:
-    """Markdown: model, method, target, theoretical and measured speedup per batch, layouts, slower layers,
-    top-1 before/after (or 'speed only'), threads and load."""
-    lines = ["| model | method | target | theoretical | measured (batch: speedup) | layout (original / approximated) | "
+    """Markdown: model, method, target, theoretical and measured speedup per batch (freed memory reused, and
+    with glibc's default allocator; rows from before the allocator was recorded count as the latter), layouts,
+    slower layers, top-1 before/after (or 'speed only'), threads and load."""
+    lines = ["| model | method | target | theoretical | measured, memory reused (batch: speedup) | "
+             "measured, system allocator | layout (original / approximated) | "
              "top-1 before -> after | layers kept as slower | threads, load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         batches = r["speed"]["batches"]
-        measured = ", ".join(f"{b}: {e['measured_speedup']:.2f}x" for b, e in batches.items())
+        by_allocator = r.get("measured_speedup_by_allocator") or {"system": r["measured_speedup"]}
+        measured = {a: ", ".join(f"{b}: {v:.2f}x" for b, v in by_allocator[a].items()) if a in by_allocator else "-"
+                    for a in ("reuse", "system")}
         last = batches[max(batches, key=int)]
         layout = f"{last['before_memory_format']} / {last['after_memory_format']}"
         top1 = (f"{100 * r['top1_before']:.2f} -> {100 * r['top1_after']:.2f}" if "top1_after" in r else "speed only")
         slower = len(r["selection"].get("speed_gate", {}).get("slower", []))
         load = r["speed"].get("load")
         lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
-                     f"{measured} | {layout} | {top1} | {slower} | {r['threads']}, {load[0] if load else '?'} |")
+                     f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | {r['threads']}, {load[0] if load else '?'} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import lowrank_fm
+from lowrank_fm.allocator import _glibc, _preloaded
 from lowrank_fm.cli import calibration_indices, main
 from lowrank_fm.config import ApproxConfig
 from lowrank_fm.data import load_dataset
@@ -293,6 +294,8 @@ def test_speed_gate_latency_and_export_in_the_report(tmp_path):
     assert set(latency["batches"]) == {"1", "32"}
     assert latency["memory_format"] in ("nchw", "channels_last")
     assert latency["measured_speedup"] == pytest.approx(latency["before_ms"] / latency["after_ms"])
+    reuse_settable = _glibc() is not None and _preloaded() is None
+    assert latency["allocator"]["allocator"] == ("reuse" if reuse_settable else "system")  # the default, recorded
     export = latency["export"]
     assert export["torchscript"]["parity"] and (out / "model.torchscript.pt").is_file()
     assert "skipped" in export["onnx"] or (export["onnx"]["parity"] and (out / "model.onnx").is_file())
