@@ -60,10 +60,12 @@ class ApproxConfig:
     force : factorize a layer even when its rank does not reduce its MACs (to check exactness; normally
         such a layer is kept with the reason).
     speed_gate : time every factorized layer against the original on its real input shape at
-        ``speed_batch`` images and keep the original (reason ``slower``) when it is not faster.
+        ``speed_batch`` images, in the memory layout the whole model runs faster in, and keep the original
+        (reason ``slower``) when it is not faster.
     speed_batch, speed_repeats : batch size and interleaved repetitions of those per-layer timings.
     budget : what ``speedup`` counts: ``"macs"`` (theoretical) or ``"latency"`` (measured per-layer latency
-        on ``device`` at ``speed_batch``, the rest of the model measured as a fixed cost).
+        on ``device`` at ``speed_batch``, the rest of the model measured with those layers stubbed out as a
+        fixed cost; the plan is then timed whole and re-planned when it misses ``speedup`` by more than 5%).
     rank_multiple : round every chosen rank to a multiple of this (e.g. 8, friendlier to vectorised
         kernels); 1 leaves ranks as chosen.
     """

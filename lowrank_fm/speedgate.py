@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .latency import compare_latency
+from .latency import compare_latency, to_channels_last
 
-__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "round_rank"]
+__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "time_rest", "round_rank"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,17 @@ def _random_input(in_shape: Sequence[int], batch: int, device, seed: int = 0) ->
 
 
 def time_layers(modules: dict[str, nn.Module], in_shape: Sequence[int], batch: int, *, repeats: int = 5,
-                warmup: int = 1, device="cpu", min_seconds: float = 0.5) -> dict[str, float]:
+                warmup: int = 1, device="cpu", min_seconds: float = 0.5, channels_last: bool = False) -> dict[str, float]:
     """Median milliseconds of each module on one random batch of shape (batch, *in_shape), interleaved
-    (at least ``repeats`` rounds, more for fast layers until the rounds last ``min_seconds``)."""
+    (at least ``repeats`` rounds, more for fast layers until the rounds last ``min_seconds``).
+    ``channels_last``: image input (C, H, W) and 4-D weights in that memory format (copies of the modules),
+    the layout the whole model will run in."""
     if not in_shape:
         raise ValueError("time_layers needs the layer's per-image input shape, got an empty shape")
     x = _random_input(in_shape, batch, device)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+        modules = {name: to_channels_last(module) for name, module in modules.items()}
     return compare_latency(modules, x, repeats=repeats, warmup=warmup, device=device, min_seconds=min_seconds)
 
 
@@ -68,22 +73,26 @@ class SpeedGate:
     repeats, warmup : timed interleaved rounds and untimed forwards per module.
     device : where the layers run.
     margin : the factorized layer passes when ``factorized_ms * margin < original_ms`` (1.0: strictly faster).
+    channels_last : time image layers in channels-last memory format (the layout the model runs in).
 
     Attributes
     ----------
     timings_ : name -> :class:`LayerTiming` of every layer checked.
     """
 
-    def __init__(self, batch: int = 32, *, repeats: int = 5, warmup: int = 1, device="cpu", margin: float = 1.0) -> None:
+    def __init__(self, batch: int = 32, *, repeats: int = 5, warmup: int = 1, device="cpu", margin: float = 1.0,
+                 channels_last: bool = False) -> None:
         if batch < 1 or repeats < 1:
             raise ValueError(f"SpeedGate needs batch >= 1 and repeats >= 1, got batch={batch}, repeats={repeats}")
         self.batch, self.repeats, self.warmup, self.device, self.margin = batch, repeats, warmup, device, margin
+        self.channels_last = channels_last
         self.timings_: dict[str, LayerTiming] = {}
 
     def check(self, name: str, original: nn.Module, factorized: nn.Module, in_shape: Sequence[int]) -> bool:
         """True when ``factorized`` is faster than ``original`` on input (batch, *in_shape)."""
         modules = {"original": _on(original, self.device), "factorized": factorized.to(self.device)}
-        ms = time_layers(modules, in_shape, self.batch, repeats=self.repeats, warmup=self.warmup, device=self.device)
+        ms = time_layers(modules, in_shape, self.batch, repeats=self.repeats, warmup=self.warmup, device=self.device,
+                         channels_last=self.channels_last)
         timing = LayerTiming(ms["original"], ms["factorized"])
         self.timings_[name] = timing
         return timing.factorized_ms * self.margin < timing.original_ms
@@ -108,14 +117,15 @@ class LatencyCurve:
 
 
 def fit_latency_curve(original: nn.Module, build_at: Callable[[int], nn.Module], ranks: Sequence[int],
-                      in_shape: Sequence[int], batch: int, *, repeats: int = 3, device="cpu") -> LatencyCurve:
-    """Time the original layer and the factorized one at each of ``ranks`` (interleaved), then fit
-    ms(r) = a + b r by least squares."""
+                      in_shape: Sequence[int], batch: int, *, repeats: int = 3, device="cpu",
+                      channels_last: bool = False) -> LatencyCurve:
+    """Time the original layer and the factorized one at each of ``ranks`` (interleaved, in channels-last
+    with ``channels_last``), then fit ms(r) = a + b r by least squares."""
     ranks = sorted({int(r) for r in ranks})
     if not ranks:
         raise ValueError("fit_latency_curve needs at least one rank")
     modules = {"original": _on(original, device), **{f"r{r}": build_at(r).to(device) for r in ranks}}
-    ms = time_layers(modules, in_shape, batch, repeats=repeats, device=device)
+    ms = time_layers(modules, in_shape, batch, repeats=repeats, device=device, channels_last=channels_last)
     values = np.array([ms[f"r{r}"] for r in ranks])
     if len(ranks) == 1:
         slope, intercept = values[0] / ranks[0], 0.0
@@ -123,6 +133,39 @@ def fit_latency_curve(original: nn.Module, build_at: Callable[[int], nn.Module],
         slope, intercept = np.polyfit(np.array(ranks, dtype=float), values, 1)
     slope = max(float(slope), 1e-6)
     return LatencyCurve(float(ms["original"]), float(intercept), slope, {r: float(ms[f"r{r}"]) for r in ranks})
+
+
+class _FixedOutput(nn.Module):
+    """Stands in for a layer at no cost: returns one preallocated tensor of the layer's output shape
+    (batch, *out_shape), in the input's memory format. Its values are meaningless: it only times the rest."""
+
+    def __init__(self, out_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], *self.out_shape)
+        if self.out is None or self.out.shape != shape or self.out.device != x.device:
+            fmt = torch.channels_last if x.ndim == 4 and len(shape) == 4 and not x.is_contiguous() else torch.contiguous_format
+            self.out = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+        return self.out
+
+
+def time_rest(model: nn.Module, out_shapes: dict[str, Sequence[int]], batch: torch.Tensor, *, repeats: int = 3,
+              device="cpu", channels_last: bool = False) -> float:
+    """Median milliseconds of ``model`` on ``batch`` with the named layers replaced by free stand-ins that
+    return a fixed tensor of their per-image output shape ``out_shapes[name]``: the time of everything but
+    those layers (pooling, activations, the other layers), measured rather than taken as a difference."""
+    from .latency import to_channels_last
+    from .surgery import set_module
+
+    rest = copy.deepcopy(model)
+    for name, out_shape in out_shapes.items():
+        set_module(rest, name, _FixedOutput(out_shape))
+    if channels_last:
+        rest, batch = to_channels_last(rest), batch.contiguous(memory_format=torch.channels_last)
+    return compare_latency({"rest": rest}, batch, repeats=repeats, warmup=1, device=device)["rest"]
 
 
 def round_rank(rank: int, multiple: int, full_rank: int) -> int:

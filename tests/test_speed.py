@@ -12,8 +12,8 @@ from torch import nn
 
 from lowrank_fm import approximate
 from lowrank_fm.config import ApproxConfig
-from lowrank_fm.latency import compare_latency, measure_speed, repeat_to_batch
-from lowrank_fm.speedgate import SpeedGate, fit_latency_curve, round_rank
+from lowrank_fm.latency import compare_latency, faster_layout, measure_speed, repeat_to_batch
+from lowrank_fm.speedgate import SpeedGate, fit_latency_curve, round_rank, time_layers, time_rest
 
 
 class Sleeper(nn.Module):
@@ -45,6 +45,83 @@ def test_measure_speed_reports_every_batch_layout_and_a_ratio():
         assert entry["before_ms"] == min(entry["before_nchw_ms"], entry["before_channels_last_ms"])
         assert entry["measured_speedup"] == pytest.approx(entry["before_ms"] / entry["after_ms"])
         assert 2.5 < entry["measured_speedup"] < 5.5
+
+
+class LayoutSleeper(nn.Module):
+    """Sleeps ``nchw_ms`` on an NCHW-contiguous input and ``other_ms`` otherwise; records the layouts of its
+    input and 4-D weight."""
+
+    def __init__(self, nchw_ms: float, other_ms: float) -> None:
+        super().__init__()
+        self.nchw_ms, self.other_ms, self.seen = nchw_ms, other_ms, set()
+        self.conv = nn.Conv2d(3, 3, 3)  # 3x3: its channels-last strides differ from NCHW
+
+    def forward(self, x):
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        weight_last = self.conv.weight.is_contiguous(memory_format=torch.channels_last) and not self.conv.weight.is_contiguous()
+        self.seen.add((channels_last, weight_last))
+        time.sleep((self.other_ms if channels_last else self.nchw_ms) / 1000.0)
+        return x
+
+
+def test_faster_layout_picks_the_layout_of_known_lower_cost():
+    batch = torch.randn(2, 3, 5, 5)
+    layout, ms = faster_layout(LayoutSleeper(30.0, 8.0), batch, repeats=3)
+    assert layout == "channels_last" and ms["nchw"] >= 30.0 and 8.0 <= ms["channels_last"] < 25.0
+    layout, ms = faster_layout(LayoutSleeper(8.0, 30.0), batch, repeats=3)
+    assert layout == "nchw" and ms["channels_last"] >= 30.0
+
+
+def test_layers_are_timed_in_the_layout_asked_for():
+    for channels_last in (False, True):
+        sleeper = LayoutSleeper(1.0, 1.0)
+        seen = sleeper.seen  # shared with the channels-last copy that time_layers makes (deepcopy keeps no link)
+        sleeper.seen = _SharedSet(seen)
+        time_layers({"a": sleeper}, (3, 5, 5), 2, repeats=1, min_seconds=0.0, channels_last=channels_last)
+        assert seen == {(channels_last, channels_last)}
+        assert sleeper.conv.weight.is_contiguous()  # the caller's module is not converted
+    slow, fast = LayoutSleeper(30.0, 30.0), LayoutSleeper(30.0, 5.0)  # fast only in channels-last
+    assert SpeedGate(2, repeats=1, channels_last=True).check("layer", slow, fast, (3, 5, 5))
+    assert not SpeedGate(2, repeats=1).check("layer", slow, fast, (3, 5, 5))
+
+
+class _SharedSet:
+    """A set wrapper whose deep copies add to the same set."""
+
+    def __init__(self, target: set) -> None:
+        self.target = target
+
+    def add(self, item) -> None:
+        self.target.add(item)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SlowConv(nn.Module):
+    """A 3 -> 5 channel conv that also sleeps ``ms`` (a layer of known cost that changes the shape)."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms, self.conv = ms, nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x):
+        time.sleep(self.ms / 1000.0)
+        return self.conv(x)
+
+
+class ShapeCheck(Sleeper):
+    def forward(self, x):
+        assert x.shape[1:] == (5, 4, 4), x.shape
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_time_rest_measures_the_model_without_the_stubbed_layers(channels_last):
+    model = nn.Sequential(SlowConv(40.0), ShapeCheck(10.0, channels=5), nn.Conv2d(5, 5, 1))
+    ms = time_rest(model, {"0": (5, 4, 4)}, torch.randn(2, 3, 4, 4), repeats=3, channels_last=channels_last)
+    assert 10.0 <= ms < 30.0  # the 10 ms layer and a 1x1 conv, not the 40 ms one
+    assert isinstance(model[0], SlowConv)  # the caller's model is not modified
 
 
 def test_repeat_to_batch_cycles_images():
@@ -118,6 +195,8 @@ def test_a_slower_layer_stays_original_and_the_others_keep_their_ranks(digits_ru
     assert isinstance(dict(new_model.named_modules())[slow], nn.Conv2d | nn.Linear)
     assert by_name[slow].to_dict()["original_ms"] > 0
     assert report.selection["speed_gate"]["slower"] == [slow]
+    gate = report.selection["speed_gate"]  # the layout the layers were timed in: the whole model's faster one
+    assert gate["layout"] == min(("nchw", "channels_last"), key=lambda name: gate[f"model_{name}_ms"])
     assert by_name[slow].macs_after == by_name[slow].macs_before
     # the other layers keep the ranks the budget gave them (no deeper cuts to make up for the kept layer)
     for layer in plain.layers:
@@ -147,3 +226,12 @@ def test_latency_budget_runs_and_says_so(digits_run):
     # factorizes layers, and its plan is a latency ratio, not the MAC ratio
     assert any(l.status == "approximated" for l in report.layers)
     assert report.selection["planned_speedup"] != pytest.approx(report.totals["theoretical_speedup"])
+    parts = report.selection["latency_model"]
+    assert parts["layout"] in ("nchw", "channels_last") and parts["rest_ms"] > 0 and parts["layers_original_ms"] > 0
+    # the rest is measured with the layers stubbed out: less than the whole model in the same layout
+    assert parts["rest_ms"] < parts[f"model_{parts['layout']}_ms"]
+    # the plan was measured on the whole model; the kept one is the check closest to the target
+    checks = report.selection["latency_checks"]
+    assert 1 <= len(checks) <= 3 and all(c["measured"] > 0 for c in checks)
+    assert report.selection["measured_plan_speedup"] == min((c["measured"] for c in checks), key=lambda m: abs(m / 1.5 - 1))
+    assert report.selection["target_speedup"] == 1.5
