@@ -78,7 +78,8 @@ def use_allocator(name: str) -> dict:
     Process-wide and immediate. Where glibc's ``mallopt`` is not the allocator (another C library, or an
     allocator preloaded with LD_PRELOAD), nothing is changed and the returned state's ``note`` says why.
     "system" after "reuse" sets glibc's documented defaults (128 KiB thresholds, without the dynamic
-    mmap threshold of a fresh process) and returns the retained free memory to the OS (``malloc_trim``). Returns :func:`allocator_state`.
+    mmap threshold of a fresh process) and returns the retained free memory to the OS (``malloc_trim``).
+    Returns :func:`allocator_state`.
     """
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}: use one of {list(ALLOCATORS)}")

@@ -333,9 +333,9 @@ def _checked_latency_plan(method: Method, contexts: dict[str, LayerContext], cos
     The per-layer curves are timed in isolation and do not add up exactly to the model's time (caches,
     the layers' neighbours), so a plan for S can measure well above or below S. Each round builds the
     planned layers (``method.build`` without data: the module shapes are what counts), times the whole model
-    in ``layout`` against the original (interleaved rounds), and when the measured speedup m is off S by more than ``tolerance``
-    plans again for S' <- S' * S / m. The plan whose measurement is closest to S is kept; every round is
-    recorded in ``selection["latency_checks"]``.
+    in ``layout`` against the original (interleaved rounds), and when the measured speedup m is off S by more
+    than ``tolerance`` plans again for S' <- S' * S / m. The plan whose measurement is closest to S is kept;
+    every round is recorded in ``selection["latency_checks"]``.
     """
     import dataclasses
 
