@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -39,8 +40,10 @@ _REUSE_TRIM_THRESHOLD = 2**31 - 1
 _state = {"allocator": "system", "changed": False}
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (it has ``mallopt`` and ``gnu_get_libc_version``), else None."""
+    """The C library when it is glibc (it has ``mallopt`` and ``gnu_get_libc_version``), else None (looked up
+    once: every latency measurement asks)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -340,6 +340,7 @@ def _checked_latency_plan(method: Method, contexts: dict[str, LayerContext], cos
     import dataclasses
 
     from .latency import compare_latency, repeat_to_batch, to_channels_last
+    from .speedgate import copy_with
 
     target, planned = float(config.speedup), float(config.speedup)
     batch = repeat_to_batch(example, config.speed_batch)
@@ -349,12 +350,10 @@ def _checked_latency_plan(method: Method, contexts: dict[str, LayerContext], cos
     original = to_channels_last(work) if channels_last else work
     checks, best = [], None
     for _ in range(rounds + 1):
-        candidate = copy.deepcopy(work)
-        for name, rank in chosen.items():
-            if rank is not None and method.macs(contexts[name], rank) < costs[name].macs:
-                set_module(candidate, name, method.build(contexts[name], rank).to(config.device).eval())
-        if channels_last:
-            candidate = to_channels_last(candidate)
+        candidate = copy_with(work, {name: method.build(contexts[name], rank).to(config.device).eval()
+                                     for name, rank in chosen.items()
+                                     if rank is not None and method.macs(contexts[name], rank) < costs[name].macs},
+                              channels_last=channels_last)
         ms = compare_latency({"original": original, "plan": candidate}, batch, repeats=config.speed_repeats, warmup=1,
                              device=config.device)  # interleaved: the ratio is what the machine's state leaves alone
         measured = ms["original"] / ms["plan"]

@@ -12,8 +12,8 @@ Every row records threads, device, the machine's load average and the allocator 
 as ratios measured in the same process with interleaved repetitions. Each cell is timed with freed memory
 reused (``"reuse"``, what the command line does) and again with glibc's default (``"system"``, in a
 freshly spawned process: a heap that has been retaining memory would still serve some blocks from its
-holes), so the table shows both (:mod:`lowrank_fm.allocator` says why they differ). Rows go to a JSON-lines file as they
-finish; plots (:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
+holes), so the table shows both (:mod:`lowrank_fm.allocator` says why they differ). Rows go to a
+JSON-lines file as they finish; plots (:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
 """
 
 from __future__ import annotations

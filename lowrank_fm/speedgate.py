@@ -18,7 +18,8 @@ from torch import nn
 
 from .latency import compare_latency, to_channels_last
 
-__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "time_rest", "round_rank"]
+__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "copy_with", "time_rest",
+           "round_rank"]
 
 
 @dataclass(frozen=True)
@@ -152,19 +153,26 @@ class _FixedOutput(nn.Module):
         return self.out
 
 
+def copy_with(model: nn.Module, replacements: dict[str, nn.Module], *, channels_last: bool = False) -> nn.Module:
+    """A copy of ``model`` with the named submodules replaced (the caller's model is left alone), its 4-D
+    weights in channels-last memory format when ``channels_last``."""
+    from .surgery import set_module
+
+    copied = copy.deepcopy(model)
+    for name, module in replacements.items():
+        set_module(copied, name, module)
+    return copied.to(memory_format=torch.channels_last) if channels_last else copied
+
+
 def time_rest(model: nn.Module, out_shapes: dict[str, Sequence[int]], batch: torch.Tensor, *, repeats: int = 3,
               device="cpu", channels_last: bool = False) -> float:
     """Median milliseconds of ``model`` on ``batch`` with the named layers replaced by free stand-ins that
     return a fixed tensor of their per-image output shape ``out_shapes[name]``: the time of everything but
     those layers (pooling, activations, the other layers), measured rather than taken as a difference."""
-    from .latency import to_channels_last
-    from .surgery import set_module
-
-    rest = copy.deepcopy(model)
-    for name, out_shape in out_shapes.items():
-        set_module(rest, name, _FixedOutput(out_shape))
+    rest = copy_with(model, {name: _FixedOutput(shape) for name, shape in out_shapes.items()},
+                     channels_last=channels_last)
     if channels_last:
-        rest, batch = to_channels_last(rest), batch.contiguous(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
     return compare_latency({"rest": rest}, batch, repeats=repeats, warmup=1, device=device)["rest"]
 
 
