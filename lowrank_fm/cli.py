@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="where the data set lies (ImageFolder: train/ and val/)")
     parser.add_argument("--weights", default="default", help="default, none, or PATH to a state_dict")
     parser.add_argument("--num-classes", type=_positive_int, default=None, help="classifier size of a torchvision model")
-    parser.add_argument("--image-size", type=_positive_int, default=224, help="ImageFolder crop size")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="input size (default: the bundled model's, else 224 for imagefolder)")
     calib = parser.add_mutually_exclusive_group()
     calib.add_argument("--calib-fraction", type=_fraction, default=0.01,
                        help=f"share of the training split used to calibrate (default 0.01, at least {MIN_CALIB_IMAGES} images)")
@@ -154,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
+    if args.image_size is None:
+        args.image_size = spec.input_size if spec and spec.input_size else 224
     data = load_dataset(dataset_name, args.data_dir, image_size=args.image_size)
     model = create_model(args.model, args.weights, num_classes=None if spec else (args.num_classes or data.num_classes))
     model = model.to(args.device)

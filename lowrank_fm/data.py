@@ -5,6 +5,10 @@
   /usr/share/datasets/fashion-mnist/, or pass ``data_dir``), 60,000 train / 10,000 test.
 - ``imagefolder``: ``data_dir/train`` and ``data_dir/val`` class folders of images (ImageNet layout).
 - ``cifar10``: torchvision's CIFAR-10 loader on a local copy (``download=False``).
+- ``cifar10-jpeg``: the project's CIFAR-10 JPEG archive (``../shared/data/cifar10-jpeg.tar.gz`` beside the
+  checkout, or ``data_dir``: the archive or its extracted folder), decoded once and cached; 32 px images
+  (resized bilinearly to ``image_size`` when it differs), normalised with the ImageNet mean/std as
+  ``imagefolder`` does. The CIFAR-10 models of :mod:`lowrank_fm.models` are trained on exactly this.
 
 Every image is returned as a float tensor (C, H, W) normalised with the split's fixed mean/std.
 """
@@ -46,7 +50,7 @@ class DataSplits:
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return ["digits", "fashion-mnist", "imagefolder", "cifar10"]
+    return ["digits", "fashion-mnist", "imagefolder", "cifar10", "cifar10-jpeg"]
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224) -> DataSplits:
@@ -67,6 +71,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         return _image_folder(data_dir, image_size)
     if name == "cifar10":
         return _cifar10(data_dir)
+    if name == "cifar10-jpeg":
+        return _cifar10_jpeg(data_dir, image_size)
     raise ValueError(f"dataset must be one of {list_datasets()}, got {name!r}")
 
 
@@ -179,3 +185,20 @@ def _cifar10(data_dir) -> DataSplits:
             f"CIFAR-10 not found under --data-dir {root} ({error}): pass --data-dir DIR holding cifar-10-batches-py/"
         ) from error
     return DataSplits("cifar10", train, test, 10, (3, 32, 32))
+
+
+def _cifar10_jpeg(data_dir, image_size: int) -> DataSplits:
+    from .cifar10_jpeg import read_cifar10_jpeg
+    from .image_training import normalise
+
+    try:
+        arrays = read_cifar10_jpeg(data_dir)
+    except FileNotFoundError as error:
+        raise DataNotFoundError(str(error)) from error
+
+    def split(prefix: str) -> TensorDataset:
+        images = torch.from_numpy(arrays[f"{prefix}_images"])
+        tensors = torch.cat([normalise(images[i : i + 5000], image_size) for i in range(0, len(images), 5000)])
+        return TensorDataset(tensors, torch.from_numpy(arrays[f"{prefix}_labels"]))
+
+    return DataSplits("cifar10-jpeg", split("train"), split("val"), 10, (3, image_size, image_size))

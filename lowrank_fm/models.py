@@ -7,6 +7,11 @@ Bundled (registered with :func:`register_model`):
 - ``vgg-fmnist`` (VGG, 64-64-128-128-256-256), ``vgg-fmnist-narrow`` (the same at half width; the reference
   VGG until 2026-11-23) and ``resnet-fmnist``: Fashion-MNIST models whose checkpoints ship in
   ``lowrank_fm/checkpoints`` (made by ``scripts/train_reference.py``; see the JSON beside each).
+- CIFAR-10 models (data ``cifar10-jpeg``, images normalised as ``imagefolder`` does): ``resnet20-cifar10`` and
+  ``resnet56-cifar10`` (the classic CIFAR ResNets; checkpoints shipped when trained), and torchvision's
+  ``alexnet``, ``resnet18``, ``vgg16_bn``, ``shufflenet_v2_x1_0``, ``densenet161`` with 10-class heads as
+  ``alexnet-cifar10`` etc., whose checkpoints are too large to ship: ``scripts/train_reference.py NAME
+  --device cuda`` writes them to the cache folder (weights kind ``cache``).
 
 Any other name is looked up in ``torchvision.models`` (``weights``: ``none``, ``default`` or a path to a
 state_dict). Nothing downloads: ``default`` fails with one line saying to pass ``--weights PATH``.
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .zoo import ResNetSmall, VGGSmall
+from .zoo import ResNetCifar, ResNetSmall, VGGSmall
 
 __all__ = [
     "ModelSpec",
@@ -52,7 +57,8 @@ class ModelSpec:
     name: str
     build: Callable[[], nn.Module]
     dataset: str
-    weights: str  # "checkpoint" (shipped file) or "train-on-first-use"
+    weights: str  # "checkpoint" (shipped file), "train-on-first-use" or "cache" (made by train_reference.py)
+    input_size: int | None = None  # the image size the model was trained on, where its data set can resize
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -94,6 +100,24 @@ register_model(  # the reference VGG until 2026-11-23: half the width, less redu
 register_model(
     ModelSpec("resnet-fmnist", lambda: ResNetSmall((32, 64, 128), blocks=2), "fashion-mnist", "checkpoint")
 )
+
+
+def _torchvision_cifar(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=10)
+
+    return build
+
+
+register_model(ModelSpec("resnet20-cifar10", lambda: ResNetCifar(20), "cifar10-jpeg", "checkpoint", 32))
+register_model(ModelSpec("resnet56-cifar10", lambda: ResNetCifar(56), "cifar10-jpeg", "checkpoint", 32))
+# torchvision architectures as designed, 10-class heads, at the smallest input each accepts: 32 px, except
+# AlexNet (11x11 stride-4 stem and three 3x3 stride-2 pools need at least 63 px; 64 = 2 x 32 gives the same maps)
+for _name, _size in (("alexnet", 64), ("resnet18", 32), ("vgg16_bn", 32), ("shufflenet_v2_x1_0", 32),
+                     ("densenet161", 32)):
+    register_model(ModelSpec(f"{_name}-cifar10", _torchvision_cifar(_name), "cifar10-jpeg", "cache", _size))
 
 
 def checkpoint_path(name: str) -> Path:
@@ -151,6 +175,11 @@ def _bundled(spec: ModelSpec, weights: str) -> nn.Module:
     if cached.is_file():
         model.load_state_dict(load_state_dict_file(cached))
         return model
+    if spec.weights == "cache":
+        raise WeightsNotFoundError(
+            f"{spec.name}: no trained checkpoint at {cached}; train it with 'python scripts/train_reference.py "
+            f"{spec.name} --device cuda' or pass --weights PATH"
+        )
     log.info("training %s on first use (cached at %s)", spec.name, cached)
     model = _train_digits_model(spec)
     cached.parent.mkdir(parents=True, exist_ok=True)

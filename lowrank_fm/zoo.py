@@ -5,6 +5,9 @@ loads their checkpoints.
 
 - ``VGGSmall``: VGG-style stack of 3x3 conv + BatchNorm + ReLU blocks with max-pooling, then a small MLP.
 - ``ResNetSmall``: CIFAR-style ResNet of BasicBlocks with strided 3x3 convs and 1x1 projection shortcuts.
+- ``ResNetCifar``: the classic CIFAR ResNet-(6n+2) of He et al. (CVPR 2016, section 4.2): 16-32-64 channels,
+  n BasicBlocks per stage, parameter-free shortcuts (option A); ResNet-20 has 0.27 M parameters, ResNet-56
+  0.85 M.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["VGGSmall", "ResNetSmall", "BasicBlock"]
+__all__ = ["VGGSmall", "ResNetSmall", "BasicBlock", "ResNetCifar"]
 
 
 class VGGSmall(nn.Module):
@@ -136,4 +139,55 @@ class ResNetSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x : (N, in_channels, H, W) -> logits (N, num_classes)."""
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+class _PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and append zero channels, (N, C, H, W) -> (N, C', H/s, W/s)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.extra = stride, out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 32 x 32 colour images: 3x3 stem (16), three stages of n BasicBlocks (16, 32, 64
+    channels, stride 2 between stages), global average pooling, one Linear layer.
+
+    depth : 6n + 2 (20, 32, 44, 56, 110).
+    """
+
+    def __init__(self, depth: int = 20, *, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"ResNetCifar depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        channels = 16
+        for index, width in enumerate((16, 32, 64)):
+            stage = []
+            for block in range(blocks):
+                stride = 2 if (index > 0 and block == 0) else 1
+                unit = BasicBlock(channels, width, stride)
+                if stride != 1 or channels != width:
+                    unit.shortcut = _PadShortcut(channels, width, stride)
+                stage.append(unit)
+                channels = width
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x : (N, 3, 32, 32) -> logits (N, num_classes)."""
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved inference/calibration repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default="default", help="default|none|PATH (torchvision names need none or PATH)")
+    parser.add_argument("--image-size", type=int, default=224, help="imagefolder crop size")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results/calibration.jsonl")
     return parser
@@ -46,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     spec = bundled_spec(args.model)
-    data = load_dataset(spec.dataset if spec else "imagefolder", args.data_dir)
+    data = load_dataset(spec.dataset if spec else "imagefolder", args.data_dir, image_size=args.image_size)
     indices = calibration_indices(len(data.train), 1.0, args.images, seed=0)
     images = torch.stack([data.train[int(i)][0] for i in indices])
     batches = list(torch.split(images, args.batch_size))
     if args.device.startswith("cuda"):
         batches = [b.pin_memory() for b in batches]
-    model = create_model(args.model)
+    model = create_model(args.model, args.weights, num_classes=None if spec else data.num_classes)
     result = calibration_throughput(model, batches, positions_per_image=args.positions_per_image,
                                     repeats=args.repeats, device=args.device)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
