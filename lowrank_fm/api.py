@@ -334,7 +334,7 @@ def _choose_raw_ranks(method: Method, contexts: dict[str, LayerContext], macs: d
         score = "energy" if config.allocation == "energy" else "error"
         result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=score)
     if not result.reachable:
-        log.warning("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
+        log.info("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
                  "reachable": result.reachable, "allocation": config.allocation,
                  "budget": "macs" if latency is None else "latency"}

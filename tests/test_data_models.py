@@ -2,7 +2,6 @@
 state_dict files are read without unpickling arbitrary objects."""
 
 import os
-import pickle
 
 import pytest
 import torch
