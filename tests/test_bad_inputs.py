@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import h5py
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -395,3 +395,16 @@ def test_weights_of_another_save_fail_the_checksum(saved, tmp_path):
     torch.save(other, folder / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="model_state.pt does not match the checksum in .*manifest.json"):
         load_approximated(folder)
+
+
+def test_calibrate_alone_refuses_a_nan_image_before_running_it(model, batches, tmp_path):
+    """The calibration stage checks images itself (calibrate() is public): image 70 is named and only the
+    images before its batch are stored."""
+    from calibration import calibrate
+
+    data = [b.clone() for b in batches]
+    data[2][6, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="calibration image 70 holds NaN or infinite values"):
+        calibrate(model, data, ["features.3"], tmp_path / "c.h5", n_images=128, progress=False)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert int(f.attrs["n_images_done"]) == 64 and not f.attrs["complete"]
