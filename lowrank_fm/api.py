@@ -109,7 +109,7 @@ def check_finite_weights(model: nn.Module, when: str = "") -> None:
         for name, tensor in named:
             if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
                 continue
-            layer, _, field = name.rpartition(".")
+            layer = name.rpartition(".")[0]
             bad = int((~torch.isfinite(tensor)).sum())
             nans = int(torch.isnan(tensor).sum())
             raise ValueError(

@@ -254,8 +254,8 @@ def _commit_outputs(stage: Path, out: Path) -> None:
     marker = out / INCOMPLETE_MARKER
     marker.write_text("a run was moving its outputs into this folder and did not finish: the files here may "
                       "come from two runs; run it again\n")
-    last = ("report.json", "args.json")
-    names = sorted((p.name for p in stage.iterdir() if p.is_file()), key=lambda n: (n in last, last.index(n) if n in last else 0))
+    last = ("report.json", "args.json")  # the files that say which run the folder holds go in last
+    names = sorted((p.name for p in stage.iterdir() if p.is_file()), key=lambda n: last.index(n) + 1 if n in last else 0)
     for name in names:
         os.replace(stage / name, out / name)
     marker.unlink()
