@@ -114,7 +114,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
         raise WeightsNotFoundError(f"--weights {path}: no such file; pass --weights PATH to a state_dict, or none")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # objects other than tensors: unpickling them could run code
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):  # no objects named: the bytes are damaged or of another format
+            raise ValueError(f"--weights {path}: not a state_dict file saved by torch.save (it does not unpickle: "
+                             f"damaged, or another format); pass --weights PATH to a state_dict, or none") from None
+        # objects other than tensors: unpickling them could run code
         raise ValueError(f"--weights {path}: not a plain state_dict (it holds Python objects other than tensors, "
                          f"refused without loading them: that could run code from the file); pass --weights PATH "
                          f"to a state_dict saved with torch.save(model.state_dict(), PATH)") from None

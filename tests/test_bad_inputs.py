@@ -246,11 +246,15 @@ def test_speedup_inf_is_refused_by_the_api_config():
 # --- poor answers before: weights files ---------------------------------------------------------------------
 
 
-def test_weights_text_file_names_the_file(tmp_path, capsys):
+def test_weights_text_or_noise_file_names_the_file(tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("these are not weights\n")
     assert main(FAST + ["--weights", str(tmp_path / "notes.pt"), "--out", str(tmp_path / "out")]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"--weights {tmp_path / 'notes.pt'}: not a state_dict file saved by torch.save" in line
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)  # not a zip, not a pickle of objects either
+    assert main(FAST + ["--weights", str(tmp_path / "noise.pt"), "--out", str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--weights {tmp_path / 'noise.pt'}: not a state_dict file saved by torch.save" in line
 
 
 def test_weights_of_another_architecture_say_which_keys_and_shapes_differ(tmp_path, capsys):
