@@ -83,6 +83,8 @@ def check_finite_images(batch: Any, first_index: int) -> None:
     for k, item in enumerate(items):
         if not isinstance(item, torch.Tensor) or not item.is_floating_point() or item.numel() == 0:
             continue
+        if bool(torch.isfinite(item.sum())):  # fast: a NaN or inf makes the sum non-finite (an overflow: checked below)
+            continue
         finite = torch.isfinite(item)
         if bool(finite.all()):
             continue
