@@ -14,7 +14,7 @@ h5py.
 from .input_stats import InputPatchStats, input_patches, read_input_stats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .distributed import merge_shards, process_group, shard_path, shard_range
-from .run import calibrate, resolve_layers
+from .run import calibrate, check_finite_images, image_digests, resolve_layers, weights_fingerprint
 from .sampling import sample_positions
 from .store import (
     FORMAT_VERSION,
@@ -35,6 +35,8 @@ __all__ = [
     "ResponseRecorder",
     "Samples",
     "calibrate",
+    "check_finite_images",
+    "image_digests",
     "input_patches",
     "layer_spec",
     "merge_shards",
@@ -45,4 +47,5 @@ __all__ = [
     "sample_positions",
     "shard_path",
     "shard_range",
+    "weights_fingerprint",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .input_stats import merge_input_stats
-from .store import CalibrationWriter, open_calibration
+from .store import CalibrationWriter, open_calibration, stored_weights_fingerprint
 
 __all__ = ["process_group", "shard_range", "shard_path", "shard_meta", "merge_shards", "barrier"]
 
@@ -85,6 +85,7 @@ def merge_shards(
     meta: Mapping[str, Any] | None,
     block_images: int = 256,
     remove: bool = True,
+    weights_fingerprint: str | None = None,
 ) -> str:
     """Append the complete shards of a run, in rank order, to the store ``path`` (resumable).
 
@@ -99,6 +100,9 @@ def merge_shards(
         Images copied per append: memory holds one block of rows, whatever the number of images.
     remove : bool, default True
         Delete the shards (and their folder, if left empty) once the merged store is complete.
+    weights_fingerprint : str, optional
+        The digest of the model's weights, as :func:`calibration.calibrate` stored it in each shard
+        (default: the one recorded in the merged store, else in the first shard; the others must agree).
 
     Returns
     -------
@@ -117,7 +121,13 @@ def merge_shards(
     path = os.fspath(path)
     ids = np.asarray(image_ids)
     n_images = int(ids.shape[0])
-    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image)
+    if weights_fingerprint is None:
+        for candidate in (path, shard_path(path, 0, world_size)):
+            weights_fingerprint = stored_weights_fingerprint(candidate)
+            if weights_fingerprint is not None:
+                break
+    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image,
+                    weights_fingerprint=weights_fingerprint)
     with CalibrationWriter.open(path, image_ids=ids, meta=meta, **settings) as writer:
         if writer.complete:
             return path
@@ -156,6 +166,7 @@ def merge_shards(
 def _copy_shard(reader, writer: CalibrationWriter, start: int, stop: int, local: int, block_images: int) -> None:
     """Append the shard's images ``start + local .. stop - 1`` to the merged store, block by block."""
     ordinals = {name: reader.image_ordinal(name) for name in writer.layers}
+    digests = reader.image_digests()
     while local < stop - start:
         high = min(local + block_images, stop - start)
         samples = {}
@@ -163,5 +174,5 @@ def _copy_shard(reader, writer: CalibrationWriter, start: int, stop: int, local:
             lo, hi = (int(np.searchsorted(ordinal, value, side="left")) for value in (local, high))
             rows = slice(lo, hi)
             samples[name] = (reader.responses(name, rows), ordinal[lo:hi] + start, reader.position(name, rows))
-        writer.append(samples, images_done=start + high)
+        writer.append(samples, images_done=start + high, digests=digests[local:high])
         local = high

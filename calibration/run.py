@@ -10,6 +10,7 @@ batch that straddles the boundary is run with only its new images kept.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,12 +25,77 @@ from .input_stats import InputPatchStats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
 from .distributed import barrier, merge_shards, process_group, shard_meta, shard_path, shard_range
-from .store import CalibrationWriter, IncompleteCalibrationError, open_calibration
+from .store import CalibrationMismatchError, CalibrationWriter, IncompleteCalibrationError, open_calibration
 from .writer import BackgroundWriter
 
-__all__ = ["calibrate", "resolve_layers"]
+__all__ = ["calibrate", "resolve_layers", "weights_fingerprint", "image_digests", "check_finite_images"]
 
 logger = logging.getLogger(__name__)
+
+#: A short run commits at least this many groups of images, so that an interrupted one can resume.
+MIN_COMMITS = 8
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits as int16
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest (hex) of every parameter and buffer of ``model``: names, dtypes, shapes and values.
+
+    It covers the sampled layers and everything upstream of them (and the rest of the model too, which is
+    simpler and costs one pass over the weights): a store made with other weights is refused.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _digest(item: Any) -> int:
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(item, torch.Tensor):
+        digest.update(f"{item.dtype}|{tuple(item.shape)}|".encode())
+        digest.update(_tensor_bytes(item))
+    else:
+        digest.update(repr(item).encode())
+    return int(np.frombuffer(digest.digest(), dtype="<i8")[0]) or 1  # 0 means "not recorded"
+
+
+def image_digests(batch: torch.Tensor | list) -> np.ndarray:
+    """A checksum (int64, never 0) of each image of a batch: Tensor (B, ...) or a list of image tensors."""
+    if isinstance(batch, torch.Tensor):
+        flat = batch.detach().cpu().contiguous()
+        return np.array([_digest(flat[i]) for i in range(flat.shape[0])], dtype=np.int64)
+    return np.array([_digest(item) for item in batch], dtype=np.int64)
+
+
+def check_finite_images(batch: Any, first_index: int) -> None:
+    """Raise ValueError naming the first image of ``batch`` (global index ``first_index + i``) that holds a
+    NaN or an infinite value. Non-tensor items are not checked."""
+    items = [batch] if isinstance(batch, torch.Tensor) else batch if isinstance(batch, (list, tuple)) else []
+    for k, item in enumerate(items):
+        if not isinstance(item, torch.Tensor) or not item.is_floating_point() or item.numel() == 0:
+            continue
+        if bool(torch.isfinite(item.sum())):  # fast: a NaN or inf makes the sum non-finite (an overflow: checked below)
+            continue
+        finite = torch.isfinite(item)
+        if bool(finite.all()):
+            continue
+        if isinstance(batch, torch.Tensor):  # (B, ...): the first image with a non-finite value
+            bad = int(torch.nonzero(~finite.reshape(finite.shape[0], -1).all(dim=1))[0, 0]) if item.dim() else 0
+        else:
+            bad = k
+        raise ValueError(
+            f"calibration image {first_index + bad} holds NaN or infinite values: fix or drop it from the data "
+            f"(no result is computed from non-finite images)"
+        )
 
 
 def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
@@ -196,7 +262,8 @@ def calibrate(
     path = os.fspath(path)
     layers = {name: layer_spec(module) for name, module in modules.items()}
 
-    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image)
+    settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image,
+                    weights_fingerprint=weights_fingerprint(model))
     options = dict(resume=resume, device=device, progress=progress, to_input=to_input, input_stats=input_stats)
     if rank is None and world_size is None:
         rank, world_size = process_group()
@@ -242,6 +309,7 @@ def _calibrate_store(
     layers: dict[str, tuple[int, str]],
     seed: int,
     positions_per_image: int | None,
+    weights_fingerprint: str,
     image_ids: np.ndarray,
     meta: Mapping[str, Any] | None,
     resume: bool,
@@ -256,7 +324,7 @@ def _calibrate_store(
     n_images = int(image_ids.shape[0])
     with CalibrationWriter.open(
         path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=image_ids,
-        meta=meta, resume=resume,
+        meta=meta, resume=resume, weights_fingerprint=weights_fingerprint,
     ) as writer:
         if writer.complete:
             logger.info("calibration file %s is already complete (%d images)", path, n_images)
@@ -327,12 +395,15 @@ def _run_batches(
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
                               start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \
                 stats or contextlib.nullcontext(), \
-                BackgroundWriter(writer, max_pending=max_pending,
+                BackgroundWriter(writer, max_pending=max_pending, flush_images=-(-n_images // MIN_COMMITS),
                                  snapshot=None if stats is None else stats.snapshot) as background, \
                 tqdm(total=n_images, initial=n_done, unit="img", desc="calibration",
                      disable=not progress) as bar, torch.no_grad():
-            prepared = _prepared(batches, to_input)
+            prepared = _prepared(batches, to_input, first_ordinal)
             for (batch, size), upcoming in _lookahead(prepared):
+                digests = image_digests(batch)
+                if ordinal < n_done:  # already stored: check that these are the stored images
+                    _check_continues(writer, digests[: n_done - ordinal], ordinal, first_ordinal)
                 if ordinal + size <= n_done:  # already stored: do not run the model
                     recorder.skip(size)
                     if stats is not None:
@@ -344,7 +415,8 @@ def _run_batches(
                 model(_to_device(batch, device))
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
-                background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done)
+                background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done,
+                                  digests=digests[max(n_done - ordinal, 0): done - ordinal])
                 if stats is not None:
                     stats.advance(size)
                 bar.update(done - max(ordinal, n_done))
@@ -363,10 +435,31 @@ def _run_batches(
         )
 
 
-def _prepared(batches: Iterable[Any], to_input: Callable[[Any], Any] | None) -> Iterator[tuple[Any, int]]:
+def _prepared(batches: Iterable[Any], to_input: Callable[[Any], Any] | None,
+              first_ordinal: int = 0) -> Iterator[tuple[Any, int]]:
+    """(model input, its number of images) per item; an image with NaN or inf values is refused."""
+    seen = 0
     for item in batches:
         batch = item if to_input is None else to_input(item)
-        yield batch, _batch_size(batch)
+        size = _batch_size(batch)
+        check_finite_images(batch, first_ordinal + seen)
+        seen += size
+        yield batch, size
+
+
+def _check_continues(writer: CalibrationWriter, digests: np.ndarray, ordinal: int, first_ordinal: int) -> None:
+    """Refuse a resume whose images (checksums ``digests`` from ``ordinal`` on) differ from the stored ones."""
+    stored = writer.stored_digests(ordinal, ordinal + len(digests))
+    recorded = stored != 0
+    differs = recorded & (stored != digests[: len(stored)])
+    if differs.any():
+        bad = first_ordinal + ordinal + int(np.flatnonzero(differs)[0])
+        raise CalibrationMismatchError(
+            f"calibration file {writer.path!r}: image {bad} given now is not the image stored at that place "
+            f"(checksums differ): a resume needs the same images in the same order (a one-shot generator "
+            f"consumed earlier cannot resume); the file is left as it was: pass the same data from its first "
+            f"image, or another calibration file"
+        )
 
 
 def _relative(samples: Mapping[str, Samples], first_ordinal: int, limit: int) -> dict[str, Samples]:

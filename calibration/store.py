@@ -1,14 +1,19 @@
-"""The HDF5 store of calibration responses (format version 2).
+"""The HDF5 store of calibration responses (format version 3).
 
 Layout
 ------
 File attrs
-    ``format_version`` (2; version 1 drew positions with another sampler), ``position_sampler`` (the name
-    of the draw, :data:`calibration.sampling.SAMPLER`), ``complete`` (bool), ``n_images_done`` (committed images),
-    ``n_images_planned``, ``seed``, ``positions_per_image`` (-1 = all positions),
-    ``meta_json`` (JSON of caller-given metadata), ``layers_json`` (JSON list of layer names, in order).
+    ``format_version`` (3; version 2 had no weights fingerprint nor image checksums, version 1 drew positions
+    with another sampler), ``position_sampler`` (the name of the draw, :data:`calibration.sampling.SAMPLER`),
+    ``complete`` (bool), ``n_images_done`` (committed images), ``n_images_planned``, ``seed``,
+    ``positions_per_image`` (-1 = all positions), ``meta_json`` (JSON of caller-given metadata),
+    ``layers_json`` (JSON list of layer names, in order), ``weights_fingerprint`` (a digest of the model's
+    weights, :func:`calibration.run.weights_fingerprint`; "" when none was given).
 ``/image_ids`` int64 (n_images_planned,)
     The caller's identifier of each calibration image, indexed by image ordinal.
+``/image_digest`` int64 (n_images_planned,)
+    A checksum of each committed image (0: not recorded), so that a resumed run can check that the images
+    it is given continue the stored ones.
 ``/layers/<escaped name>`` one group per layer
     attrs ``name``, ``channels`` (d), ``kind`` ("conv" | "linear"), ``committed_rows``; datasets
     ``responses`` float32 (N, d), ``image_ordinal`` int64 (N,), ``position`` int32 (N, 2), chunked and
@@ -43,6 +48,7 @@ from .sampling import SAMPLER
 
 __all__ = [
     "FORMAT_VERSION",
+    "CalibrationLockedError",
     "CalibrationMismatchError",
     "IncompleteCalibrationError",
     "CalibrationWriter",
@@ -50,13 +56,14 @@ __all__ = [
     "open_calibration",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _KINDS = ("conv", "linear")
 _CHUNK_BYTES = 1 << 20  # target size of a responses chunk
 _MAX_CHUNK_ROWS = 4096
 _INDEX_CHUNK_ROWS = 4096  # chunk rows of image_ordinal / position
 _CACHE_BYTES = 4 << 20  # HDF5 chunk cache per open dataset
 _ADVICE = "pass another calibration file (--calib-file) or delete this one"
+_LOCKED = "another run is using it (HDF5 file lock): wait for that run to finish, or pass another calibration file"
 
 
 class CalibrationMismatchError(ValueError):
@@ -65,6 +72,10 @@ class CalibrationMismatchError(ValueError):
 
 class IncompleteCalibrationError(ValueError):
     """A calibration store is read before its run completed."""
+
+
+class CalibrationLockedError(RuntimeError):
+    """A calibration store is open for writing by another run (HDF5 file locking)."""
 
 
 def _escape(name: str) -> str:
@@ -88,6 +99,7 @@ class _Config:
     positions_per_image: int  # -1: all positions
     image_ids: np.ndarray
     meta: dict[str, Any]
+    weights_fingerprint: str = ""
 
     @classmethod
     def build(
@@ -97,6 +109,7 @@ class _Config:
         positions_per_image: int | None,
         image_ids: np.ndarray,
         meta: Mapping[str, Any] | None,
+        weights_fingerprint: str | None = None,
     ) -> "_Config":
         if not layers:
             raise ValueError("layers must name at least one layer, got an empty dict")
@@ -136,7 +149,9 @@ class _Config:
             meta_norm = json.loads(json.dumps(dict(meta or {}), sort_keys=True))
         except (TypeError, ValueError) as err:
             raise ValueError(f"meta must be a JSON-serialisable dict: {err}") from None
-        return cls(tuple(normalised), int(seed), ppi, ids.astype(np.int64), meta_norm)
+        if weights_fingerprint is not None and not isinstance(weights_fingerprint, str):
+            raise ValueError(f"weights_fingerprint must be a str or None, got {weights_fingerprint!r}")
+        return cls(tuple(normalised), int(seed), ppi, ids.astype(np.int64), meta_norm, weights_fingerprint or "")
 
     @property
     def names(self) -> list[str]:
@@ -184,6 +199,7 @@ def _config_of(f: h5py.File, path: str) -> _Config:
             int(f.attrs["positions_per_image"]),
             np.asarray(f["image_ids"][()], dtype=np.int64),
             json.loads(f.attrs["meta_json"]),
+            str(f.attrs["weights_fingerprint"]),
         )
     except (KeyError, ValueError, TypeError) as err:
         raise CalibrationMismatchError(f"calibration file {path!r} is damaged ({err}); {_ADVICE}") from None
@@ -224,6 +240,12 @@ def _config_diffs(stored: _Config, wanted: _Config, *, subset_ok: bool = False) 
             f"image_ids differ (first at ordinal {first}: {stored.image_ids[first]} != {wanted.image_ids[first]})"
         )
     diffs.extend(_meta_diffs(stored.meta, wanted.meta))
+    if stored.weights_fingerprint != wanted.weights_fingerprint:
+        diffs.insert(0, (
+            f"the model's weights differ from those the file was made with (weights fingerprint "
+            f"{stored.weights_fingerprint or 'none'} in the file, {wanted.weights_fingerprint or 'none'} now): its "
+            f"responses belong to another model"
+        ))
     return diffs
 
 
@@ -233,6 +255,8 @@ def _open_h5(path: str, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode, rdcc_nbytes=_CACHE_BYTES)
     except OSError as err:
+        if "lock" in str(err).lower():
+            raise CalibrationLockedError(f"calibration file {path!r} cannot be opened: {_LOCKED}") from None
         raise CalibrationMismatchError(f"cannot open calibration file {path!r} ({err}); {_ADVICE}") from None
 
 
@@ -329,6 +353,7 @@ class CalibrationWriter(_OpenFile):
         image_ids: np.ndarray,
         meta: Mapping[str, Any] | None,
         resume: bool = True,
+        weights_fingerprint: str | None = None,
     ) -> "CalibrationWriter":
         """Create a store, or reopen one made with the same settings.
 
@@ -348,6 +373,9 @@ class CalibrationWriter(_OpenFile):
             JSON-serialisable metadata (model name, dataset, ...); part of the store's identity.
         resume : bool, default True
             Whether an existing file with the same settings may be continued.
+        weights_fingerprint : str, optional
+            A digest of the model's weights (:func:`calibration.run.weights_fingerprint`); part of the
+            store's identity, so that a store made with other weights is refused.
 
         Returns
         -------
@@ -362,7 +390,7 @@ class CalibrationWriter(_OpenFile):
             If the file exists but is not a calibration store, or was made with other settings; the message
             names what differs.
         """
-        config = _Config.build(layers, seed, positions_per_image, image_ids, meta)
+        config = _Config.build(layers, seed, positions_per_image, image_ids, meta, weights_fingerprint)
         path = os.fspath(path)
         if os.path.exists(path):
             if not resume:
@@ -394,7 +422,9 @@ class CalibrationWriter(_OpenFile):
         f.attrs["positions_per_image"] = config.positions_per_image
         f.attrs["meta_json"] = json.dumps(config.meta, sort_keys=True)
         f.attrs["layers_json"] = json.dumps(config.names)
+        f.attrs["weights_fingerprint"] = config.weights_fingerprint
         f.create_dataset("image_ids", data=config.image_ids)
+        f.create_dataset("image_digest", data=np.zeros(config.image_ids.shape[0], dtype=np.int64))
         root = f.create_group("layers")
         for name, channels, kind in config.layers:
             g = root.create_group(_escape(name))
@@ -452,7 +482,15 @@ class CalibrationWriter(_OpenFile):
             g.attrs["committed_rows"] = keep
         f.flush()
 
-    def append(self, samples: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], images_done: int) -> None:
+    def stored_digests(self, start: int, stop: int) -> np.ndarray:
+        """Checksums of the committed images with ordinals in [start, stop) (0 where none was recorded)."""
+        stop = min(int(stop), self.n_images_done)
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(self._file["image_digest"][int(start):stop], dtype=np.int64)
+
+    def append(self, samples: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], images_done: int,
+               digests: np.ndarray | None = None) -> None:
         """Append one batch of samples and commit ``images_done`` images.
 
         Parameters
@@ -462,6 +500,8 @@ class CalibrationWriter(_OpenFile):
             [n_images_done, images_done), position (n, 2) int. A layer left out has no rows in this batch.
         images_done : int
             Total number of images committed after this batch.
+        digests : ndarray of shape (images_done - n_images_done,), int64, optional
+            A checksum of each image committed by this call (see :func:`calibration.run.image_digests`).
 
         Notes
         -----
@@ -478,6 +518,13 @@ class CalibrationWriter(_OpenFile):
                 f"images_done must be in [{n_done}, {self.n_images_planned}] (committed so far, planned), "
                 f"got {images_done}"
             )
+        if digests is not None:
+            digests = np.asarray(digests, dtype=np.int64)
+            if digests.shape != (images_done - n_done,):
+                raise ValueError(
+                    f"digests must have one entry per image committed, shape ({images_done - n_done},), got "
+                    f"{digests.shape}"
+                )
         unknown = sorted(set(samples) - set(self.layers))
         if unknown:
             raise ValueError(f"samples name unknown layers {unknown}; the store holds {self.layers}")
@@ -510,6 +557,8 @@ class CalibrationWriter(_OpenFile):
                 g[key].resize(stop, axis=0)
                 g[key][start:stop] = data
             starts[name] = stop
+        if digests is not None and digests.size:
+            f["image_digest"][n_done:images_done] = digests
         for name, stop in starts.items():
             self._layer_group(name).attrs["committed_rows"] = stop
         f.attrs["n_images_done"] = images_done
@@ -570,6 +619,15 @@ class CalibrationReader(_OpenFile):
         if self._f is None:
             raise ValueError(f"calibration reader for {self.path!r} is closed")
         return self._f
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """The digest of the model's weights the store was made with ("" when none was given)."""
+        return str(self._file.attrs["weights_fingerprint"])
+
+    def image_digests(self) -> np.ndarray:
+        """The checksum of each stored image: ndarray (n_images,) int64 (0 where none was recorded)."""
+        return np.asarray(self._file["image_digest"][: self.n_images], dtype=np.int64)
 
     def _group(self, name: str) -> h5py.Group:
         if name not in self._specs:
@@ -698,6 +756,16 @@ class CalibrationReader(_OpenFile):
                     continue
             yield block
 
+
+
+def stored_weights_fingerprint(path: str | os.PathLike) -> str | None:
+    """The weights fingerprint recorded in the store at ``path`` (None when there is no readable store)."""
+    path = os.fspath(path)
+    if not os.path.exists(path) or not h5py.is_hdf5(path):
+        return None
+    with _open_h5(path, "r") as f:
+        value = f.attrs.get("weights_fingerprint")
+    return None if value is None else str(value)
 
 
 def open_calibration(path: str | os.PathLike) -> CalibrationReader:

@@ -39,6 +39,9 @@ class BackgroundWriter:
         The open store. While the context is active, only this object's thread may touch it.
     max_pending : int, default 4
         Groups of batches queued at most; :meth:`append` blocks while the queue is full.
+    flush_images : int, optional
+        Images per group (default :data:`FLUSH_IMAGES`); a short run passes fewer, so that an interruption
+        finds some images committed.
     snapshot : callable, optional
         Called in the caller's thread when a group is handed over (its batches have all run); it returns
         ``commit(writer, images_done)``, which the thread calls right after appending the group: running
@@ -57,15 +60,20 @@ class BackgroundWriter:
     """
 
     def __init__(self, writer: CalibrationWriter, *, max_pending: int = 4,
-                 snapshot: Callable[[], Callable[[CalibrationWriter, int], None]] | None = None) -> None:
+                 snapshot: Callable[[], Callable[[CalibrationWriter, int], None]] | None = None,
+                 flush_images: int | None = None) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        if flush_images is not None and (isinstance(flush_images, bool) or not isinstance(flush_images, int)
+                                         or flush_images < 1):
+            raise ValueError(f"flush_images must be a positive int or None, got {flush_images!r}")
+        self._flush_images = flush_images
         self._writer = writer
         self._snapshot = snapshot
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._group: list[tuple[Mapping[str, Samples], int]] = []
+        self._group: list[tuple[Mapping[str, Samples], int, np.ndarray | None]] = []
         self._group_bytes = 0
         self._flushed_images = writer.n_images_done
 
@@ -84,15 +92,16 @@ class BackgroundWriter:
     ) -> None:
         self.close(raise_error=exc_type is None)
 
-    def append(self, samples: Mapping[str, Samples], images_done: int) -> None:
-        """Add one batch (as for :meth:`CalibrationWriter.append`); a full group goes to the thread's queue,
-        which blocks while ``max_pending`` groups wait."""
+    def append(self, samples: Mapping[str, Samples], images_done: int, digests: np.ndarray | None = None) -> None:
+        """Add one batch (as for :meth:`CalibrationWriter.append`, ``digests`` included); a full group goes to
+        the thread's queue, which blocks while ``max_pending`` groups wait."""
         if self._thread is None:
             raise RuntimeError("BackgroundWriter.append called outside its with-block")
         self._raise_error()
-        self._group.append((samples, images_done))
+        self._group.append((samples, images_done, digests))
         self._group_bytes += sum(array.nbytes for rows in samples.values() for array in rows)
-        if images_done - self._flushed_images >= FLUSH_IMAGES or self._group_bytes >= FLUSH_BYTES:
+        limit = FLUSH_IMAGES if self._flush_images is None else min(self._flush_images, FLUSH_IMAGES)
+        if images_done - self._flushed_images >= limit or self._group_bytes >= FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -139,7 +148,9 @@ class BackgroundWriter:
                 continue
             group, commit = item
             try:
-                self._writer.append(_concatenate([samples for samples, _ in group]), images_done=group[-1][1])
+                digests = [d for _, _, d in group]
+                self._writer.append(_concatenate([samples for samples, _, _ in group]), images_done=group[-1][1],
+                                    digests=None if any(d is None for d in digests) else np.concatenate(digests))
                 if commit is not None:
                     commit(self._writer, group[-1][1])
             except BaseException as error:  # handed to the caller's thread

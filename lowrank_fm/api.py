@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from .surgery import find_layers, fold_batchnorm, get_module, name_filter, set_m
 from .patches import patches_at
 from .samples import layer_data_from_maps
 
-__all__ = ["approximate", "default_to_input"]
+__all__ = ["approximate", "default_to_input", "check_finite_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,70 @@ def _count_images(data, n_images: int | None) -> int:
 
 
 def _iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device="cpu") -> Iterable:
-    """Model inputs for images with ordinals in [start, stop), re-slicing batches that straddle the range."""
+    """Model inputs for images with ordinals in [start, stop), re-slicing batches that straddle the range.
+    An image with NaN or infinite values is refused (ValueError naming its ordinal)."""
+    from calibration import check_finite_images
+
     seen = 0
     for item in data:
         batch = to_input(item)
         size = batch_size_of(batch)
         lo, hi = max(start - seen, 0), size if stop is None else min(stop - seen, size)
-        seen += size
         if hi > lo:
-            yield _to_device(batch if (lo, hi) == (0, size) else batch[lo:hi], device)
+            part = batch if (lo, hi) == (0, size) else batch[lo:hi]
+            check_finite_images(part, seen + lo)
+            seen += size
+            yield _to_device(part, device)
+        else:
+            seen += size
         if stop is not None and seen >= stop:
             return
+
+
+def _check_reiterable(data) -> None:
+    """Refuse a one-shot iterator (a generator): the pipeline reads ``data`` several times, and a second
+    pass over a consumed iterator would silently see other images, or none."""
+    try:
+        reiterable = iter(data) is not data
+    except TypeError:
+        raise TypeError(f"data must be an iterable of batches (a DataLoader or a list), got {type(data).__name__}") from None
+    if not reiterable:
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}): approximate reads the calibration batches several "
+            f"times (calibration, layer-wise pass, held-out error), so a generator would lose batches; pass a list of "
+            f"batches, a DataLoader (shuffle=False), or an object whose __iter__ starts again from the first image"
+        )
+
+
+def check_finite_weights(model: nn.Module, when: str = "") -> None:
+    """Raise ValueError naming the first layer of ``model`` whose parameters or floating buffers hold NaN or
+    infinite values (``when`` says at which stage, for the message)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+                continue
+            layer = name.rpartition(".")[0]
+            bad = int((~torch.isfinite(tensor)).sum())
+            nans = int(torch.isnan(tensor).sum())
+            raise ValueError(
+                f"layer {layer or '(root)'!r} has non-finite weights{' ' + when if when else ''}: {kind} {name} holds "
+                f"{bad} of {tensor.numel()} values NaN or infinite ({nans} NaN); fix the checkpoint (--weights) "
+                f"before approximating, nothing was computed from it"
+            )
+
+
+def _check_include(config: ApproxConfig, layers: dict[str, nn.Module]) -> None:
+    """Refuse ``include`` names that match no Conv2d/Linear layer of the model (nothing would be approximated
+    as asked); warn about such ``exclude`` names (nothing is lost, but a typo is likely)."""
+    for option, names in (("include", config.include or ()), ("exclude", config.exclude or ())):
+        unmatched = [p for p in names if not any(n == p or n.startswith(p + ".") for n in layers)]
+        if not unmatched:
+            continue
+        message = (f"{option} {unmatched} matches no Conv2d/Linear layer of the model; its layers are "
+                   f"{list(layers)} (--{option} takes these names or a prefix of them, such as 'features')")
+        if option == "include":
+            raise ValueError(message)
+        log.warning(message)
 
 
 def _response_stats(reader, name: str, n_fit: int, backend: str, shard: tuple[int, int] | None = None) -> ResponseStats:
@@ -280,7 +334,7 @@ def _choose_raw_ranks(method: Method, contexts: dict[str, LayerContext], macs: d
         score = "energy" if config.allocation == "energy" else "error"
         result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=score)
     if not result.reachable:
-        log.warning("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
+        log.info("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
                  "reachable": result.reachable, "allocation": config.allocation,
                  "budget": "macs" if latency is None else "latency"}
@@ -397,6 +451,17 @@ def _speed_gated_ranks(method: Method, contexts: dict[str, LayerContext], costs:
 
     chosen, selection = _choose_ranks(method, contexts, {n: c.macs for n, c in costs.items()}, config, latency,
                                       output_errors)
+    if config.speedup is not None and selection.get("reachable") is False and latency is not None:
+        log.warning("speedup %.2fx is not reachable by the latency model: the cheapest ranks give %.2fx (measured "
+                    "estimates; the plan is checked on the whole model next)", config.speedup,
+                    float(selection.get("planned_speedup") or 1.0))
+    elif config.speedup is not None and selection.get("reachable") is False:  # exact under the MAC budget
+        most = math.floor(100 * float(selection.get("planned_speedup") or 1.0)) / 100
+        raise ValueError(
+            f"speedup {config.speedup:g}x is out of reach for this model: the cheapest ranks give {most:.2f}x "
+            f"(every targeted layer at its lowest rank, the other layers unchanged); pass a smaller --speedup "
+            f"(at most {most:.2f}, and expect a large accuracy drop near it)"
+        )
     if latency is not None and work is not None:
         chosen, selection = _checked_latency_plan(method, contexts, costs, config, latency, output_errors, layout,
                                                   work, example, chosen, selection)
@@ -569,19 +634,28 @@ def approximate(
 
     method.spectrum = cached_spectrum
     to_input = to_input or default_to_input
+    _check_reiterable(data)
     total_images = _count_images(data, n_images)
     if total_images < 2:
         raise ValueError(f"approximate needs at least 2 calibration images (fit + held out), got {total_images}")
     n_heldout = max(1, int(round(config.heldout_fraction * total_images)))
     n_fit = total_images - n_heldout
     timing: dict[str, float] = {}
+    check_finite_weights(model)
 
-    example = next(iter(_iter_inputs(data, to_input, 0, None, config.device)))
+    example = next(iter(_iter_inputs(data, to_input, 0, None, config.device)), None)
+    if example is None:
+        raise ValueError(f"data yielded no batches but n_images={total_images} calibration images were expected: "
+                         f"pass a loader (or list) of the calibration batches")
     work = copy.deepcopy(model).eval().to(config.device)
     folded = fold_batchnorm(work, example) if config.fold_batchnorm else []
+    if folded:
+        check_finite_weights(work, "after folding BatchNorm into the convolutions (check the BatchNorm running "
+                                   "statistics: a negative running_var gives NaN)")
     reference = copy.deepcopy(work)
     costs = measure_costs(work, example)
     layers = {name: module for name, module in find_layers(work).items() if name in costs}
+    _check_include(config, layers)
 
     reasons = _keep_reasons(layers, costs, method, config)
     targets = [name for name, reason in reasons.items() if reason is None]

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +41,15 @@ def _energy(text: str) -> float:
 
 def _speedup(text: str) -> float:
     value = float(text)
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (a MAC reduction factor), got {value}")
+    if not (value >= 1.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (a MAC reduction factor), got {value}")
+    return value
+
+
+def _calib_images(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (at least one image to fit and one held out), got {value}")
     return value
 
 
@@ -93,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib = parser.add_mutually_exclusive_group()
     calib.add_argument("--calib-fraction", type=_fraction, default=0.01,
                        help=f"share of the training split used to calibrate (default 0.01, at least {MIN_CALIB_IMAGES} images)")
-    calib.add_argument("--calib-images", type=_positive_int, default=None, help="number of calibration images")
+    calib.add_argument("--calib-images", type=_calib_images, default=None,
+                       help=f"number of calibration images (at least 2; fewer than {MIN_CALIB_IMAGES} warns)")
     parser.add_argument("--calib-file", default=None, help="calibration HDF5 to write, resume or reuse (default OUT/calibration.h5)")
     parser.add_argument("--positions-per-image", type=_positive_int, default=10)
     parser.add_argument("--fit-positions", type=_positive_int, default=64,
@@ -134,14 +145,8 @@ def calibration_indices(n_train: int, fraction: float, images: int | None, seed:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import approximate, save_approximated
-    from .config import ApproxConfig
-    from .data import load_dataset
-    from .evaluate import accuracy
-    from .latency import measure_speed
-    from .models import bundled_spec, create_model
-
     from .distributed import init_from_env
+    from .models import bundled_spec
 
     energy = 0.95 if args.energy is None else args.energy
     use_allocator(args.allocator)  # process-wide: the speed gate's and the latency report's timings run under it
@@ -152,8 +157,31 @@ def _run(args: argparse.Namespace) -> int:
         args.workers = min(4, os.cpu_count() or 1) if dataset_name in ("imagefolder", "cifar10") else 0
     out = Path(args.out or f"runs/{args.model}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    if args.data_dir is not None and dataset_name == "digits":
+        log.warning("--data-dir %s is ignored: dataset digits is embedded (scikit-learn) and reads no files",
+                    args.data_dir)
+    if args.calib_images is not None and args.calib_images < MIN_CALIB_IMAGES:
+        log.warning("--calib-images %d is below %d: too few images to estimate each layer's responses (the ranks "
+                    "and the refinement fit these few images and do not generalise); expect a large accuracy drop",
+                    args.calib_images, MIN_CALIB_IMAGES)
+    # this run's outputs are written to a staging folder inside OUT and moved in together at the end: a failed
+    # or interrupted run leaves an earlier run's args, report and model as they were
+    stage = Path(tempfile.mkdtemp(prefix=".incomplete-", dir=out)) if rank == 0 else None
+    try:
+        return _run_into(args, out, stage, spec, dataset_name, rank, world_size, energy)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dataset_name: str, rank: int,
+              world_size: int, energy: float) -> int:
+    from . import approximate, save_approximated
+    from .config import ApproxConfig
+    from .data import load_dataset
+    from .evaluate import accuracy
+    from .latency import measure_speed
+    from .models import create_model
 
     if args.image_size is None:
         args.image_size = spec.input_size if spec and spec.input_size else 224
@@ -204,14 +232,53 @@ def _run(args: argparse.Namespace) -> int:
     if args.export:
         from .export import export_and_check
 
-        report.latency["export"] = export_and_check(new_model, images.cpu(), out)
+        report.latency["export"] = export_and_check(new_model, images.cpu(), stage)
+        for form in report.latency["export"].values():  # the paths the files will have once moved into OUT
+            if isinstance(form, dict) and form.get("path"):
+                form["path"] = str(out / Path(form["path"]).name)
 
     kwargs = {} if spec else {"num_classes": args.num_classes or data.num_classes}
-    save_approximated(new_model, out, folded=report.folded_batchnorm, model_name=args.model, model_kwargs=kwargs)
-    report.save_json(out / "report.json")
+    save_approximated(new_model, stage, folded=report.folded_batchnorm, model_name=args.model, model_kwargs=kwargs)
+    report.save_json(stage / "report.json")
+    (stage / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    _commit_outputs(stage, out)
     print(report.format_table())
     print(f"wrote {out / 'report.json'}, the model ({out / 'manifest.json'} + model_state.pt) and {calib_file}")
     return 0
+
+
+INCOMPLETE_MARKER = "INCOMPLETE"
+
+
+def _commit_outputs(stage: Path, out: Path) -> None:
+    """Move every file of ``stage`` into ``out`` (renames on one file system), args.json and report.json last.
+    While they move, ``out/INCOMPLETE`` says so: if it stays, the move was interrupted and ``out`` mixes two
+    runs."""
+    marker = out / INCOMPLETE_MARKER
+    marker.write_text("a run was moving its outputs into this folder and did not finish: the files here may "
+                      "come from two runs; run it again\n")
+    last = ("report.json", "args.json")  # the files that say which run the folder holds go in last
+    names = sorted((p.name for p in stage.iterdir() if p.is_file()), key=lambda n: last.index(n) + 1 if n in last else 0)
+    for name in names:
+        os.replace(stage / name, out / name)
+    marker.unlink()
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Unknown model and data set names are argument errors (exit 2), named with the accepted ones."""
+    from .data import list_datasets
+    from .models import bundled_spec, list_models
+
+    if bundled_spec(args.model) is None:
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if args.model not in known:
+            examples = ", ".join(n for n in ("vgg16", "resnet18", "alexnet", "mobilenet_v2") if n in known)
+            parser.error(f"unknown model {args.model!r}: use a bundled model ({', '.join(list_models())}) or a "
+                         f"torchvision classification name ({examples}, ...)")
+    if args.dataset is not None and args.dataset not in list_datasets() + ["fmnist"]:
+        parser.error(f"--dataset: unknown data set {args.dataset!r}; choose one of {', '.join(list_datasets())}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget == "latency" and args.speedup is None:
         parser.error("--budget latency needs --speedup S (a measured-latency target)")
+    _check_names(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)

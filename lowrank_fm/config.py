@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,8 +113,8 @@ class ApproxConfig:
         if self.method not in list_methods():
             raise ValueError(f"method must be one of {list_methods()}, got {self.method!r}")
         check_energy(self.energy)
-        if self.speedup is not None and not float(self.speedup) >= 1.0:
-            raise ValueError(f"speedup must be >= 1 (a MAC reduction factor), got {self.speedup}")
+        if self.speedup is not None and not (float(self.speedup) >= 1.0 and math.isfinite(float(self.speedup))):
+            raise ValueError(f"speedup must be a finite number >= 1 (a MAC reduction factor), got {self.speedup}")
         if self.ranks not in ("energy", "vbmf"):
             raise ValueError(f"ranks must be 'energy' or 'vbmf', got {self.ranks!r}")
         if self.allocation not in ALLOCATIONS:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "list_models",
     "create_model",
     "load_state_dict_file",
+    "load_weights",
     "checkpoint_path",
     "WeightsNotFoundError",
 ]
@@ -134,12 +136,39 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"--weights {path}: no such file; pass --weights PATH to a state_dict, or none")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):  # no objects named: the bytes are damaged or of another format
+            raise ValueError(f"--weights {path}: not a state_dict file saved by torch.save (it does not unpickle: "
+                             f"damaged, or another format); pass --weights PATH to a state_dict, or none") from None
+        # objects other than tensors: unpickling them could run code
+        raise ValueError(f"--weights {path}: not a plain state_dict (it holds Python objects other than tensors, "
+                         f"refused without loading them: that could run code from the file); pass --weights PATH "
+                         f"to a state_dict saved with torch.save(model.state_dict(), PATH)") from None
+    except Exception as error:  # a text file, a truncated file
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"--weights {path}: not a state_dict file saved by torch.save ({type(error).__name__}: "
+                         f"{first[:200]}); pass --weights PATH to a state_dict, or none") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
         raise ValueError(f"--weights {path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
     return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, name: str, hint: str = "") -> nn.Module:
+    """Load the state_dict file ``path`` into ``model`` (architecture ``name``); when it does not fit, the
+    error names the file, the architecture, and which keys are missing or unexpected and which shapes differ."""
+    from .serialize import state_dict_diff
+
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise ValueError(f"--weights {path} is not a state_dict of {name} ({type(model).__name__}): "
+                         f"{state_dict_diff(model, state)}{hint}") from None
+    return model
 
 
 def _train_digits_model(spec: ModelSpec) -> nn.Module:
@@ -157,9 +186,7 @@ def _bundled(spec: ModelSpec, weights: str) -> nn.Module:
     if weights == "none":
         return spec.build()
     if weights not in ("default", ""):
-        model = spec.build()
-        model.load_state_dict(load_state_dict_file(weights))
-        return model
+        return load_weights(spec.build(), weights, spec.name)
     if spec.weights == "checkpoint":
         path = checkpoint_path(spec.name)
         if not path.is_file():
@@ -206,14 +233,8 @@ def _torchvision(name: str, weights: str, num_classes: int | None) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = builder(weights=None, **kwargs)
     if weights not in ("none", ""):
-        state = load_state_dict_file(weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(
-                f"--weights {weights} does not fit {name} with num_classes={num_classes} "
-                f"({str(error).splitlines()[-1].strip()}); pass --num-classes to match the checkpoint's head"
-            ) from error
+        load_weights(model, weights, f"{name} with num_classes={num_classes}",
+                     "; pass --num-classes to match the checkpoint's head")
     return model
 
 

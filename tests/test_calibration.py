@@ -220,7 +220,7 @@ def test_batch_size_does_not_change_the_store(tmp_path: Path, images: torch.Tens
 def test_file_layout_and_metadata(tmp_path: Path, images: torch.Tensor) -> None:
     path = run(tiny_model(), images, tmp_path / "c.h5", size=7, image_ids=np.arange(100, 100 + N_IMAGES))
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 2 and bool(f.attrs["complete"])
+        assert f.attrs["format_version"] == 3 and bool(f.attrs["complete"])
         assert f.attrs["position_sampler"] == "splitmix64-smallest-keys"
         assert f.attrs["n_images_done"] == N_IMAGES and f.attrs["n_images_planned"] == N_IMAGES
         assert f.attrs["seed"] == 3 and f.attrs["positions_per_image"] == 5
@@ -363,7 +363,7 @@ def test_layer_channels_mismatch_and_non_calibration_files(tmp_path: Path) -> No
         open_calibration(tmp_path / "other.h5")
     with h5py.File(tmp_path / "c.h5", "r+") as f:
         f.attrs["format_version"] = 1  # version 1 drew positions with another sampler
-    with pytest.raises(CalibrationMismatchError, match="format version 1; this code reads version 2"):
+    with pytest.raises(CalibrationMismatchError, match="format version 1; this code reads version 3"):
         open_calibration(tmp_path / "c.h5")
 
 

@@ -113,10 +113,14 @@ def test_missing_weights_file_exits_1(tmp_path, capsys):
     assert "--weights" in line and "absent.pt" in line
 
 
-def test_unknown_model_exits_1(tmp_path, capsys):
-    code = main(["not-a-model", "--dataset", "digits", "--quiet", "--out", str(tmp_path / "out")])
-    assert code == 1
-    assert "not-a-model" in one_error_line(capsys.readouterr().err)
+def test_unknown_model_exits_2_naming_it_and_the_choices(tmp_path, capsys):
+    # issue 15: it used to say "dataset imagefolder needs --data-dir DIR" (exit 1)
+    with pytest.raises(SystemExit) as exc:
+        main(["not-a-model", "--quiet", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'not-a-model'" in err and "vgg-digits" in err and "vgg16" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_real_script_exit_codes(tmp_path):

@@ -143,6 +143,10 @@ def test_shards_resume_merge_and_refuse_foreign_shards(tmp_path: Path) -> None:
         merge_shards(foreign, **merge_options)
     assert merge_shards(path, **merge_options, block_images=10) == str(path)
     with open_calibration(single) as one, open_calibration(path) as two:
+        # the merge carries each image's checksum and the weights fingerprint (a later resume checks them)
+        np.testing.assert_array_equal(one.image_digests(), two.image_digests())
+        assert np.all(two.image_digests() != 0)
+        assert one.weights_fingerprint == two.weights_fingerprint != ""
         for name in LAYERS:
             np.testing.assert_array_equal(one.image_ordinal(name), two.image_ordinal(name))
             np.testing.assert_array_equal(one.position(name), two.position(name))
