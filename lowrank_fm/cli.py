@@ -30,6 +30,7 @@ __all__ = ["build_parser", "main", "calibration_indices"]
 log = logging.getLogger("lowrank_fm")
 
 MIN_CALIB_IMAGES = 128
+DEFAULT_MODEL, DEFAULT_DATASET = "vgg-fmnist", "fashion-mnist-sample"  # the first run: real model, embedded data
 
 
 def _energy(text: str) -> float:
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="approximate.py",
         description="Approximate a trained CNN by low-rank layers from a small calibration set, without retraining.",
     )
-    parser.add_argument("model", nargs="?", default="vgg-digits",
-                        help=f"bundled model ({', '.join(list_models())}) or a torchvision name (default vgg-digits)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help=f"bundled model ({', '.join(list_models())}) or a torchvision name (default "
+                             f"{DEFAULT_MODEL} on the embedded {DEFAULT_DATASET})")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--energy", type=_energy, default=None, help="energy kept per layer, 0 < E <= 1 (default 0.95)")
     target.add_argument("--speedup", type=_speedup, default=None, help="whole-model MAC reduction target S >= 1")
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write TorchScript and ONNX forms to OUT, with a parity check and their latency")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: 4 for image files (imagefolder, cifar10), 0 for in-memory data)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch threads (default: half the cores this process may use, 1 to 4; recorded in the report)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -148,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     from .distributed import init_from_env
     from .models import bundled_spec
 
+    args.threads = args.threads or default_threads()
+    torch.set_num_threads(args.threads)
     energy = 0.95 if args.energy is None else args.energy
     use_allocator(args.allocator)  # process-wide: the speed gate's and the latency report's timings run under it
     spec = bundled_spec(args.model)
@@ -157,9 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         args.workers = min(4, os.cpu_count() or 1) if dataset_name in ("imagefolder", "cifar10") else 0
     out = Path(args.out or f"runs/{args.model}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
-    if args.data_dir is not None and dataset_name == "digits":
-        log.warning("--data-dir %s is ignored: dataset digits is embedded (scikit-learn) and reads no files",
-                    args.data_dir)
+    if args.data_dir is not None and dataset_name in ("digits", "fashion-mnist-sample"):
+        log.warning("--data-dir %s is ignored: dataset %s is embedded and reads no files", args.data_dir, dataset_name)
     if args.calib_images is not None and args.calib_images < MIN_CALIB_IMAGES:
         log.warning("--calib-images %d is below %d: too few images to estimate each layer's responses (the ranks "
                     "and the refinement fit these few images and do not generalise); expect a large accuracy drop",
@@ -188,9 +193,9 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
     data = load_dataset(dataset_name, args.data_dir, image_size=args.image_size)
     model = create_model(args.model, args.weights, num_classes=None if spec else (args.num_classes or data.num_classes))
     model = model.to(args.device)
-    indices = calibration_indices(len(data.train), args.calib_fraction, args.calib_images, args.seed)
+    positions, indices = _calibration_images(data, args)
     pin = args.device.startswith("cuda")
-    loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(Subset(data.train, positions.tolist()), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, pin_memory=pin)
     config = ApproxConfig(
         method=args.method, energy=energy, speedup=args.speedup, ranks=args.ranks, allocation=args.allocation,
@@ -239,11 +244,13 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
 
     kwargs = {} if spec else {"num_classes": args.num_classes or data.num_classes}
     save_approximated(new_model, stage, folded=report.folded_batchnorm, model_name=args.model, model_kwargs=kwargs)
+    picture = _picture(report, stage, out, args.model)
     report.save_json(stage / "report.json")
     (stage / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     _commit_outputs(stage, out)
     print(report.format_table())
-    print(f"wrote {out / 'report.json'}, the model ({out / 'manifest.json'} + model_state.pt) and {calib_file}")
+    print(f"wrote {out / 'report.json'}, the model ({out / 'manifest.json'} + model_state.pt), {calib_file}"
+          + (f" and the picture {picture}" if picture else ""))
     return 0
 
 
@@ -281,11 +288,66 @@ def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--dataset: unknown data set {args.dataset!r}; choose one of {', '.join(list_datasets())}")
 
 
+def default_threads() -> int:
+    """Half the cores this process may use, at most 4, at least 1: the rest stays free for data loading and
+    whatever else runs. On a shared 2-core machine a second thread made vgg-fmnist's batch-32 forward 10x
+    slower (355 ms against 34 ms with one, 2026-11-25), so there the default is 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def _calibration_images(data, args) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in data.train, image ids) of the calibration images. A data set whose train split is an
+    already-drawn calibration sample (the embedded Fashion-MNIST) gives all of it, or ``--calib-images N``
+    of it; its ids are the images' indices in the full training split."""
+    if data.calibration_sample is None:
+        indices = calibration_indices(len(data.train), args.calib_fraction, args.calib_images, args.seed)
+        return indices, indices
+    available = len(data.calibration_sample)
+    if args.calib_images is not None and args.calib_images > available:
+        raise ValueError(f"--calib-images {args.calib_images}: the embedded {data.name} holds {available} calibration "
+                         "images; for more, install the full data set (apt-get install dataset-fashion-mnist) and "
+                         "pass --dataset fashion-mnist")
+    if args.calib_images is None and args.seed != 0:
+        log.warning("%s holds the seed-0 calibration draw; --seed %d changes the other random choices only",
+                    data.name, args.seed)
+    positions = (np.arange(available) if args.calib_images is None
+                 else calibration_indices(available, 1.0, args.calib_images, args.seed))
+    return positions, data.calibration_sample[positions]
+
+
+def _picture(report, stage: Path, out: Path, model_name: str) -> Path | None:
+    """OUT/spectra.png (drawn into ``stage``, moved with the other outputs): each approximated layer's response
+    spectrum with its chosen rank (needs matplotlib)."""
+    from .plots import matplotlib_available, plot_spectra
+
+    ranks = {layer.name: layer.rank for layer in report.layers if layer.status == "approximated"}
+    spectra = {name: values for name, values in report.spectra.items() if name in ranks}
+    if not spectra:
+        return None
+    missing = matplotlib_available()
+    if missing:
+        log.info("no picture: %s", missing)
+        return None
+    totals, accuracy = report.totals, report.accuracy or {}
+    top1 = (f", top-1 {100 * accuracy['top1_before']:.2f} -> {100 * accuracy['top1_after']:.2f}"
+            if "top1_after" in accuracy else "")
+    plot_spectra(spectra, ranks, stage / "spectra.png",
+                 title=f"{model_name}: response spectra, dots at the kept ranks\n"
+                       f"({totals['theoretical_speedup']:.2f}x fewer MACs{top1})")
+    return out / "spectra.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.budget == "latency" and args.speedup is None:
         parser.error("--budget latency needs --speedup S (a measured-latency target)")
+    if args.model is None:
+        args.model, args.dataset = DEFAULT_MODEL, args.dataset or DEFAULT_DATASET
     _check_names(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

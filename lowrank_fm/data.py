@@ -1,6 +1,9 @@
 """Data sets by name: train/test splits as ``torch.utils.data.Dataset`` objects that never download.
 
 - ``digits``: scikit-learn's 1,797 real 8x8 digit images (embedded), a fixed seeded 80/20 split.
+- ``fashion-mnist-sample``: embedded in the package (``lowrank_fm/embedded``, 4 MB): the 600 training images the
+  command line draws for calibration by default (1%, seed 0) and the whole 10,000-image test split of
+  Fashion-MNIST. Its train split *is* the calibration sample (``DataSplits.calibration_sample``).
 - ``fashion-mnist``: the IDX files of Fashion-MNIST (Debian's ``dataset-fashion-mnist`` puts them in
   /usr/share/datasets/fashion-mnist/, or pass ``data_dir``), 60,000 train / 10,000 test.
 - ``imagefolder``: ``data_dir/train`` and ``data_dir/val`` class folders of images (ImageNet layout).
@@ -27,6 +30,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 __all__ = ["DataSplits", "load_dataset", "list_datasets", "FASHION_MNIST_DIRS", "DataNotFoundError"]
 
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+FASHION_MNIST_SAMPLE = EMBEDDED_DIR / "fashion-mnist-sample.npz"
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 _DIGITS_MEAN, _DIGITS_STD = 0.3, 0.4
@@ -46,11 +52,13 @@ class DataSplits:
     test: Dataset
     num_classes: int
     image_shape: tuple[int, int, int]
+    # the train split holds only the calibration images, already drawn (their indices in the full split)
+    calibration_sample: np.ndarray | None = None
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return ["digits", "fashion-mnist", "imagefolder", "cifar10", "cifar10-jpeg"]
+    return ["digits", "fashion-mnist", "fashion-mnist-sample", "imagefolder", "cifar10", "cifar10-jpeg"]
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224) -> DataSplits:
@@ -65,6 +73,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
     """
     if name == "digits":
         return _digits()
+    if name == "fashion-mnist-sample":
+        return _fashion_mnist_sample()
     if name in ("fashion-mnist", "fmnist"):
         return _fashion_mnist(data_dir)
     if name == "imagefolder":
@@ -137,6 +147,18 @@ def _fashion_mnist(data_dir) -> DataSplits:
         10,
         (1, 28, 28),
     )
+
+
+def _fashion_mnist_sample() -> DataSplits:
+    """The embedded sample, normalised as the full data set (see lowrank_fm/embedded/README.md)."""
+    with np.load(FASHION_MNIST_SAMPLE, allow_pickle=False) as arrays:
+
+        def split(prefix: str) -> TensorDataset:
+            images = torch.from_numpy(arrays[f"{prefix}_images"].copy()).float().unsqueeze(1) / 255.0
+            return TensorDataset((images - _FMNIST_MEAN) / _FMNIST_STD, torch.from_numpy(arrays[f"{prefix}_labels"]))
+
+        return DataSplits("fashion-mnist-sample", split("calib"), split("test"), 10, (1, 28, 28),
+                          calibration_sample=arrays["calib_indices"].copy())
 
 
 def _require_dir(data_dir, what: str) -> Path:

@@ -25,7 +25,7 @@ from lowrank_fm.models import bundled_spec, create_model
 from lowrank_fm.serialize import MANIFEST_NAME, WEIGHTS_NAME, apply_manifest
 from lowrank_fm.zoo import VGGSmall
 
-FAST = ["--quiet", "--no-speed-gate", "--method", "fm-linear", "--calib-images", "128", "--eval-images", "64",
+FAST = ["vgg-digits", "--quiet", "--no-speed-gate", "--method", "fm-linear", "--calib-images", "128", "--eval-images", "64",
         "--latency-batch", "4"]
 API = dict(method="fm-linear", speed_gate=False, progress=False)
 

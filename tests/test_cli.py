@@ -52,7 +52,7 @@ def ranks(report: dict) -> dict:
 def default_run(tmp_path_factory):
     """``approximate.py --out OUT --quiet``, no model: (exit code, OUT, report.json as a dict)."""
     out = tmp_path_factory.mktemp("default-run")
-    code = main(["--out", str(out), "--quiet", "--no-speed-gate"])  # reproducible ranks: no timings
+    code = main(["vgg-digits", "--out", str(out), "--quiet", "--no-speed-gate"])  # reproducible ranks: no timings
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return code, out, report
 
@@ -68,14 +68,14 @@ def digits():
 @pytest.mark.parametrize("energy", ["1.5", "0", "-0.1", "abc"])
 def test_bad_energy_exits_2(energy, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--energy", energy, "--quiet"])
+        main(["vgg-digits", "--energy", energy, "--quiet"])
     assert exc.value.code == 2
     assert "--energy" in capsys.readouterr().err
 
 
 def test_energy_and_speedup_are_exclusive(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--energy", "0.9", "--speedup", "2"])
+        main(["vgg-digits", "--energy", "0.9", "--speedup", "2"])
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
 
@@ -247,7 +247,7 @@ def test_calib_file_reuse_and_seed_mismatch(default_run, tmp_path, capsys):
     calib = out / "calibration.h5"
     before = calib.stat().st_mtime_ns, calib.stat().st_size
 
-    code = main(["--calib-file", str(calib), "--out", str(tmp_path / "again"), "--quiet", "--no-speed-gate"])
+    code = main(["vgg-digits", "--calib-file", str(calib), "--out", str(tmp_path / "again"), "--quiet", "--no-speed-gate"])
     assert code == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert ranks(again) == ranks(report)
@@ -256,7 +256,7 @@ def test_calib_file_reuse_and_seed_mismatch(default_run, tmp_path, capsys):
     assert (calib.stat().st_mtime_ns, calib.stat().st_size) == before  # reused, not rewritten
     capsys.readouterr()
 
-    code = main(["--calib-file", str(calib), "--seed", "1", "--out", str(tmp_path / "other-seed"), "--quiet"])
+    code = main(["vgg-digits", "--calib-file", str(calib), "--seed", "1", "--out", str(tmp_path / "other-seed"), "--quiet"])
     assert code == 1
     line = one_error_line(capsys.readouterr().err)
     assert "calibration" in line
@@ -283,7 +283,7 @@ def test_speed_gate_latency_and_export_in_the_report(tmp_path):
     """The default (gated) run: every layer is approximated faster than its original or kept as 'slower';
     latency at batch 1 and 32 with the layout used; TorchScript and ONNX forms pass parity."""
     out = tmp_path / "gated"
-    code = main(["--out", str(out), "--quiet", "--speedup", "1.5", "--method", "svd", "--export", "--rank-multiple", "4"])
+    code = main(["vgg-digits", "--out", str(out), "--quiet", "--speedup", "1.5", "--method", "svd", "--export", "--rank-multiple", "4"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     gate = report["rank_selection"]["speed_gate"]
@@ -307,6 +307,6 @@ def test_speed_gate_latency_and_export_in_the_report(tmp_path):
 
 def test_latency_budget_needs_a_speedup(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--budget", "latency", "--quiet"])
+        main(["vgg-digits", "--budget", "latency", "--quiet"])
     assert exit_info.value.code == 2
     assert "--budget latency needs --speedup" in capsys.readouterr().err
