@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..layers import ConvChain, ConvFactor, LinearChain
-from .base import LayerContext, Method, unfold_weight
+from .base import LayerContext, Method, unfold_weight, unfolded_shape
 from .grouped_svd import Candidate, group_bases, grouped_errors, grouped_factors, minmax_allocation
 
 __all__ = ["ALDS"]
@@ -58,11 +58,11 @@ class ALDS(Method):
         return np.clip(np.linalg.eigvalsh(0.5 * (gram + gram.T))[::-1], 0.0, None)
 
     def full_rank(self, ctx: LayerContext) -> int:
-        return min(unfold_weight(ctx.module).shape)
+        return min(unfolded_shape(ctx.module))
 
     def macs_per_position(self, ctx: LayerContext, rank: int) -> int:
         """k groups of j = rank / k filters over p / k inputs each, then d x (k j): j p + d k j."""
-        d, p = unfold_weight(ctx.module).shape
+        d, p = unfolded_shape(ctx.module)
         return (rank // self._k(ctx)) * p + d * rank
 
     def _candidates(self, ctx: LayerContext, original_macs: int) -> list[Candidate]:

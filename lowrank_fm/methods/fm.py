@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..layers import ConvChain, ConvFactor, LinearChain
-from .base import LayerContext, Method, unfold_weight
+from .base import LayerContext, Method, unfold_weight, unfolded_shape
 
 __all__ = ["fm_linear_factors", "two_factor_layer", "FeatureMapLinear"]
 
@@ -86,7 +86,7 @@ class FeatureMapLinear(Method):
         return ctx.out_channels
 
     def macs_per_position(self, ctx: LayerContext, rank: int) -> int:
-        fan_in = unfold_weight(ctx.module).shape[1]
+        fan_in = unfolded_shape(ctx.module)[1]
         return rank * fan_in + ctx.out_channels * rank
 
     def factors(self, ctx: LayerContext, rank: int):

@@ -53,7 +53,8 @@ class SpatialSeparable(Method):
         return torch.linalg.svdvals(_rearranged(ctx.module.weight.detach())).pow(2).numpy()
 
     def full_rank(self, ctx: LayerContext) -> int:
-        return min(_rearranged(ctx.module.weight.detach()).shape)
+        n, c, kh, kw = ctx.module.weight.shape  # _rearranged's shape (C kh, N kw), without the copy
+        return min(c * kh, n * kw)
 
     def macs(self, ctx: LayerContext, rank: int) -> int:
         """H' W_in K C kh (vertical conv, full input width) + H' W' N K kw (horizontal conv)."""

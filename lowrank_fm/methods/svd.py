@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import LayerContext, Method, unfold_weight
+from .base import LayerContext, Method, unfold_weight, unfolded_shape
 from .fm import two_factor_layer
 
 __all__ = ["svd_factors", "TruncatedSVD"]
@@ -33,10 +33,10 @@ class TruncatedSVD(Method):
         return torch.linalg.svdvals(unfold_weight(ctx.module)).pow(2).numpy()
 
     def full_rank(self, ctx: LayerContext) -> int:
-        return min(unfold_weight(ctx.module).shape)
+        return min(unfolded_shape(ctx.module))
 
     def macs_per_position(self, ctx: LayerContext, rank: int) -> int:
-        d, p = unfold_weight(ctx.module).shape
+        d, p = unfolded_shape(ctx.module)
         return rank * p + d * rank
 
     def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
