@@ -27,14 +27,9 @@ from lowrank_fm.zoo import VGGSmall
 
 FAST = ["vgg-digits", "--quiet", "--no-speed-gate", "--method", "fm-linear", "--calib-images", "128", "--eval-images", "64",
         "--latency-batch", "4"]
+from test_cli import one_error_line  # noqa: E402  (tests/ is on sys.path under pytest)
+
 API = dict(method="fm-linear", speed_gate=False, progress=False)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 def folder_bytes(folder: Path) -> dict:
