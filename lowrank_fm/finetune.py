@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .evaluate import accuracy
@@ -42,7 +42,9 @@ def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _loader(train_data, batch_size: int, seed: int, device) -> tuple[Iterable, int | None]:
     """A map-style data set becomes a loader that reshuffles each epoch from its own seeded generator; any
     other iterable of batches (a DataLoader) is used as given. Returns (loader, number of images or None)."""
-    if isinstance(train_data, Dataset) and hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__"):
+    if isinstance(train_data, IterableDataset):  # items in its own order, batched
+        return DataLoader(train_data, batch_size=batch_size), None
+    if isinstance(train_data, Dataset) and hasattr(train_data, "__len__"):
         if len(train_data) == 0:
             raise ValueError("finetune: train_data is empty; pass a data set with at least one image")
         generator = torch.Generator().manual_seed(seed)
@@ -90,13 +92,14 @@ def finetune(
     ----------
     model : the approximated model (left untouched; a copy is trained). Outputs logits of shape (B, classes).
     train_data : a map-style data set of ``(image, label)`` items or of images (reshuffled each epoch by a
-        generator seeded with ``seed``), or any iterable of batches (used in its own order): ``(images,
-        labels)`` pairs or image tensors (N, C, H, W). ``mode="distill"`` ignores the labels.
+        generator seeded with ``seed``), an ``IterableDataset`` of such items (batched in its own order), or
+        any other iterable of batches (a DataLoader, a list; used in its own order): ``(images, labels)``
+        pairs or image tensors (N, C, H, W). ``mode="distill"`` ignores the labels.
     epochs : passes over ``train_data`` (>= 1).
     mode : ``"labels"``: cross-entropy with the labels. ``"distill"``: label-free, the model learns the
         outputs of ``teacher`` on the same images (see Notes).
-    teacher : the original model (``mode="distill"`` only), run in eval mode without gradients, with its
-        BatchNorm as given; its train/eval mode is restored afterwards.
+    teacher : the original model (``mode="distill"`` only, on ``device``), run in eval mode without gradients,
+        with its BatchNorm as given; its train/eval mode is restored afterwards.
     lr : Adam's learning rate at the start of a cosine decay to 0 over all steps (default 1e-4).
     batch_size : images per step when ``train_data`` is a data set.
     eval_data, eval_images : a labelled data set (its first ``eval_images`` items) on which top-1/top-5 are
@@ -169,7 +172,10 @@ def finetune(
     if teacher is not None and mode == "distill":
         teacher.eval()
     loader, n_images = _loader(train_data, batch_size, seed, device)
-    steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset without a length
+        steps_per_epoch = None
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
                  if steps_per_epoch else None)
