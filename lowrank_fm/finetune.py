@@ -69,7 +69,7 @@ def finetune(
     epochs: int,
     mode: str = "labels",
     teacher: nn.Module | None = None,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     batch_size: int = 64,
     eval_data: Dataset | None = None,
     eval_images: int | None = None,
@@ -100,7 +100,7 @@ def finetune(
         outputs of ``teacher`` on the same images (see Notes).
     teacher : the original model (``mode="distill"`` only, on ``device``), run in eval mode without gradients,
         with its BatchNorm as given; its train/eval mode is restored afterwards.
-    lr : Adam's learning rate at the start of a cosine decay to 0 over all steps (default 1e-4).
+    lr : Adam's learning rate at the start of a cosine decay to 0 over all steps (default 3e-4).
     batch_size : images per step when ``train_data`` is a data set.
     eval_data, eval_images : a labelled data set (its first ``eval_images`` items) on which top-1/top-5 are
         measured after each epoch.
@@ -125,11 +125,14 @@ def finetune(
 
     Notes
     -----
-    Optimiser: Adam (lr 1e-4, betas 0.9/0.999, no weight decay) with a cosine decay to 0. A factorized
-    layer's factors have very different scales (a rank-d' conv V and a 1x1 conv U with orthonormal columns);
-    Adam's per-parameter step sizes handle that without a per-layer learning rate, and at 1e-4 a few
-    hundred steps move the weights by a small fraction of their size, so the approximation's solution is
-    refined rather than left.
+    Optimiser: Adam (lr 3e-4, betas 0.9/0.999, no weight decay) with a cosine decay to 0 over all steps. A
+    factorized layer's factors have very different scales (a rank-d' conv V and a 1x1 conv U with
+    orthonormal columns); Adam's per-parameter step sizes handle that without a per-layer learning rate.
+    The default was chosen on one epoch of the whole training split (2026-11-26, one CPU thread): vgg-fmnist
+    at 4x (fm, top-1 93.76% approximated) reached 94.01% / 94.10% with lr 1e-4 / 3e-4 (labels) and 93.92% /
+    94.08% (distill); resnet20-cifar10 at 2x (81.04%) reached 82.95% / 83.63% / 83.74% with 1e-4 / 3e-4 /
+    1e-3 (labels) and 82.86% / 83.50% with 1e-4 / 3e-4 (distill). With only a few hundred training images (the embedded Fashion-MNIST sample, which
+    is also the calibration set) fine-tuning does not help (see README).
 
     Distillation loss, with z = the model's logits and t = the teacher's on the same image:
 

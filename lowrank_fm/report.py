@@ -135,7 +135,8 @@ class Report:
             f, r = self.finetune, self.finetune["record"]
             top1 = ", top-1 after each epoch " + " ".join(f"{t:.4f}" for t in f["top1"]) if f["top1"] else ""
             lines.append(
-                f"fine-tuning: {f['mode']} ({r['objective']}), {f['epochs']} epochs on {r['images']} images, "
+                f"fine-tuning: {f['mode']} ({r['objective']}), {f['epochs']} epoch{'s' if f['epochs'] != 1 else ''} on "
+                f"{r['images']} images, "
                 f"loss " + " ".join(f"{x:.4f}" for x in r["loss"]) + f"{top1}, {r['seconds']:.1f} s"
             )
         if self.latency:

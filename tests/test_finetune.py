@@ -206,19 +206,24 @@ def test_diverging_loss_raises():
         finetune(model, data, epochs=1, progress=False)
 
 
-def test_cli_finetune_record_and_reload(tmp_path, digits):
+def test_cli_finetune_record_and_reload(tmp_path, digits, capsys):
     common = ["vgg-digits", "--method", "fm-linear", "--energy", "0.5", "--no-speed-gate", "--quiet", "--threads", "1"]
     plain, tuned_out = tmp_path / "plain", tmp_path / "tuned"
     assert main(common + ["--out", str(plain)]) == 0
+    capsys.readouterr()
     assert main(common + ["--out", str(tuned_out), "--finetune-epochs", "1"]) == 0
+    table = capsys.readouterr().out
     report = json.loads((tuned_out / "report.json").read_text())
+    acc = report["accuracy"]
+    assert (f"accuracy: top-1 {acc['top1_before']:.4f} -> {acc['top1_approximated']:.4f} approximated -> "
+            f"{acc['top1_after']:.4f}") in table
+    assert f"fine-tuning: labels (cross-entropy), 1 epoch on {len(digits.train)} images" in table
     plain_report = json.loads((plain / "report.json").read_text())
     assert plain_report["finetune"] is None and "top1_approximated" not in plain_report["accuracy"]
     ft = report["finetune"]
     assert ft["mode"] == "labels" and ft["epochs"] == 1 and len(ft["top1"]) == 1
     assert ft["record"]["images"] == len(digits.train) and len(ft["record"]["loss"]) == 1
     assert report["timing"]["finetune_s"] == ft["record"]["seconds"] > 0
-    acc = report["accuracy"]
     assert acc["top1_approximated"] == plain_report["accuracy"]["top1_after"]
     assert acc["top1_after"] == ft["top1"][-1]
     assert report["totals"] == plain_report["totals"]  # same ranks and MACs
