@@ -341,9 +341,10 @@ def _finetune(new_model, model, data, args, report):
     from .finetune import finetune
 
     if data.calibration_sample is not None:
-        log.warning("fine-tuning on the %d images of %s's training split (its calibration sample): no other "
-                    "training images are available (for the whole training split: apt-get install "
-                    "dataset-fashion-mnist, then --dataset fashion-mnist)", len(data.train), data.name)
+        log.warning("fine-tuning on the %d images of %s's training split, its calibration sample: no other "
+                    "training images are available, and training on the images the approximation was fitted to "
+                    "can lower test accuracy (for the whole training split: apt-get install dataset-fashion-mnist, "
+                    "then --dataset fashion-mnist)", len(data.train), data.name)
     mode = args.finetune
     tuned, record = finetune(new_model, data.train, epochs=args.finetune_epochs, mode=mode,
                              teacher=model if mode == "distill" else None, eval_data=data.test,
