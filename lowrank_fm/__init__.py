@@ -7,8 +7,9 @@ retraining, from a small calibration set.
 
 from .api import approximate
 from .config import ApproxConfig
+from .finetune import finetune
 from .methods import list_methods
 from .serialize import load_approximated, save_approximated
 
 __version__ = "0.1.0"
-__all__ = ["approximate", "ApproxConfig", "list_methods", "load_approximated", "save_approximated", "__version__"]
+__all__ = ["approximate", "ApproxConfig", "finetune", "list_methods", "load_approximated", "save_approximated", "__version__"]

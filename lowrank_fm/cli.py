@@ -68,6 +68,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import list_methods
     from .models import list_models
@@ -135,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader workers (default: 4 for image files (imagefolder, cifar10), 0 for in-memory data)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch threads (default: half the cores this process may use, 1 to 4; recorded in the report)")
+    parser.add_argument("--finetune-epochs", type=_non_negative_int, default=0,
+                        help="after approximation, train the approximated model's factors for N epochs on the training "
+                             "split, keeping its ranks (default 0: no fine-tuning)")
+    parser.add_argument("--finetune", choices=["labels", "distill"], default=None,
+                        help="labels (default): cross-entropy with the training labels; distill: label-free, learn the "
+                             "original model's outputs on the training images")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -224,6 +237,8 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
     report.config["run"] = {k: v for k, v in vars(args).items() if k not in report.config}
     report.accuracy = {"top1_before": before["top1"], "top1_after": after["top1"], "top5_before": before["top5"],
                        "top5_after": after["top5"], "eval_images": before["images"]}
+    if args.finetune_epochs:
+        new_model = _finetune(new_model, model, data, args, report)
 
     images = torch.stack([data.test[i][0] for i in range(min(args.latency_batch, len(data.test)))]).to(args.device)
     speed = measure_speed(model, new_model, images, batch_sizes=sorted({1, args.latency_batch}), device=args.device)
@@ -319,6 +334,30 @@ def _calibration_images(data, args) -> tuple[np.ndarray, np.ndarray]:
     return positions, data.calibration_sample[positions]
 
 
+def _finetune(new_model, model, data, args, report):
+    """Fine-tune the approximated model (``--finetune-epochs N``, ``--finetune labels|distill``) on the training
+    split, evaluated on the test split after each epoch; fills ``report.finetune``, ``report.timing["finetune_s"]``
+    and the accuracy after fine-tuning (``top1_approximated`` keeps the accuracy before it)."""
+    from .finetune import finetune
+
+    if data.calibration_sample is not None:
+        log.warning("fine-tuning on the %d images of %s's training split, its calibration sample: no other "
+                    "training images are available, and training on the images the approximation was fitted to "
+                    "can lower test accuracy (for the whole training split: apt-get install dataset-fashion-mnist, "
+                    "then --dataset fashion-mnist)", len(data.train), data.name)
+    mode = args.finetune
+    tuned, record = finetune(new_model, data.train, epochs=args.finetune_epochs, mode=mode,
+                             teacher=model if mode == "distill" else None, eval_data=data.test,
+                             eval_images=args.eval_images, device=args.device, seed=args.seed,
+                             num_workers=args.workers, progress=not args.quiet)
+    report.timing["finetune_s"] = record["seconds"]
+    report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"], "record": record}
+    accuracy = report.accuracy
+    accuracy.update({"top1_approximated": accuracy["top1_after"], "top5_approximated": accuracy["top5_after"],
+                     "top1_after": record["top1"][-1], "top5_after": record["top5"][-1]})
+    return tuned
+
+
 def _picture(report, stage: Path, out: Path, model_name: str) -> Path | None:
     """OUT/spectra.png (drawn into ``stage``, moved with the other outputs): each approximated layer's response
     spectrum with its chosen rank (needs matplotlib)."""
@@ -350,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.dataset = DEFAULT_MODEL, args.dataset or DEFAULT_DATASET
     _check_names(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.finetune is not None and not args.finetune_epochs:
+        log.warning("--finetune %s has no effect without --finetune-epochs N", args.finetune)
+    args.finetune = args.finetune or "labels"
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -59,6 +59,7 @@ class Report:
     folded_batchnorm: list[list[str]] = field(default_factory=list)
     selection: dict = field(default_factory=dict)
     output_matching: dict = field(default_factory=dict)
+    finetune: dict | None = None  # mode, epochs, top1 after each epoch, the record of lowrank_fm.finetune
     spectra: dict = field(default_factory=dict, repr=False)  # layer -> method spectrum (for plots; not in JSON)
 
     @property
@@ -92,6 +93,7 @@ class Report:
             "folded_batchnorm": self.folded_batchnorm,
             "rank_selection": self.selection,
             "output_matching": self.output_matching,
+            "finetune": self.finetune,
         }
 
     def save_json(self, path: str | Path) -> None:
@@ -124,9 +126,18 @@ class Report:
         )
         if self.accuracy:
             a = self.accuracy
+            approximated = (f"{a['top1_approximated']:.4f} approximated -> " if "top1_approximated" in a else "")
             lines.append(
-                f"accuracy: top-1 {a['top1_before']:.4f} -> {a['top1_after']:.4f} "
+                f"accuracy: top-1 {a['top1_before']:.4f} -> {approximated}{a['top1_after']:.4f} "
                 f"({100 * (a['top1_after'] - a['top1_before']):+.2f} points) on {a['eval_images']} images"
+            )
+        if self.finetune:
+            f, r = self.finetune, self.finetune["record"]
+            top1 = ", top-1 after each epoch " + " ".join(f"{t:.4f}" for t in f["top1"]) if f["top1"] else ""
+            lines.append(
+                f"fine-tuning: {f['mode']} ({r['objective']}), {f['epochs']} epoch{'s' if f['epochs'] != 1 else ''} on "
+                f"{r['images']} images, "
+                f"loss " + " ".join(f"{x:.4f}" for x in r["loss"]) + f"{top1}, {r['seconds']:.1f} s"
             )
         if self.latency:
             lat = self.latency

@@ -1,0 +1,250 @@
+"""Fine-tuning of an approximated model (lowrank_fm.finetune): structure kept, losses measured against an
+independent computation, labels and label-free modes on a deliberately damaged vgg-digits approximation,
+determinism, and the command line's --finetune-epochs (record, report, saved model)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
+
+import lowrank_fm
+from lowrank_fm import approximate, load_approximated
+from lowrank_fm.cli import main
+from lowrank_fm.cost import measure_costs
+from lowrank_fm.evaluate import accuracy
+from lowrank_fm.finetune import finetune
+
+
+@pytest.fixture(scope="module")
+def damaged(digits, vgg_digits):
+    """vgg-digits approximated far too hard (fm-linear at energy 0.5, every layer factorized): (model, report)."""
+    loader = DataLoader(Subset(digits.train, range(256)), batch_size=64)
+    return approximate(vgg_digits, loader, method="fm-linear", energy=0.5, speed_gate=False, progress=False)
+
+
+def top1(model, dataset):
+    return accuracy(model, dataset, progress=False)["top1"]
+
+
+def logits(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+def held_out_divergence(student, teacher, loss):
+    if loss == "mse":
+        return float((student - teacher).pow(2).sum(1).mean())
+    p, q = torch.softmax(teacher.double() / 4, 1), torch.softmax(student.double() / 4, 1)
+    return float((p * (p.log() - q.log())).sum(1).mean())
+
+
+def test_exported_from_package():
+    assert lowrank_fm.finetune is finetune and "finetune" in lowrank_fm.__all__
+
+
+def test_structure_and_macs_unchanged(damaged, digits):
+    model, report = damaged
+    tuned, record = finetune(model, digits.train, epochs=1, lr=1e-3, progress=False)
+    before = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    after = {name: tuple(p.shape) for name, p in tuned.named_parameters()}
+    assert after == before
+    assert [type(m).__name__ for m in tuned.modules()] == [type(m).__name__ for m in model.modules()]
+    example = digits.test[0][0][None]
+    costs = measure_costs(tuned, example)
+    assert sum(c.macs for c in costs.values()) == report.totals["macs_after"]
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    # the weights did move, and the input model was left as it was
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), tuned.state_dict().values()))
+    assert not tuned.training
+
+
+def test_loss_decreases_on_a_fixed_batch(damaged, digits):
+    model, _ = damaged
+    images, labels = digits.train.tensors[0][:64], digits.train.tensors[1][:64]
+    batch = TensorDataset(images, labels)
+    tuned, record = finetune(model, batch, epochs=5, lr=1e-3, batch_size=64, progress=False)
+    # one batch per epoch: the first epoch's loss is the untouched model's cross-entropy on that batch
+    assert record["loss"][0] == pytest.approx(float(F.cross_entropy(logits(model, images), labels)), rel=1e-5)
+    assert record["steps"] == 5 and record["images"] == 64
+    assert all(b < a for a, b in zip(record["loss"], record["loss"][1:]))
+    assert float(F.cross_entropy(logits(tuned, images), labels)) < record["loss"][-1]
+
+
+def test_labels_mode_repairs_a_damaged_approximation(damaged, digits, vgg_digits):
+    model, _ = damaged
+    original, approximated = top1(vgg_digits, digits.test), top1(model, digits.test)
+    assert approximated < original - 0.3  # the damage is real
+    tuned, record = finetune(model, digits.train, epochs=3, lr=3e-3, eval_data=digits.test, progress=False)
+    assert record["top1"][-1] == top1(tuned, digits.test)  # the record's accuracy is the model's
+    assert record["top1"][-1] > approximated + 0.2
+    assert len(record["top1"]) == len(record["loss"]) == 3
+    assert record["mode"] == "labels" and record["objective"] == "cross-entropy" and record["seconds"] > 0
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_distill_learns_the_teacher_without_labels(damaged, digits, vgg_digits, loss):
+    model, _ = damaged
+    images = digits.train.tensors[0]
+    wrong = TensorDataset(images, torch.zeros(len(images), dtype=torch.int64))  # every label wrong or zero
+    tuned, record = finetune(model, wrong, epochs=3, mode="distill", teacher=vgg_digits, lr=3e-3,
+                             distill_loss=loss, progress=False)
+    held_out = digits.test.tensors[0]
+    target = logits(vgg_digits, held_out)
+    # held-out distance to the teacher in the objective's own terms: logit MSE, or the softened KL (T = 4)
+    assert held_out_divergence(logits(tuned, held_out), target, loss) < 0.8 * held_out_divergence(
+        logits(model, held_out), target, loss)
+    assert top1(tuned, digits.test) > top1(model, digits.test) + 0.1
+    # the labels were not used: the same images without labels give the same weights
+    unlabelled, _ = finetune(model, DataLoader(images, batch_size=64, shuffle=True,
+                                               generator=torch.Generator().manual_seed(0)),
+                             epochs=3, mode="distill", teacher=vgg_digits, lr=3e-3, distill_loss=loss, progress=False)
+    for a, b in zip(tuned.state_dict().values(), unlabelled.state_dict().values()):
+        assert torch.equal(a, b)
+    assert vgg_digits.training is False  # the teacher's mode is restored
+    assert record["objective"] == loss and (record["temperature"] is None) == (loss == "mse")
+
+
+def test_distill_mse_first_loss_is_the_logit_mse(damaged, digits, vgg_digits):
+    model, _ = damaged
+    images = digits.train.tensors[0][:32]
+    _, record = finetune(model, TensorDataset(images), epochs=1, mode="distill", teacher=vgg_digits,
+                         batch_size=32, progress=False)
+    expected = (logits(model, images) - logits(vgg_digits, images)).pow(2).sum(1).mean()
+    assert record["loss"][0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_kl_loss_against_its_definition(damaged, digits, vgg_digits):
+    model, _ = damaged
+    images = digits.train.tensors[0][:32]
+    _, record = finetune(model, TensorDataset(images), epochs=1, mode="distill", teacher=vgg_digits,
+                         distill_loss="kl", temperature=3.0, batch_size=32, progress=False)
+    p = torch.softmax(logits(vgg_digits, images).double() / 3, 1)
+    q = torch.softmax(logits(model, images).double() / 3, 1)
+    expected = 9 * (p * (p.log() - q.log())).sum(1).mean()
+    assert record["loss"][0] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_deterministic(damaged, digits):
+    model, _ = damaged
+    runs = [finetune(model, digits.train, epochs=1, lr=1e-3, seed=3, progress=False) for _ in range(2)]
+    for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert runs[0][1]["loss"] == runs[1][1]["loss"]
+    other, _ = finetune(model, digits.train, epochs=1, lr=1e-3, seed=4, progress=False)  # the seed is used
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0][0].state_dict().values(), other.state_dict().values()))
+
+
+def test_synthetic_model_and_tensor_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    images = torch.randn(40, 2, 5, 5)
+    labels = torch.randint(0, 3, (40,))
+    batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]  # an iterable of batches, used in order
+    tuned, record = finetune(model, batches, epochs=20, lr=1e-2, progress=False)
+    assert record["steps"] == 100 and record["batch_size"] is None and record["schedule"] == "cosine"
+    assert record["loss"][-1] < 0.5 * record["loss"][0]
+    assert float(F.cross_entropy(logits(tuned, images), labels)) < float(F.cross_entropy(logits(model, images), labels))
+
+
+class Stream(IterableDataset):
+    """(image, label) items in a fixed order, without a length."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __iter__(self):
+        return iter(zip(self.images, self.labels))
+
+
+def test_iterable_dataset_is_batched_in_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    images, labels = torch.randn(40, 1, 2, 3), torch.randint(0, 3, (40,))
+    tuned, record = finetune(model, Stream(images, labels), epochs=2, batch_size=8, lr=1e-2, progress=False)
+    assert record["steps"] == 10 and record["images"] == 40 and record["schedule"] == "constant"
+    # the same batches given as a list: the same weights (a list has a length: cosine schedule, so compare
+    # against an independent Adam run at a constant lr instead)
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for _ in range(2):
+        for i in range(0, 40, 8):
+            loss = F.cross_entropy(reference(images[i:i + 8]), labels[i:i + 8])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for a, b in zip(tuned.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs must be an integer >= 1"),
+    (dict(epochs=1, mode="soft"), "mode must be one of"),
+    (dict(epochs=1, mode="distill"), "needs teacher="),
+    (dict(epochs=1, lr=0.0), "lr must be a finite number > 0"),
+    (dict(epochs=1, batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(epochs=1, mode="distill", teacher=nn.Identity(), distill_loss="l1"), "distill_loss must be one of"),
+])
+def test_bad_arguments(kwargs, match):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=match):
+        finetune(model, TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64)), progress=False, **kwargs)
+
+
+def test_labels_mode_without_labels_raises():
+    with pytest.raises(ValueError, match="no labels: pass mode='distill'"):
+        finetune(nn.Linear(3, 2), TensorDataset(torch.randn(4, 3)), epochs=1, progress=False)
+
+
+def test_diverging_loss_raises():
+    model = nn.Linear(3, 2)
+    data = TensorDataset(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(FloatingPointError, match="smaller lr"):
+        finetune(model, data, epochs=1, progress=False)
+
+
+def test_cli_finetune_record_and_reload(tmp_path, digits, capsys):
+    common = ["vgg-digits", "--method", "fm-linear", "--energy", "0.5", "--no-speed-gate", "--quiet", "--threads", "1"]
+    plain, tuned_out = tmp_path / "plain", tmp_path / "tuned"
+    assert main(common + ["--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(common + ["--out", str(tuned_out), "--finetune-epochs", "1"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((tuned_out / "report.json").read_text())
+    acc = report["accuracy"]
+    assert (f"accuracy: top-1 {acc['top1_before']:.4f} -> {acc['top1_approximated']:.4f} approximated -> "
+            f"{acc['top1_after']:.4f}") in table
+    assert f"fine-tuning: labels (cross-entropy), 1 epoch on {len(digits.train)} images" in table
+    plain_report = json.loads((plain / "report.json").read_text())
+    assert plain_report["finetune"] is None and "top1_approximated" not in plain_report["accuracy"]
+    ft = report["finetune"]
+    assert ft["mode"] == "labels" and ft["epochs"] == 1 and len(ft["top1"]) == 1
+    assert ft["record"]["images"] == len(digits.train) and len(ft["record"]["loss"]) == 1
+    assert report["timing"]["finetune_s"] == ft["record"]["seconds"] > 0
+    assert acc["top1_approximated"] == plain_report["accuracy"]["top1_after"]
+    assert acc["top1_after"] == ft["top1"][-1]
+    assert report["totals"] == plain_report["totals"]  # same ranks and MACs
+    # the saved model is the fine-tuned one: it reloads to the model that finetune() makes from the plain run's
+    reloaded = load_approximated(tuned_out)
+    assert top1(reloaded, digits.test) == acc["top1_after"]
+    expected, _ = finetune(load_approximated(plain), digits.train, epochs=1, progress=False)
+    images = digits.test.tensors[0]
+    assert torch.equal(logits(reloaded, images), logits(expected, images))
+    assert not torch.equal(logits(reloaded, images), logits(load_approximated(plain), images))
+
+
+def test_cli_distill_and_flag_errors(tmp_path, capsys):
+    out = tmp_path / "distill"
+    code = main(["vgg-digits", "--method", "fm-linear", "--energy", "0.5", "--no-speed-gate", "--quiet",
+                 "--threads", "1", "--out", str(out), "--finetune-epochs", "1", "--finetune", "distill"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["mode"] == "distill" and report["finetune"]["record"]["objective"] == "mse"
+    for bad in (["--finetune-epochs", "-1"], ["--finetune", "soft"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["vgg-digits", "--quiet"] + bad)
+        assert exc.value.code == 2
+        assert "--finetune" in capsys.readouterr().err
