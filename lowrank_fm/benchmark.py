@@ -20,7 +20,7 @@ from .config import ApproxConfig
 from .data import load_dataset
 from .evaluate import accuracy
 from .models import bundled_spec, create_model
-from .provenance import append_row, current_rows, machine_load, provenance
+from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
 __all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID", "cell_key"]
 
@@ -74,6 +74,7 @@ def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, 
     model and measures top-1 before on its own); rows are appended as cells finish, so the file's order is
     the order of completion.
     """
+    code_state()  # the commit this process runs, looked up before the tree can change under it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -111,6 +112,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     """The rows of ``runs`` on one bundled model (calling ``on_row(row)`` as each one finishes)."""
     from .cli import calibration_indices
 
+    code_state()
     spec = bundled_spec(model_name)
     data = load_dataset(spec.dataset, data_dir)
     model = create_model(model_name)
