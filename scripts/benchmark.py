@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="*", default=None, choices=sorted(set(DEFAULT_GRID) | set(SPEED_GRID)))
     parser.add_argument("--speed", action="store_true",
                         help="measured-latency benchmark (original vs approximated, batch 1 and 32 / 8) and plots")
-    parser.add_argument("--repeats", type=int, default=10, help="--speed: timed interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="--speed: interleaved timing rounds per batch size (the headline is their median; >= 5)")
     parser.add_argument("--plots", action="store_true", help="--speed: only redraw the plots from an existing --out")
     parser.add_argument("--speedups", nargs="*", type=float, default=None, help="override the grid's targets")
     parser.add_argument("--labels", nargs="*", default=None, help="only the runs with these labels")
@@ -82,7 +83,7 @@ def _speed(args: argparse.Namespace) -> int:
             runs = [r for r in runs if r.speedup in args.speedups]
         if args.labels:
             runs = [r for r in runs if r.label in args.labels]
-        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, repeats=args.repeats)
+        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, rounds=args.rounds)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if not args.table:
         for path in make_plots(rows, out.parent):
