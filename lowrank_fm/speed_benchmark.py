@@ -49,7 +49,7 @@ class SpeedRun:
 
     model: str
     label: str
-    speedup: float
+    speedup: float | None  # None: ranks from the settings (e.g. energy 1.0, every layer kept)
     settings: dict = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 32)
     speed_only: bool = False
@@ -69,7 +69,12 @@ def _fmnist_grid() -> list[SpeedRun]:
     return runs
 
 
+# the fair-baseline check: nothing approximated must measure 1.00x within noise (three runs of the same cell)
+_KEPT = [SpeedRun("vgg-digits", f"every layer kept (energy 1.0), run {i}", None, {"method": "svd", "energy": 1.0},
+                  allocators=("reuse",)) for i in (1, 2, 3)]
+
 SPEED_GRID = {
+    "vgg-digits": _KEPT,
     "vgg-fmnist": _fmnist_grid(),
     "vgg16": [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
                        {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
@@ -176,7 +181,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
             with tempfile.TemporaryDirectory(prefix="lowrank_fm_export_") as tmp:
                 row["export"] = export_and_check(new_model, images[: max(run.batch_sizes)], export_dir or tmp,
                                                  original=model, rounds=run.rounds or rounds)
-        log.info("%s %s %.1fx: theoretical %.2fx, measured %s", run.model, run.label, run.speedup,
+        log.info("%s %s %sx: theoretical %.2fx, measured %s", run.model, run.label, run.speedup,
                  row["theoretical_speedup"], {b: round(v, 2) for b, v in row["measured_speedup"].items()})
         rows.append(append_row(out_path, row, load_before=load_before))
     return rows
@@ -184,7 +189,8 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
 
 def cell_key(row: dict) -> tuple:
     """What makes two speed rows the same cell: model, method label, target, batch sizes timed."""
-    return row["model"], row["label"], float(row["target_speedup"]), tuple(sorted(row["measured_speedup"], key=int))
+    target = row["target_speedup"]
+    return row["model"], row["label"], None if target is None else float(target), tuple(sorted(row["measured_speedup"], key=int))
 
 
 def speed_table(rows: list[dict]) -> str:
@@ -214,7 +220,8 @@ def speed_table(rows: list[dict]) -> str:
         top1 = (f"{100 * r['top1_before']:.2f} -> {100 * r['top1_after']:.2f}" if "top1_after" in r else "speed only")
         slower = len(r["selection"].get("speed_gate", {}).get("slower", []))
         load = r["provenance"].get("load_before")
-        lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
+        target = "-" if r["target_speedup"] is None else f"{r['target_speedup']:g}x"
+        lines.append(f"| {r['model']} | {r['label']} | {target} | {r['theoretical_speedup']:.2f}x | "
                      f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | "
                      f"{r['threads']}, {load[0] if load else '?'} |")
     return "\n".join(lines)
@@ -225,7 +232,7 @@ def make_plots(rows: list[dict], out_dir: str | Path) -> list[Path]:
     spectra_MODEL_METHOD_S.png for each row that carries spectra and exported (the reference cell)."""
     from .plots import plot_accuracy_vs_speedup, plot_spectra
 
-    rows = current_rows(rows, cell_key)
+    rows = [r for r in current_rows(rows, cell_key) if r["target_speedup"] is not None]
     out_dir = Path(out_dir)
     written = []
     for model in dict.fromkeys(r["model"] for r in rows if "top1_after" in r):
