@@ -31,11 +31,17 @@ from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchma
 _FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
          "fm-linear (symmetric)", "fm, no solver, no output matching", "fm, rmsprop", "fm-3d, rmsprop"]
 # every run whose rows the README's tables and prose cite, in the order --all runs them (scripts/ paths,
-# from the repository root); the comment is the wall time of the last such run on the project's 2-core machine
+# from the repository root)
 README_CELLS = [
     ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", *_FAST],
     ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "1.5", "--labels", "fm, rmsprop",
      "fm-3d, rmsprop", "fm-linear (symmetric)", "svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "--labels", "fm, closed-form",
+     "fm, rmsprop + output matching"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "--labels", "tucker2-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "--labels", "alds (weight-only)",
+     "alds-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "3", "--labels", "tucker2-sigma (data-aware)"],
     ["benchmark.py", "--speed", "--models", "vgg-digits"],
     ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
     ["benchmark.py", "--speed", "--models", "vgg16"],
