@@ -1,7 +1,7 @@
 """Where a results row came from, written by code on every row: the commit, the machine, the load.
 
 Every benchmark writes its rows through :func:`append_row`, which adds ``provenance``: the git commit of
-the code that ran and whether tracked files outside ``results/`` differed from it (``dirty``), the UTC
+the code that ran and whether its tracked code differed from it (``dirty``), the UTC
 date, the command line, the CPU model and core count, torch version, torch threads, the load average when
 the row's work started and when it was written, and the allocator setting. No field of it is typed by hand.
 
@@ -32,6 +32,7 @@ __all__ = ["provenance", "append_row", "read_rows", "current_rows", "machine_loa
 log = logging.getLogger(__name__)
 
 _ROOT = Path(__file__).resolve().parents[1]
+_CODE = ("lowrank_fm", "calibration", "scripts", "pyproject.toml")
 
 
 def machine_load() -> list[float] | None:
@@ -53,12 +54,13 @@ def _git(*args: str) -> str | None:
 @functools.cache
 def code_state() -> dict:
     """``commit`` (HEAD of the checkout this package was imported from, None outside git) and ``dirty``
-    (tracked files outside ``results/`` differ from it; None when unknown). Looked up once per process:
-    the code a process runs is the code it imported at start, whatever the tree holds later."""
+    (tracked code differs from it: the packages, the scripts, pyproject.toml; edits to the README, the tests
+    or results/ do not change what a run computes; None when unknown). Looked up once per process: the code
+    a process runs is the code it imported at start, whatever the tree holds later."""
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", *_CODE)
     return {"commit": commit, "dirty": None if changes is None else bool(changes)}
 
 
