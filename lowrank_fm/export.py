@@ -7,6 +7,7 @@ form is reported as skipped with the reason, and TorchScript still runs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -142,7 +143,7 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out_dir: str | Pat
         onnx_diff = relative_difference(reference, forms["onnx"](example))
         result["onnx"] = {"path": str(path), "max_rel_diff": onnx_diff, "parity": onnx_diff < tolerance}
     if original is not None:
-        forms["original_eager"], folded = folded_copy(original.cpu(), example[:1])
+        forms["original_eager"], folded = folded_copy(copy.deepcopy(original).cpu(), example[:1])  # caller's stays put
         result["original_eager"] = {"baseline": BASELINE, "folded_batchnorm": len(folded)}
     times = interleaved_rounds(forms, example, rounds=max(MIN_ROUNDS, rounds), repeats=repeats, warmup=warmup,
                                min_seconds=min_seconds)  # interleaved, same process
