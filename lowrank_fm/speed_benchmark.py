@@ -34,7 +34,7 @@ from .api import approximate
 from .config import ApproxConfig
 from .latency import measure_speed
 from .models import bundled_spec, create_model
-from .provenance import append_row, current_rows, machine_load
+from .provenance import append_row, code_state, current_rows, machine_load
 
 __all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots", "cell_key"]
 
@@ -130,6 +130,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
     """
     from .evaluate import accuracy
 
+    code_state()  # the commit this process runs, looked up before the tree can change under it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows, loaded = [], {}

@@ -31,7 +31,7 @@ from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchma
 _FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
          "fm-linear (symmetric)", "fm, no solver, no output matching", "fm, rmsprop", "fm-3d, rmsprop"]
 # every run whose rows the README's tables and prose cite, in the order --all runs them (scripts/ paths,
-# from the repository root)
+# from the repository root); all of them took about 60 min on the 2 shared cores here (2026-11-25)
 README_CELLS = [
     ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", *_FAST],
     ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "1.5", "--labels", "fm, rmsprop",
