@@ -31,7 +31,7 @@ from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchma
 _FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
          "fm-linear (symmetric)", "fm, no solver, no output matching", "fm, rmsprop", "fm-3d, rmsprop"]
 # every run whose rows the README's tables and prose cite, in the order --all runs them (scripts/ paths,
-# from the repository root); all of them took about 60 min on the 2 shared cores here (2026-11-25)
+# from the repository root); all of them took about 75 min on the 2 shared cores here (2026-11-25)
 README_CELLS = [
     ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", *_FAST],
     ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "1.5", "--labels", "fm, rmsprop",
@@ -42,6 +42,11 @@ README_CELLS = [
     ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "--labels", "alds (weight-only)",
      "alds-sigma (data-aware)"],
     ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "3", "--labels", "tucker2-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "--labels", "tucker1 (weight-only)"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", "alds (weight-only)",
+     "alds-sigma (data-aware)", "svd-sigma (data-aware)", "fm-3d, rmsprop, allocation output"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "2", "--labels", "fm, closed-form",
+     "fm, rmsprop + output matching"],
     ["benchmark.py", "--speed", "--models", "vgg-digits"],
     ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
     ["benchmark.py", "--speed", "--models", "vgg16"],
