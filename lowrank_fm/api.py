@@ -387,13 +387,14 @@ def _checked_latency_plan(method: Method, contexts: dict[str, LayerContext], cos
     The per-layer curves are timed in isolation and do not add up exactly to the model's time (caches,
     the layers' neighbours), so a plan for S can measure well above or below S. Each round builds the
     planned layers (``method.build`` without data: the module shapes are what counts), times the whole model
-    in ``layout`` against the original (interleaved rounds), and when the measured speedup m is off S by more
+    in ``layout`` against the original (the BatchNorm-folded working copy) in the same interleaved rounds,
+    m = the median of at least 5 per-round ratios (as every headline), and when m is off S by more
     than ``tolerance`` plans again for S' <- S' * S / m. The plan whose measurement is closest to S is kept;
     every round is recorded in ``selection["latency_checks"]``.
     """
     import dataclasses
 
-    from .latency import compare_latency, repeat_to_batch, to_channels_last
+    from .latency import MIN_ROUNDS, interleaved_rounds, ratio_spread, repeat_to_batch, to_channels_last
     from .speedgate import copy_with
 
     target, planned = float(config.speedup), float(config.speedup)
@@ -408,10 +409,12 @@ def _checked_latency_plan(method: Method, contexts: dict[str, LayerContext], cos
                                      for name, rank in chosen.items()
                                      if rank is not None and method.macs(contexts[name], rank) < costs[name].macs},
                               channels_last=channels_last)
-        ms = compare_latency({"original": original, "plan": candidate}, batch, repeats=config.speed_repeats, warmup=1,
-                             device=config.device)  # interleaved: the ratio is what the machine's state leaves alone
-        measured = ms["original"] / ms["plan"]
-        checks.append({"planned_for": planned, "measured": measured})
+        times = interleaved_rounds({"original": original, "plan": candidate}, batch, rounds=max(MIN_ROUNDS, config.speed_repeats),
+                                    warmup=1, device=config.device)  # the baseline measured in the same rounds
+        spread = ratio_spread(times["original"], times["plan"])
+        measured = spread["median"]
+        checks.append({"planned_for": planned, "measured": measured, "min": spread["min"], "max": spread["max"],
+                       "rounds": spread["rounds"]})
         if best is None or abs(measured / target - 1) < abs(best[0] / target - 1):
             best = (measured, chosen, selection)
         if abs(measured / target - 1) <= tolerance or len(checks) > rounds:

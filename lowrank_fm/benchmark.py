@@ -7,7 +7,6 @@ keeps what it measured) and summarised as a Markdown table.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ from .config import ApproxConfig
 from .data import load_dataset
 from .evaluate import accuracy
 from .models import bundled_spec, create_model
+from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
-__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID"]
+__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID", "cell_key"]
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, 
     model and measures top-1 before on its own); rows are appended as cells finish, so the file's order is
     the order of completion.
     """
+    code_state()  # the commit this process runs, looked up before the tree can change under it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(row: dict) -> None:
-        with out_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_row(out_path, row)  # the row carries the provenance of the process that ran it
 
     settings = dict(calib_fraction=calib_fraction, seed=seed, eval_images=eval_images, data_dir=data_dir)
     if jobs <= 1:
@@ -112,6 +112,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     """The rows of ``runs`` on one bundled model (calling ``on_row(row)`` as each one finishes)."""
     from .cli import calibration_indices
 
+    code_state()
     spec = bundled_spec(model_name)
     data = load_dataset(spec.dataset, data_dir)
     model = create_model(model_name)
@@ -120,6 +121,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     top1_before = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
     rows = []
     for run in runs:
+        load_before = machine_load()
         config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, **run.settings)
         start = time.perf_counter()  # each run calibrates afresh (a temporary store), as a CLI run does
         new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
@@ -136,6 +138,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
             "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
             "threads": torch.get_num_threads(),
         }
+        row["provenance"] = provenance(load_before)
         log.info("%s %s %.1fx: top-1 %.4f -> %.4f (%.2f points), %.1f s", model_name, run.label,
                  row["theoretical_speedup"], top1_before, after["top1"], row["drop_points"], wall)
         if on_row is not None:
@@ -144,12 +147,18 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     return rows
 
 
+def cell_key(row: dict) -> tuple:
+    """What makes two accuracy rows the same cell: model, method label, speedup target, evaluation images."""
+    return row["model"], row["label"], float(row["target_speedup"]), row.get("eval_images")
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per run: model, method, target, achieved speedup, top-1 before/after, drop, wall time.
 
-    A re-run replaces an earlier one: of the rows with the same (model, label, target) the last is shown.
+    Only current rows (with ``provenance``) are shown, and a re-run replaces an earlier one: of the rows of
+    one cell (:func:`cell_key`) the latest is shown.
     """
-    rows = list({(r["model"], r["label"], r["target_speedup"]): r for r in rows}.values())
+    rows = current_rows(rows, cell_key)
     lines = ["| model | method | target | theoretical speedup | top-1 before | top-1 after | drop (points) | "
              "approximate (s) | run incl. evaluation (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -244,15 +244,19 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
     speed = measure_speed(model, new_model, images, batch_sizes=sorted({1, args.latency_batch}), device=args.device)
     main_batch = speed["batches"][str(args.latency_batch)]
     report.latency = {"before_ms": main_batch["before_ms"], "after_ms": main_batch["after_ms"],
-                      "measured_speedup": main_batch["measured_speedup"], "batch_size": args.latency_batch,
-                      "threads": speed["threads"], "device": args.device,
+                      "measured_speedup": main_batch["measured_speedup"], "speedup_min": main_batch["speedup_min"],
+                      "speedup_max": main_batch["speedup_max"], "rounds": main_batch["rounds"],
+                      "baseline": speed["baseline"], "folded_batchnorm": speed["folded_batchnorm"],
+                      "batch_size": args.latency_batch, "threads": speed["threads"], "device": args.device,
                       "memory_format": main_batch["after_memory_format"], "load": speed["load"],
-                      "allocator": speed["allocator"],
-                      "batches": speed["batches"]}
+                      "load_after": speed["load_after"], "allocator": speed["allocator"], "batches": speed["batches"]}
+    for key in ("before_unfolded_ms", "speedup_vs_unfolded"):  # the original as loaded: an extra, not the baseline
+        if key in main_batch:
+            report.latency[key] = main_batch[key]
     if args.export:
         from .export import export_and_check
 
-        report.latency["export"] = export_and_check(new_model, images.cpu(), stage)
+        report.latency["export"] = export_and_check(new_model, images.cpu(), stage, original=model)
         for form in report.latency["export"].values():  # the paths the files will have once moved into OUT
             if isinstance(form, dict) and form.get("path"):
                 form["path"] = str(out / Path(form["path"]).name)

@@ -7,6 +7,7 @@ form is reported as skipped with the reason, and TorchScript still runs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .latency import compare_latency, machine_load
+from .latency import BASELINE, MIN_ROUNDS, interleaved_rounds, machine_load, ratio_spread
+from .surgery import folded_copy
 
 __all__ = ["relative_difference", "export_torchscript", "export_onnx", "onnx_available", "export_and_check"]
 
@@ -99,8 +101,9 @@ class _OnnxRunner:
         return self.session.run(None, {"images": batch.numpy().astype(np.float32)})[0]
 
 
-def export_and_check(model: nn.Module, example: torch.Tensor, out_dir: str | Path, *, repeats: int = 10,
-                     warmup: int = 2, tolerance: float = 1e-4) -> dict:
+def export_and_check(model: nn.Module, example: torch.Tensor, out_dir: str | Path, *, rounds: int = 7,
+                     repeats: int = 1, warmup: int = 2, tolerance: float = 1e-4, original: nn.Module | None = None,
+                     min_seconds: float = 2.0) -> dict:
     """Export ``model`` (on the CPU) to ``out_dir``/model.torchscript.pt and model.onnx, check each form's
     output against the eager model on ``example`` and time the three forms on it.
 
@@ -109,7 +112,12 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out_dir: str | Pat
     dict with one entry per form (``eager``, ``torchscript``, ``onnx``): ``path``, ``max_rel_diff``
     (:func:`relative_difference` against eager), ``parity`` (max_rel_diff < tolerance), ``ms`` (median
     latency); a form that could not be produced has ``skipped`` with the reason. Also ``batch_size``,
-    ``threads``, ``load``, ``tolerance``.
+    ``threads``, ``load``, ``tolerance``, ``rounds``.
+
+    All forms are timed in the same interleaved rounds (:func:`lowrank_fm.latency.interleaved_rounds`).
+    With ``original`` (the model before approximation), a BatchNorm-folded copy of it is timed in those
+    rounds too (``original_eager``, eager PyTorch, NCHW) and each form gets ``speedup_vs_original``:
+    the median of the per-round ratios with ``speedup_min`` / ``speedup_max``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,10 +142,19 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out_dir: str | Pat
         forms["onnx"] = _OnnxRunner(_onnx_session(path))
         onnx_diff = relative_difference(reference, forms["onnx"](example))
         result["onnx"] = {"path": str(path), "max_rel_diff": onnx_diff, "parity": onnx_diff < tolerance}
-    ms = compare_latency(forms, example, repeats=repeats, warmup=warmup)  # interleaved, same process
+    if original is not None:
+        forms["original_eager"], folded = folded_copy(copy.deepcopy(original).cpu(), example[:1])  # caller's stays put
+        result["original_eager"] = {"baseline": BASELINE, "folded_batchnorm": len(folded)}
+    times = interleaved_rounds(forms, example, rounds=max(MIN_ROUNDS, rounds), repeats=repeats, warmup=warmup,
+                               min_seconds=min_seconds)  # interleaved, same process
+    result["rounds"] = max(MIN_ROUNDS, rounds)
     result["eager"] = {}
-    for form, value in ms.items():
-        result[form]["ms"] = value
+    for form, values in times.items():
+        result[form]["ms"] = float(np.median(values))
+        if original is not None and form != "original_eager":
+            spread = ratio_spread(times["original_eager"], values)
+            result[form].update(speedup_vs_original=spread["median"], speedup_min=spread["min"],
+                                speedup_max=spread["max"])
     for form in ("torchscript", "onnx"):
         entry = result[form]
         if "parity" in entry:

@@ -3,7 +3,11 @@ the same process and interleaved when comparing (A, B, A, B, ...), so that machi
 On a GPU the time of each run comes from CUDA events; on the CPU from ``time.perf_counter``.
 
 Speed is only ever reported as a ratio of two models measured in the same rounds, with the thread count
-and device beside it: absolute milliseconds on a shared machine mean little.
+and device beside it: absolute milliseconds on a shared machine mean little. A headline ratio is the median
+of the per-round ratios of at least :data:`MIN_ROUNDS` rounds, reported with their min-max spread
+(:func:`interleaved_rounds`, :func:`ratio_spread`). The original is always timed with the same BatchNorm
+folding as the approximated model (:func:`measure_speed` folds a copy of each): an inference engine folds
+BatchNorm anyway, so the gain from folding is not the gain from low rank.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import statistics
 import time
 
@@ -18,9 +23,14 @@ import torch
 from torch import nn
 
 from .allocator import allocator_state
-from .surgery import run_model
+from .provenance import machine_load
+from .surgery import folded_copy, run_model
 
-__all__ = ["compare_latency", "measure_speed", "repeat_to_batch", "to_channels_last", "faster_layout", "machine_load"]
+__all__ = ["compare_latency", "interleaved_rounds", "ratio_spread", "measure_speed", "repeat_to_batch",
+           "to_channels_last", "faster_layout", "machine_load", "MIN_ROUNDS", "BASELINE"]
+
+MIN_ROUNDS = 5  # a headline ratio is the median of at least this many rounds
+BASELINE = "BatchNorm folded in both"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,57 @@ def compare_latency(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def interleaved_rounds(
+    models: dict[str, nn.Module], example_input, *, rounds: int = 7, repeats: int = 1, warmup: int = 2, device="cpu",
+    inputs: dict | None = None, min_seconds: float = 0.0, max_repeats: int = 200,
+) -> dict[str, list[float]]:
+    """Median milliseconds of each model in each of ``rounds`` rounds.
+
+    A round runs every model ``repeats`` times interleaved (each pass in a new seeded random order) and
+    keeps each model's median, so a ratio of two models within one round compares runs made under the same
+    machine state. The shuffling matters: a run right after a model of another memory layout can be slower,
+    so a fixed order (A, B, C, A, B, C, ...) biased the ratio of two identical models on vgg-digits at
+    batch 32 by about 1.06x. With
+    ``min_seconds``, ``repeats`` grows (up to ``max_repeats``) until all rounds together last about that
+    long (fast models need many runs per round for a stable median). ``inputs`` as in :func:`compare_latency`.
+    """
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"interleaved_rounds needs rounds >= 1, repeats >= 1 and warmup >= 0, got {rounds}, "
+                         f"{repeats} and {warmup}")
+    device = _device_of(device)
+    inputs = inputs or {}
+    for name, model in models.items():
+        model.eval()
+        for _ in range(warmup):
+            run_model(model, inputs.get(name, example_input))
+    _sync(device)
+    first = {name: _timed_run(model, inputs.get(name, example_input), device) for name, model in models.items()}
+    if min_seconds > 0:
+        per_pass = max(sum(first.values()), 1e-3)
+        repeats = max(repeats, min(max_repeats, int(math.ceil(min_seconds * 1000.0 / (per_pass * rounds)))))
+    result: dict[str, list[float]] = {name: [] for name in models}
+    order = random.Random(0)
+    for _ in range(rounds):
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            names = list(models)
+            order.shuffle(names)  # no model always runs right after a given other one
+            for name in names:
+                times[name].append(_timed_run(models[name], inputs.get(name, example_input), device))
+        for name, values in times.items():
+            result[name].append(statistics.median(values))
+    return result
+
+
+def ratio_spread(numerator: list[float], denominator: list[float]) -> dict:
+    """The per-round ratios numerator[i] / denominator[i]: ``median``, ``min``, ``max`` and ``rounds``."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"ratio_spread needs two equally long, non-empty lists of per-round times, got "
+                         f"{len(numerator)} and {len(denominator)}")
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
+
+
 def repeat_to_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """A batch of exactly ``batch_size`` images (N, C, H, W) taken cyclically from ``images``."""
     if images.ndim != 4 or images.shape[0] < 1:
@@ -106,62 +167,86 @@ def faster_layout(model: nn.Module, batch: torch.Tensor, *, repeats: int = 3, de
     return min(ms, key=ms.get), ms
 
 
-def machine_load() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the OS does not report them)."""
-    try:
-        import os
-
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def measure_speed(
-    original: nn.Module, approximated: nn.Module, images: torch.Tensor, *, batch_sizes=(1, 32),
-    repeats: int = 10, warmup: int = 2, device="cpu", try_channels_last: bool = True, min_seconds: float = 3.0,
+    original: nn.Module, approximated: nn.Module, images: torch.Tensor, *, batch_sizes=(1, 32), rounds: int = 7,
+    repeats: int = 1, warmup: int = 2, device="cpu", try_channels_last: bool = True, min_seconds: float = 3.0,
+    fold_batchnorm: bool = True, time_unfolded: bool = True,
 ) -> dict:
     """Latency of the original against the approximated model at each batch size, in one process.
 
-    Both models run in the default (NCHW) layout and, with ``try_channels_last``, in channels-last; the
-    four variants are timed in interleaved rounds. Each model is then credited with its faster layout
-    (``memory_format`` says which), and ``measured_speedup`` = best original / best approximated, so the
-    speedup is not inflated by giving only the approximated model the better layout.
-    ``speedup_nchw`` is the ratio with both in NCHW.
+    The baseline is the original **with the same BatchNorm folding** as the approximated model: with
+    ``fold_batchnorm`` a copy of each model has every BatchNorm that follows a conv folded into it (the
+    callers' models are not touched; the approximated model of :func:`lowrank_fm.approximate` is folded
+    already, so its copy changes nothing). With ``time_unfolded`` and BatchNorm present, the original as
+    given is timed in the same rounds as an extra (``before_unfolded_ms``, ``speedup_vs_unfolded``), never
+    as the baseline.
+
+    Both models run in the default (NCHW) layout and, with ``try_channels_last``, in channels-last, all
+    variants in the same interleaved rounds (:func:`interleaved_rounds`). Each model is credited with its
+    faster layout by median (``before_memory_format`` / ``after_memory_format``), and ``measured_speedup``
+    is the median over the rounds of the per-round ratio original / approximated in those layouts, with
+    ``speedup_min`` / ``speedup_max`` over the rounds. ``speedup_nchw``: the same median with both in NCHW.
 
     Parameters
     ----------
     images : (N, C, H, W) example images, repeated cyclically to fill each batch.
-    repeats, min_seconds : at least ``repeats`` interleaved rounds per batch size, more (up to 20 x) until
-        the rounds last ``min_seconds`` (batch 1 on a shared machine needs many samples).
+    rounds : interleaved rounds per batch size (at least :data:`MIN_ROUNDS`).
+    repeats, min_seconds : runs of each variant per round: at least ``repeats``, more until the rounds
+        last about ``min_seconds`` together (batch 1 on a shared machine needs many samples).
 
     Returns
     -------
-    dict with ``device``, ``threads``, ``load`` (load averages before measuring), ``allocator`` (what the
-    process does with freed memory, :func:`lowrank_fm.allocator.allocator_state`), ``repeats``, ``warmup``
-    and ``batches``: one entry per batch size with ``before_ms``, ``after_ms``, ``measured_speedup``,
+    dict with ``device``, ``threads``, ``load`` and ``load_after`` (load averages before and after),
+    ``allocator`` (:func:`lowrank_fm.allocator.allocator_state`), ``baseline`` (what the original was timed
+    as), ``folded_batchnorm`` (pairs folded in the original's and the approximated model's copies),
+    ``rounds``, ``repeats``, ``warmup`` and ``batches``: one entry per batch size with ``before_ms``,
+    ``after_ms`` (medians), ``measured_speedup``, ``speedup_min``, ``speedup_max``, ``rounds``,
     ``speedup_nchw``, the per-layout milliseconds and the layout chosen for each model.
     """
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"measure_speed needs rounds >= {MIN_ROUNDS} (a headline is a median of rounds), got {rounds}")
     device = _device_of(device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "load": machine_load(),
-              "allocator": allocator_state(), "repeats": repeats, "warmup": warmup, "batches": {}}
-    variants = {"before_nchw": original.eval(), "after_nchw": approximated.eval()}
+              "allocator": allocator_state(), "rounds": rounds, "repeats": repeats, "warmup": warmup, "batches": {}}
+    example = repeat_to_batch(images, 1).to(device)
+    if fold_batchnorm:
+        baseline, folded_original = folded_copy(original, example)
+        candidate, folded_approximated = folded_copy(approximated, example)
+    else:
+        baseline, candidate, folded_original, folded_approximated = original, approximated, [], []
+    result["folded_batchnorm"] = {"original": len(folded_original), "approximated": len(folded_approximated)}
+    result["baseline"] = BASELINE if fold_batchnorm else "as given (no BatchNorm folding)"
+    models = {"before": baseline.eval(), "after": candidate.eval()}
+    if time_unfolded and folded_original:
+        models["unfolded"] = original.eval()
+    variants = {f"{side}_nchw": model for side, model in models.items()}
     if try_channels_last:
-        variants["before_channels_last"] = to_channels_last(original).eval()
-        variants["after_channels_last"] = to_channels_last(approximated).eval()
+        variants.update({f"{side}_channels_last": to_channels_last(model).eval() for side, model in models.items()})
     for batch_size in batch_sizes:
         batch = repeat_to_batch(images, int(batch_size)).to(device)
         inputs = {name: batch.contiguous(memory_format=torch.channels_last) for name in variants
                   if name.endswith("channels_last")}
-        ms = compare_latency(variants, batch, repeats=repeats, warmup=warmup, device=device, inputs=inputs,
-                             min_seconds=min_seconds)
+        per_round = interleaved_rounds(variants, batch, rounds=rounds, repeats=repeats, warmup=warmup, device=device,
+                                       inputs=inputs, min_seconds=min_seconds)
+        ms = {name: statistics.median(values) for name, values in per_round.items()}
         entry: dict = {f"{name}_ms": value for name, value in ms.items()}
-        for side in ("before", "after"):
-            layout = min((name for name in ms if name.startswith(side)), key=ms.get)
-            entry[f"{side}_ms"] = ms[layout]
-            entry[f"{side}_memory_format"] = layout.split("_", 1)[1]
-        entry["measured_speedup"] = entry["before_ms"] / entry["after_ms"]
-        entry["speedup_nchw"] = ms["before_nchw"] / ms["after_nchw"]
-        log.info("batch %d: original %.2f ms (%s), approximated %.2f ms (%s): %.2fx", batch_size, entry["before_ms"],
-                 entry["before_memory_format"], entry["after_ms"], entry["after_memory_format"], entry["measured_speedup"])
+        chosen = {}
+        for side in models:
+            chosen[side] = min((name for name in ms if name.startswith(side + "_")), key=ms.get)
+            entry[f"{side}_ms"] = ms[chosen[side]]
+            entry[f"{side}_memory_format"] = chosen[side].split("_", 1)[1]
+        spread = ratio_spread(per_round[chosen["before"]], per_round[chosen["after"]])
+        entry.update(measured_speedup=spread["median"], speedup_min=spread["min"], speedup_max=spread["max"],
+                     rounds=spread["rounds"])
+        entry["speedup_nchw"] = ratio_spread(per_round["before_nchw"], per_round["after_nchw"])["median"]
+        if "unfolded" in models:
+            entry["before_unfolded_ms"] = entry.pop("unfolded_ms")
+            entry["before_unfolded_memory_format"] = entry.pop("unfolded_memory_format")
+            entry["speedup_vs_unfolded"] = ratio_spread(per_round[chosen["unfolded"]], per_round[chosen["after"]])["median"]
+        log.info("batch %d (%s): original %.2f ms (%s), approximated %.2f ms (%s): %.2fx (median of %d rounds, "
+                 "%.2fx-%.2fx)", batch_size, result["baseline"], entry["before_ms"], entry["before_memory_format"],
+                 entry["after_ms"], entry["after_memory_format"], entry["measured_speedup"], spread["rounds"],
+                 spread["min"], spread["max"])
         result["batches"][str(batch_size)] = entry
+    result["load_after"] = machine_load()
     return result

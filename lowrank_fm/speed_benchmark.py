@@ -8,8 +8,10 @@ Two kinds of cell:
   from a weight-only method (no calibration data exists for them here); no accuracy is measured, and every
   row says so in its ``mode``.
 
-Every row records threads, device, the machine's load average and the allocator setting, and speed only
-as ratios measured in the same process with interleaved repetitions. Each cell is timed with freed memory
+Every row carries its provenance (:mod:`lowrank_fm.provenance`: commit, date, command, CPU, threads, load
+before and after, allocator), and speed only as ratios measured in the same process in interleaved rounds:
+the original with the same BatchNorm folding as the approximated model, the headline the median of the
+per-round ratios with their min-max (:func:`lowrank_fm.latency.measure_speed`). Each cell is timed with freed memory
 reused (``"reuse"``, what the command line does) and again with glibc's default (``"system"``, in a
 freshly spawned process: a heap that has been retaining memory would still serve some blocks from its
 holes), so the table shows both (:mod:`lowrank_fm.allocator` says why they differ). Rows go to a
@@ -18,7 +20,6 @@ JSON-lines file as they finish; plots (:mod:`lowrank_fm.plots`) and a Markdown t
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -33,8 +34,9 @@ from .api import approximate
 from .config import ApproxConfig
 from .latency import measure_speed
 from .models import bundled_spec, create_model
+from .provenance import append_row, code_state, current_rows, machine_load
 
-__all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots"]
+__all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots", "cell_key"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ class SpeedRun:
 
     model: str
     label: str
-    speedup: float
+    speedup: float | None  # None: ranks from the settings (e.g. energy 1.0, every layer kept)
     settings: dict = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 32)
     speed_only: bool = False
     export: bool = False
-    repeats: int | None = None  # timed repetitions (None: the benchmark's)
+    rounds: int | None = None  # interleaved timing rounds per batch size (None: the benchmark's)
     allocators: tuple[str, ...] = ("reuse", "system")  # the first is the row's; approximate() runs under it
 
 
@@ -67,12 +69,17 @@ def _fmnist_grid() -> list[SpeedRun]:
     return runs
 
 
+# the fair-baseline check: nothing approximated must measure 1.00x within noise (three runs of the same cell)
+_KEPT = [SpeedRun("vgg-digits", f"every layer kept (energy 1.0), run {i}", None, {"method": "svd", "energy": 1.0},
+                  allocators=("reuse",)) for i in (1, 2, 3)]
+
 SPEED_GRID = {
+    "vgg-digits": _KEPT,
     "vgg-fmnist": _fmnist_grid(),
     "vgg16": [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
                        {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
                         "rank_multiple": 8, "speed_repeats": 3},
-                       batch_sizes=(1, 8), speed_only=True, repeats=3) for budget in ("macs", "latency")],
+                       batch_sizes=(1, 8), speed_only=True, rounds=5) for budget in ("macs", "latency")],
 }
 
 
@@ -102,20 +109,20 @@ def _measure_under(allocator: str, threads: int, *args, **kwargs) -> dict:
     return measure_speed(*args, **kwargs)
 
 
-def _speed_in_fresh_process(allocator: str, original, approximated, images, batch_sizes, repeats: int) -> dict:
+def _speed_in_fresh_process(allocator: str, original, approximated, images, batch_sizes, rounds: int) -> dict:
     """:func:`measure_speed` in a newly spawned process with ``allocator`` set and this one's thread count."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_measure_under, allocator, torch.get_num_threads(), original, approximated, images,
-                           batch_sizes=batch_sizes, repeats=repeats).result()
+                           batch_sizes=batch_sizes, rounds=rounds).result()
 
 
 def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int = 0, calib_fraction: float = 0.01,
-                        eval_images: int | None = None, data_dir: str | None = None, repeats: int = 10,
+                        eval_images: int | None = None, data_dir: str | None = None, rounds: int = 7,
                         export_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
-    """Run every cell and append one JSON line per run to ``out_path``; returns the rows.
+    """Run every cell and append one JSON line per run, with its provenance, to ``out_path``; returns the rows.
 
     The speed gate times each layer at the largest batch size of the cell. The first of a run's
     ``allocators`` is set in this process (:func:`lowrank_fm.allocator.use_allocator`; it stays in effect)
@@ -123,10 +130,12 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
     """
     from .evaluate import accuracy
 
+    code_state()  # the commit this process runs, looked up before the tree can change under it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows, loaded = [], {}
     for run in runs:
+        load_before = machine_load()
         if run.model not in loaded:
             loaded.clear()  # one model's data in memory at a time
             loaded[run.model] = (_speed_only_data(run.model, 8, seed) if run.speed_only
@@ -143,10 +152,10 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
         new_model, report = approximate(model, loader, config, n_images=n_images, image_ids=indices,
                                         model_name=run.model, dataset_name=None if data is None else data.name)
         wall = time.perf_counter() - start
-        speed = measure_speed(model, new_model, images, batch_sizes=run.batch_sizes, repeats=run.repeats or repeats)
+        speed = measure_speed(model, new_model, images, batch_sizes=run.batch_sizes, rounds=run.rounds or rounds)
         by_allocator = {main_allocator: speed}  # keyed by the setting in effect
         for allocator in run.allocators[1:]:
-            other = _speed_in_fresh_process(allocator, model, new_model, images, run.batch_sizes, run.repeats or repeats)
+            other = _speed_in_fresh_process(allocator, model, new_model, images, run.batch_sizes, run.rounds or rounds)
             by_allocator.setdefault(other["allocator"]["allocator"], other)
         row = {
             "model": run.model, "label": run.label, "target_speedup": run.speedup,
@@ -154,6 +163,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
             "mode": SPEED_ONLY if run.speed_only else "accuracy: trained weights, test split",
             "theoretical_speedup": report.totals["theoretical_speedup"],
             "measured_speedup": {b: e["measured_speedup"] for b, e in speed["batches"].items()},
+            "speedup_spread": {b: [e["speedup_min"], e["speedup_max"]] for b, e in speed["batches"].items()},
             "speed": speed, "approximate_wall_s": wall,
             "measured_speedup_by_allocator": {a: {b: e["measured_speedup"] for b, e in sp["batches"].items()}
                                               for a, sp in by_allocator.items()}, "selection": report.selection,
@@ -171,35 +181,50 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
 
             with tempfile.TemporaryDirectory(prefix="lowrank_fm_export_") as tmp:
                 row["export"] = export_and_check(new_model, images[: max(run.batch_sizes)], export_dir or tmp,
-                                                 repeats=run.repeats or repeats)
-        log.info("%s %s %.1fx: theoretical %.2fx, measured %s", run.model, run.label, run.speedup,
+                                                 original=model, rounds=run.rounds or rounds)
+        log.info("%s %s %sx: theoretical %.2fx, measured %s", run.model, run.label, run.speedup,
                  row["theoretical_speedup"], {b: round(v, 2) for b, v in row["measured_speedup"].items()})
-        with out_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        rows.append(row)
+        rows.append(append_row(out_path, row, load_before=load_before))
     return rows
 
 
+def cell_key(row: dict) -> tuple:
+    """What makes two speed rows the same cell: model, method label, target, batch sizes timed."""
+    target = row["target_speedup"]
+    return row["model"], row["label"], None if target is None else float(target), tuple(sorted(row["measured_speedup"], key=int))
+
+
 def speed_table(rows: list[dict]) -> str:
-    """Markdown: model, method, target, theoretical and measured speedup per batch (freed memory reused, and
-    with glibc's default allocator; rows from before the allocator was recorded count as the latter), layouts,
-    slower layers, top-1 before/after (or 'speed only'), threads and load."""
-    lines = ["| model | method | target | theoretical | measured, memory reused (batch: speedup) | "
+    """Markdown: model, method, target, theoretical and measured speedup per batch (freed memory reused:
+    median of the rounds with min-max; glibc's default allocator: median), layouts, slower layers, top-1
+    before/after (or 'speed only'), threads and load. Only current rows (with provenance), the latest per
+    cell (:func:`cell_key`)."""
+    lines = ["| model | method | target | theoretical | measured, memory reused (batch: median, min-max) | "
              "measured, system allocator | layout (original / approximated) | "
              "top-1 before -> after | layers kept as slower | threads, load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
+    for r in current_rows(rows, cell_key):
         batches = r["speed"]["batches"]
-        by_allocator = r.get("measured_speedup_by_allocator") or {"system": r["measured_speedup"]}
-        measured = {a: ", ".join(f"{b}: {v:.2f}x" for b, v in by_allocator[a].items()) if a in by_allocator else "-"
-                    for a in ("reuse", "system")}
+        by_allocator = r.get("measured_speedup_by_allocator") or {r["speed"]["allocator"]["allocator"]: r["measured_speedup"]}
+        main = r["speed"]["allocator"]["allocator"]
+        measured = {}
+        for a in ("reuse", "system"):
+            if a not in by_allocator:
+                measured[a] = "-"
+            elif a == main:
+                measured[a] = ", ".join(f"{b}: {e['measured_speedup']:.2f}x ({e['speedup_min']:.2f}-{e['speedup_max']:.2f})"
+                                        for b, e in batches.items())
+            else:
+                measured[a] = ", ".join(f"{b}: {v:.2f}x" for b, v in by_allocator[a].items())
         last = batches[max(batches, key=int)]
         layout = f"{last['before_memory_format']} / {last['after_memory_format']}"
         top1 = (f"{100 * r['top1_before']:.2f} -> {100 * r['top1_after']:.2f}" if "top1_after" in r else "speed only")
         slower = len(r["selection"].get("speed_gate", {}).get("slower", []))
-        load = r["speed"].get("load")
-        lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
-                     f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | {r['threads']}, {load[0] if load else '?'} |")
+        load = r["provenance"].get("load_before")
+        target = "-" if r["target_speedup"] is None else f"{r['target_speedup']:g}x"
+        lines.append(f"| {r['model']} | {r['label']} | {target} | {r['theoretical_speedup']:.2f}x | "
+                     f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | "
+                     f"{r['threads']}, {load[0] if load else '?'} |")
     return "\n".join(lines)
 
 
@@ -208,6 +233,7 @@ def make_plots(rows: list[dict], out_dir: str | Path) -> list[Path]:
     spectra_MODEL_METHOD_S.png for each row that carries spectra and exported (the reference cell)."""
     from .plots import plot_accuracy_vs_speedup, plot_spectra
 
+    rows = [r for r in current_rows(rows, cell_key) if r["target_speedup"] is not None]
     out_dir = Path(out_dir)
     written = []
     for model in dict.fromkeys(r["model"] for r in rows if "top1_after" in r):

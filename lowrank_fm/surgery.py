@@ -5,6 +5,7 @@ Nothing here computes a decomposition; the math lives in :mod:`lowrank_fm.method
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 
@@ -16,6 +17,7 @@ __all__ = [
     "set_module",
     "find_layers",
     "fold_batchnorm",
+    "folded_copy",
     "apply_folds",
     "trace_conv_bn_pairs",
     "run_model",
@@ -140,6 +142,13 @@ def fold_batchnorm(model: nn.Module, example_input) -> list[tuple[str, str]]:
     apply_folds(model, pairs)
     log.info("folded %d BatchNorm layers into their convs", len(pairs))
     return pairs
+
+
+def folded_copy(model: nn.Module, example_input) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """An eval-mode copy of ``model`` with its BatchNorms folded (:func:`fold_batchnorm`), and the folded
+    pairs; ``model`` itself is not touched."""
+    folded = copy.deepcopy(model).eval()
+    return folded, fold_batchnorm(folded, example_input)
 
 
 def name_filter(include: Iterable[str] | None, exclude: Iterable[str] = ()) -> Callable[[str], bool]:

@@ -5,6 +5,8 @@
     python scripts/benchmark.py --jobs 15                 # the grid in 15 one-thread processes (many cores)
     python scripts/benchmark.py --speed                # measured latency: vgg-fmnist grid + vgg16 speed-only
     python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
+    python scripts/benchmark.py --readme               # rewrite the README's tables from results/ (runs nothing)
+    python scripts/benchmark.py --all                  # re-run everything the README shows, then --readme
 
 Writes one JSON line per run to --out (default results/accuracy.jsonl; with --speed results/latency.jsonl,
 plus results/*.png plots) and prints a Markdown table.
@@ -26,12 +28,39 @@ from lowrank_fm.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run
 from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
 
 
+_FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
+         "fm-linear (symmetric)", "fm, no solver, no output matching", "fm, rmsprop", "fm-3d, rmsprop"]
+# every run whose rows the README's tables and prose cite, in the order --all runs them (scripts/ paths,
+# from the repository root); all of them took about 75 min on the 2 shared cores here (2026-11-25)
+README_CELLS = [
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", *_FAST],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "1.5", "--labels", "fm, rmsprop",
+     "fm-3d, rmsprop", "fm-linear (symmetric)", "svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "--labels", "fm, closed-form",
+     "fm, rmsprop + output matching"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "--labels", "tucker2-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "--labels", "alds (weight-only)",
+     "alds-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "3", "--labels", "tucker2-sigma (data-aware)"],
+    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "--labels", "tucker1 (weight-only)"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", "alds (weight-only)",
+     "alds-sigma (data-aware)", "svd-sigma (data-aware)", "fm-3d, rmsprop, allocation output"],
+    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "2", "--labels", "fm, closed-form",
+     "fm, rmsprop + output matching"],
+    ["benchmark.py", "--speed", "--models", "vgg-digits"],
+    ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
+    ["benchmark.py", "--speed", "--models", "vgg16"],
+    ["calibration_benchmark.py", "--model", "vgg-fmnist-narrow"],
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, choices=sorted(set(DEFAULT_GRID) | set(SPEED_GRID)))
     parser.add_argument("--speed", action="store_true",
                         help="measured-latency benchmark (original vs approximated, batch 1 and 32 / 8) and plots")
-    parser.add_argument("--repeats", type=int, default=10, help="--speed: timed interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="--speed: interleaved timing rounds per batch size (the headline is their median; >= 5)")
     parser.add_argument("--plots", action="store_true", help="--speed: only redraw the plots from an existing --out")
     parser.add_argument("--speedups", nargs="*", type=float, default=None, help="override the grid's targets")
     parser.add_argument("--labels", nargs="*", default=None, help="only the runs with these labels")
@@ -42,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the accuracy cells in this many processes of one thread each (a many-core machine)")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite the generated tables of README.md from results/ (runs nothing)")
+    parser.add_argument("--all", action="store_true",
+                        help="re-run every cell the README shows (README_CELLS), then rewrite its tables")
     return parser
 
 
@@ -49,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.readme:
+        return _readme()
+    if args.all:
+        return _all(args)
     if args.speed:
         return _speed(args)
     args.out = args.out or "results/accuracy.jsonl"
@@ -71,6 +108,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _readme() -> int:
+    from lowrank_fm.readme import generated_regions, render_readme
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    new = render_readme(text, root / "results")
+    if new != text:
+        (root / "README.md").write_text(new)
+    print(f"README.md: {len(generated_regions(new))} generated tables, {'rewritten' if new != text else 'unchanged'}")
+    return 0
+
+
+def _all(args: argparse.Namespace) -> int:
+    """Every cell whose row a README table shows (README_CELLS), one after the other, then --readme."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for script, *argv in README_CELLS:
+        command = [sys.executable, str(root / "scripts" / script), *argv, "--threads", str(args.threads)]
+        logging.info("running %s", " ".join(command[1:]))
+        code = subprocess.run(command, cwd=root).returncode
+        if code:
+            return code
+    return _readme()
+
+
 def _speed(args: argparse.Namespace) -> int:
     import torch
 
@@ -82,7 +145,7 @@ def _speed(args: argparse.Namespace) -> int:
             runs = [r for r in runs if r.speedup in args.speedups]
         if args.labels:
             runs = [r for r in runs if r.label in args.labels]
-        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, repeats=args.repeats)
+        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, rounds=args.rounds)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if not args.table:
         for path in make_plots(rows, out.parent):

@@ -9,12 +9,9 @@ Appends one JSON line to --out (default results/calibration.jsonl) with images/s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,6 +21,7 @@ import torch  # noqa: E402
 from lowrank_fm.cli import calibration_indices  # noqa: E402
 from lowrank_fm.data import load_dataset  # noqa: E402
 from lowrank_fm.models import bundled_spec, create_model  # noqa: E402
+from lowrank_fm.provenance import append_row, machine_load  # noqa: E402
 from lowrank_fm.throughput import calibration_throughput  # noqa: E402
 
 
@@ -55,18 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         batches = [b.pin_memory() for b in batches]
     model = create_model(args.model, args.weights, num_classes=None if spec else data.num_classes)
+    load_before = machine_load()
     result = calibration_throughput(model, batches, positions_per_image=args.positions_per_image,
                                     repeats=args.repeats, device=args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
-    result = {"kind": "throughput", "commit": commit, **result, "model": args.model, "batch_size": args.batch_size,
-              "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {"kind": "throughput", **result, "model": args.model, "batch_size": args.batch_size,
+              "load_average": list(os.getloadavg())}
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as handle:
-        handle.write(json.dumps(result) + "\n")
+    append_row(out, result, load_before=load_before)  # commit, date, machine, threads: lowrank_fm.provenance
     print(f"{args.model}, {result['images']} images, {args.device}: inference {result['inference_images_per_s']:.0f} "
           f"img/s, calibration {result['calibration_images_per_s']:.0f} img/s, ratio {result['ratio']:.2f} "
           f"(load average {result['load_average'][0]:.2f}); appended to {out}")

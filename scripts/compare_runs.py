@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(args.first, args.second)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as handle:
-            handle.write(json.dumps(result) + "\n")
+        from lowrank_fm.provenance import append_row
+
+        append_row(args.out, result)
     return 0
 
 

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the CIFAR-10 torchvision models)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="CIFAR-10 models: seconds of training; epochs set after the first (at most --epochs)")
-    parser.add_argument("--max-images", type=int, default=None, help="CIFAR-10 models: train on the first N only")
+    parser.add_argument("--max-images", type=int, default=None, help="CIFAR-10 models: train on a seeded subset of N")
+    parser.add_argument("--results", default=None,
+                        help="CIFAR-10 models: also append the record, with its provenance, to this JSONL file "
+                             "(results/reference_training.jsonl)")
     return parser
 
 
@@ -59,6 +62,9 @@ def _train_cifar(args, spec) -> int:
     from lowrank_fm.image_training import ImageTrainSettings, evaluate_on_device, train_on_device
     from lowrank_fm.models import cache_dir
 
+    from lowrank_fm.provenance import machine_load
+
+    load_before = machine_load()
     arrays = read_cifar10_jpeg(args.data_dir)
     torch.manual_seed(args.seed)
     model = spec.build()
@@ -99,6 +105,11 @@ def _train_cifar(args, spec) -> int:
         "note": "GPU training (bfloat16 autocast) is not bit-reproducible",
     })
     (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.results:
+        from lowrank_fm.provenance import append_row
+
+        append_row(args.results, {k: v for k, v in record.items() if k not in ("loss", "epoch_seconds")},
+                   load_before=load_before)
     logging.info("%s: val top-1 %.4f, %d epochs, %.0f s -> %s", args.model, top1, record["epochs"],
                  record["train_seconds"], path)
     return 0

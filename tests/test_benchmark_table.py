@@ -3,10 +3,10 @@
 from lowrank_fm.benchmark import markdown_table
 
 
-def _row(label, target, top1_after, model="vgg-fmnist"):
+def _row(label, target, top1_after, model="vgg-fmnist", date="2026-11-25T00:00:00Z"):
     return {"model": model, "label": label, "target_speedup": target, "theoretical_speedup": target,
             "top1_before": 0.9, "top1_after": top1_after, "drop_points": 100 * (0.9 - top1_after),
-            "approximate_wall_s": 1.0, "run_wall_s": 2.0}
+            "approximate_wall_s": 1.0, "run_wall_s": 2.0, "provenance": {"date_utc": date}}
 
 
 def test_rerun_replaces_the_earlier_row_and_rows_follow_the_grid_order():
@@ -17,6 +17,15 @@ def test_rerun_replaces_the_earlier_row_and_rows_follow_the_grid_order():
     assert lines[0].startswith("| vgg-fmnist | svd (weight-only) | 2x |")
     assert lines[1].startswith("| vgg-fmnist | svd (weight-only) | 3x |")
     assert "| fm-3d, rmsprop | 3x |" in lines[2] and "| 85.00 | 5.00 |" in lines[2]
+
+
+def test_rows_without_provenance_are_not_shown_and_the_latest_date_wins():
+    old = {k: v for k, v in _row("svd (weight-only)", 2.0, 0.10).items() if k != "provenance"}
+    later = _row("svd (weight-only)", 3.0, 0.60, date="2026-11-25T02:00:00Z")
+    earlier = _row("svd (weight-only)", 3.0, 0.40, date="2026-11-25T01:00:00Z")  # written after, dated before
+    lines = markdown_table([old, later, earlier]).splitlines()[2:]
+    assert lines == [next(l for l in markdown_table([later]).splitlines()[2:])]
+    assert "| 60.00 | 30.00 |" in lines[0]
 
 
 def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
@@ -36,3 +45,5 @@ def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
         assert other["ranks"] == row["ranks"]
         assert other["top1_after"] == row["top1_after"]
         assert other["threads"] == 1
+    for row in written:  # every row written carries its provenance, made in the process that ran it
+        assert row["provenance"]["threads"] == 1 and row["provenance"]["torch"]

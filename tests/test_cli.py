@@ -297,11 +297,16 @@ def test_speed_gate_latency_and_export_in_the_report(tmp_path):
     latency = report["latency"]
     assert set(latency["batches"]) == {"1", "32"}
     assert latency["memory_format"] in ("nchw", "channels_last")
-    assert latency["measured_speedup"] == pytest.approx(latency["before_ms"] / latency["after_ms"])
+    # the headline is the median of >= 5 per-round ratios against the BatchNorm-folded original
+    assert latency["baseline"] == "BatchNorm folded in both" and latency["folded_batchnorm"]["original"] == 4
+    assert latency["rounds"] >= 5 and latency["speedup_min"] <= latency["measured_speedup"] <= latency["speedup_max"]
+    assert latency["speedup_min"] <= latency["before_ms"] / latency["after_ms"] <= latency["speedup_max"]
+    assert latency["before_unfolded_ms"] > 0 and latency["speedup_vs_unfolded"] > 0  # an extra, not the baseline
     reuse_settable = _glibc() is not None and _preloaded() is None
     assert latency["allocator"]["allocator"] == ("reuse" if reuse_settable else "system")  # the default, recorded
     export = latency["export"]
     assert export["torchscript"]["parity"] and (out / "model.torchscript.pt").is_file()
+    assert export["original_eager"]["folded_batchnorm"] == 4 and export["eager"]["speedup_vs_original"] > 0
     assert "skipped" in export["onnx"] or (export["onnx"]["parity"] and (out / "model.onnx").is_file())
 
 
@@ -310,3 +315,13 @@ def test_latency_budget_needs_a_speedup(capsys):
         main(["vgg-digits", "--budget", "latency", "--quiet"])
     assert exit_info.value.code == 2
     assert "--budget latency needs --speedup" in capsys.readouterr().err
+
+
+def test_the_latency_line_says_what_was_compared_with_its_spread():
+    from lowrank_fm.report import format_latency
+
+    line = format_latency({"baseline": "BatchNorm folded in both", "before_ms": 59.3, "after_ms": 26.0,
+                           "measured_speedup": 2.28, "rounds": 7, "speedup_min": 2.1, "speedup_max": 2.4,
+                           "batch_size": 32, "threads": 1})
+    assert line == ("latency (BatchNorm folded in both): 59.30 ms -> 26.00 ms, 2.28x (median of 7 rounds, "
+                    "2.10x-2.40x), batch 32, 1 thread")

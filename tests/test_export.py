@@ -54,3 +54,30 @@ def test_onnx_has_a_dynamic_batch(tmp_path):
     out = session.run(None, {"images": x.numpy().astype(np.float32)})[0]
     with torch.no_grad():
         assert out.shape == (5, 5) and relative_difference(model(x), out) < 1e-4
+
+
+class _SlowOriginal(nn.Module):
+    """A conv + BatchNorm model that sleeps 30 ms per forward (an original of known, larger cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.03)
+        return self.bn(self.conv(x))
+
+
+def test_export_times_the_folded_original_in_the_same_rounds(tmp_path):
+    original = _SlowOriginal().eval()
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    result = export_and_check(_factorized_model(), x, tmp_path, rounds=5, warmup=1, original=original, min_seconds=0)
+    assert result["rounds"] == 5
+    assert result["original_eager"]["folded_batchnorm"] == 1 and result["original_eager"]["ms"] >= 30.0
+    assert isinstance(original.bn, nn.BatchNorm2d)  # the caller's model keeps its BatchNorm
+    for form in ("eager", "torchscript"):
+        entry = result[form]
+        assert entry["speedup_min"] <= entry["speedup_vs_original"] <= entry["speedup_max"]
+        assert entry["speedup_vs_original"] > 3.0  # 30 ms against a small model of about a millisecond

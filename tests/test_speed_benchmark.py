@@ -13,11 +13,16 @@ def test_speed_benchmark_writes_rows_table_and_plots(tmp_path, vgg_digits):
     out = tmp_path / "latency.jsonl"
     runs = [SpeedRun("vgg-digits", "svd", 1.5, {"method": "svd"}, batch_sizes=(1, 4), export=True),
             SpeedRun("vgg-digits", "svd", 2.0, {"method": "svd", "speed_gate": False}, batch_sizes=(1, 4))]
-    rows = run_speed_benchmark(runs, out, eval_images=100, repeats=2)
+    rows = run_speed_benchmark(runs, out, eval_images=100, rounds=5)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["label"] == "svd"
     for row in lines:
         assert set(row["measured_speedup"]) == {"1", "4"}
+        assert row["provenance"]["threads"] == row["threads"] and row["provenance"]["load_before"] is not None
+        assert row["speed"]["baseline"] == "BatchNorm folded in both"
+        assert row["speed"]["folded_batchnorm"]["original"] == 4  # vgg-digits: 4 conv + BatchNorm pairs
+        for batch, (low, high) in row["speedup_spread"].items():
+            assert low <= row["measured_speedup"][batch] <= high
         assert row["threads"] >= 1 and row["speed"]["device"] == "cpu"
         assert 0.0 <= row["top1_after"] <= 1.0 and row["theoretical_speedup"] >= 1.0
         assert row["mode"].startswith("accuracy")
@@ -31,9 +36,14 @@ def test_speed_benchmark_writes_rows_table_and_plots(tmp_path, vgg_digits):
     table = speed_table(rows)
     assert table.count("| vgg-digits | svd |") == 2
     assert "measured, system allocator" in table.splitlines()[0]
-    older = {**rows[0], "measured_speedup": {"1": 0.5}}  # a row from before allocators were recorded
-    older.pop("measured_speedup_by_allocator")
-    assert "| - | 1: 0.50x |" in speed_table([older])
+    batch1 = rows[0]["speed"]["batches"]["1"]
+    assert (f"1: {batch1['measured_speedup']:.2f}x ({batch1['speedup_min']:.2f}-{batch1['speedup_max']:.2f})"
+            in table.splitlines()[2])
+    older = {k: v for k, v in rows[0].items() if k != "provenance"}  # a row without provenance: not shown
+    rerun = {**rows[1], "theoretical_speedup": 9.0}  # the same cell re-run: replaces its row
+    rerun["provenance"] = {**rows[1]["provenance"], "date_utc": "2999-01-01T00:00:00Z"}
+    lines_shown = speed_table([older, rows[1], rerun]).splitlines()[2:]
+    assert len(lines_shown) == 1 and "| 9.00x |" in lines_shown[0]
     if matplotlib_available() is None:
         written = make_plots(rows, tmp_path)
         assert {p.name for p in written} == {"accuracy_vs_speedup_vgg-digits.png", "spectra_vgg-digits_svd_1.5x.png"}

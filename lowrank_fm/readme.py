@@ -1,0 +1,96 @@
+"""The README's tables, made from the committed results files.
+
+Every table in README.md sits between two markers that name what produces it::
+
+    <!-- generated: accuracy vgg-fmnist resnet-fmnist -->
+    | model | ... |
+    <!-- end generated -->
+
+``python scripts/benchmark.py --readme`` rewrites every marked region from ``results/`` and
+``tests/test_readme.py`` fails when a region differs from what that command would write. A table reads only
+current rows (:func:`lowrank_fm.provenance.current_rows`): rows with provenance, the latest per cell.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from .provenance import current_rows, read_rows
+
+__all__ = ["TABLES", "render_table", "render_readme", "generated_regions"]
+
+_REGION = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
+
+
+def _accuracy(results: Path, *models: str) -> str:
+    from .benchmark import markdown_table
+
+    rows = read_rows(results / "accuracy.jsonl")
+    return markdown_table([r for r in rows if not models or r["model"] in models])
+
+
+def _speed(results: Path, *models: str) -> str:
+    from .speed_benchmark import speed_table
+
+    rows = read_rows(results / "latency.jsonl")
+    return speed_table([r for r in rows if not models or r["model"] in models])
+
+
+def _calibration(results: Path) -> str:
+    lines = ["| model | images | batch | calibrated layers | inference (img/s) | calibration (img/s) | calibration / inference | "
+             "device, threads | load before | commit, date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = current_rows(read_rows(results / "calibration.jsonl"), lambda r: (r["model"], r["images"], r["batch_size"]))
+    for r in rows:
+        p = r["provenance"]
+        load = p.get("load_before")
+        lines.append(f"| {r['model']} | {r['images']:,} | {r['batch_size']} | {len(r['layers'])}, "
+                     f"{r['positions_per_image']} positions | {r['inference_images_per_s']:.0f} | "
+                     f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {r.get('device', 'cpu')}, "
+                     f"{p['threads']} | {load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+    return "\n".join(lines)
+
+
+_PAIRS = (("tucker2 (weight-only)", "tucker2-sigma (data-aware)"), ("cp (weight-only)", "cp-sigma (data-aware)"),
+          ("svd (weight-only)", "svd-sigma (data-aware)"), ("alds (weight-only)", "alds-sigma (data-aware)"))
+
+
+def _sigma(results: Path, *models: str) -> str:
+    """Weight-only against data-aware (Sigma-norm) method in the same cell, wherever both rows are current."""
+    from .benchmark import cell_key
+
+    rows = current_rows(read_rows(results / "accuracy.jsonl"), cell_key)
+    by_cell = {(r["model"], r["label"], r["target_speedup"]): r for r in rows if not models or r["model"] in models}
+    lines = ["| model | target | weight-only | theoretical | drop (points) | approximate (s) | data-aware | theoretical | "
+             "drop (points) | approximate (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model, label, target in sorted(by_cell, key=lambda k: (k[0], k[2])):
+        for plain, aware in _PAIRS:
+            if label == plain and (model, aware, target) in by_cell:
+                a, b = by_cell[(model, plain, target)], by_cell[(model, aware, target)]
+                lines.append(f"| {model} | {target:g}x | {plain.split(' (')[0]} | {a['theoretical_speedup']:.2f}x | "
+                             f"{a['drop_points']:.2f} | {a['approximate_wall_s']:.1f} | {aware.split(' (')[0]} | "
+                             f"{b['theoretical_speedup']:.2f}x | {b['drop_points']:.2f} | {b['approximate_wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[..., str]] = {"accuracy": _accuracy, "speed": _speed, "calibration": _calibration,
+                                         "sigma": _sigma}
+
+
+def render_table(spec: str, results: str | Path) -> str:
+    """The Markdown of one region: ``spec`` = "NAME [ARG ...]" (e.g. "accuracy vgg-fmnist")."""
+    name, *args = spec.split()
+    if name not in TABLES:
+        raise ValueError(f"unknown README table {name!r}: use one of {sorted(TABLES)}")
+    return TABLES[name](Path(results), *args)
+
+
+def generated_regions(text: str) -> list[tuple[str, str]]:
+    """(spec, body without the markers) of every marked region of ``text``, in order."""
+    return [(m["spec"], m["body"]) for m in _REGION.finditer(text)]
+
+
+def render_readme(text: str, results: str | Path) -> str:
+    """``text`` with every marked region's body replaced by its table made from ``results``."""
+    return _REGION.sub(lambda m: m.group(1) + render_table(m["spec"], results) + "\n" + m.group(4), text)
