@@ -143,6 +143,10 @@ class Report:
             lat = self.latency
             allocator = f", allocator {lat['allocator']['allocator']}" if "allocator" in lat else ""
             lines.append(format_latency(lat) + f", {lat['device']}{allocator}")
+            for batch, other in sorted(lat.get("batches", {}).items(), key=lambda item: int(item[0])):
+                if int(batch) != lat["batch_size"]:  # the other batch sizes timed (batch 1 always is)
+                    lines.append("  " + format_latency({**other, "batch_size": int(batch), "threads": lat["threads"],
+                                                        "baseline": lat.get("baseline", "original as given")}))
         if self.timing:
             lines.append("timing: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timing.items()))
         return "\n".join(lines)

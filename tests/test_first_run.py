@@ -73,3 +73,7 @@ def test_default_run_shows_the_method_on_real_data(tmp_path, capsys):
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "spectra.png" in printed
     assert "accuracy: top-1" in printed and "totals:" in printed
+    latency_lines = [line.strip() for line in printed.splitlines() if "latency (BatchNorm folded in both)" in line]
+    assert len(latency_lines) == 2  # batch 32 (the report's headline) and batch 1
+    assert ", batch 32, 1 thread" in latency_lines[0] and ", batch 1, 1 thread" in latency_lines[1]
+    assert report["latency"]["baseline"] == "BatchNorm folded in both"
