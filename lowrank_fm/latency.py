@@ -78,11 +78,7 @@ def compare_latency(
         raise ValueError(f"compare_latency needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = _device_of(device)
     inputs = inputs or {}
-    for name, model in models.items():
-        model.eval()
-        for _ in range(warmup):
-            run_model(model, inputs.get(name, example_input))
-    _sync(device)
+    _warm_up(models, example_input, inputs, warmup, device)
     times: dict[str, list[float]] = {name: [] for name in models}
     rounds = repeats
     if min_seconds > 0:
@@ -92,6 +88,15 @@ def compare_latency(
         for name, model in models.items():
             times[name].append(_timed_run(model, inputs.get(name, example_input), device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _warm_up(models: dict[str, nn.Module], example_input, inputs: dict, warmup: int, device) -> None:
+    """Eval mode and ``warmup`` untimed forwards of each model (on its own input where ``inputs`` names one)."""
+    for name, model in models.items():
+        model.eval()
+        for _ in range(warmup):
+            run_model(model, inputs.get(name, example_input))
+    _sync(device)
 
 
 def interleaved_rounds(
@@ -113,11 +118,7 @@ def interleaved_rounds(
                          f"{repeats} and {warmup}")
     device = _device_of(device)
     inputs = inputs or {}
-    for name, model in models.items():
-        model.eval()
-        for _ in range(warmup):
-            run_model(model, inputs.get(name, example_input))
-    _sync(device)
+    _warm_up(models, example_input, inputs, warmup, device)
     first = {name: _timed_run(model, inputs.get(name, example_input), device) for name, model in models.items()}
     if min_seconds > 0:
         per_pass = max(sum(first.values()), 1e-3)
