@@ -213,6 +213,10 @@ def _cifar10_jpeg(data_dir, image_size: int) -> DataSplits:
     from .cifar10_jpeg import read_cifar10_jpeg
     from .image_training import normalise
 
+    if image_size > 64:  # both splits are held in memory as float32: 60,000 x 3 x S x S x 4 bytes
+        raise ValueError(f"dataset cifar10-jpeg holds its images in memory, {60000 * 3 * image_size ** 2 * 4 / 1e9:.0f} "
+                         f"GB at --image-size {image_size}: use at most 64, or extract the archive and pass "
+                         "--dataset imagefolder --data-dir DIR (read image by image)")
     try:
         arrays = read_cifar10_jpeg(data_dir)
     except FileNotFoundError as error:

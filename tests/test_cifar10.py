@@ -154,3 +154,10 @@ def test_cache_weights_missing_say_how_to_train(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRANK_FM_CACHE", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="train_reference.py densenet161-cifar10 --device cuda"):
         create_model("densenet161-cifar10")
+
+
+def test_large_image_size_is_refused_before_reading_anything():
+    from lowrank_fm.data import load_dataset
+
+    with pytest.raises(ValueError, match="imagefolder"):
+        load_dataset("cifar10-jpeg", "/nonexistent", image_size=224)
