@@ -36,7 +36,7 @@ FASHION_MNIST_SAMPLE = EMBEDDED_DIR / "fashion-mnist-sample.npz"
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 _DIGITS_MEAN, _DIGITS_STD = 0.3, 0.4
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # imagefolder, cifar10-jpeg
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -184,7 +184,7 @@ def _image_folder(data_dir, image_size: int) -> DataSplits:
             transforms.Resize(int(round(image_size * 256 / 224))),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
-            transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
     train = datasets.ImageFolder(root / "train", transform=transform)

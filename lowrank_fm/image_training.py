@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["ImageTrainSettings", "train_on_device", "normalise", "IMAGENET_MEAN", "IMAGENET_STD"]
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ImageTrainSettings", "train_on_device", "normalise"]
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
