@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -86,8 +87,17 @@ def peak_bytes(tmp_path: Path, n_images: int) -> int:
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path, monkeypatch) -> None:
-    # memory holds at most max_pending + 1 write groups; groups of 20 images let both sizes fill the queue
+    # memory holds at most max_pending + 1 write groups. Groups of 20 images, and a writer slowed to 5 ms a
+    # group, make both sizes fill the queue whatever the machine's load (a fast writer in the small run and a
+    # slow one in the large would otherwise compare an empty queue with a full one)
     monkeypatch.setattr("calibration.writer.FLUSH_IMAGES", 20)
+    append = CalibrationWriter.append
+
+    def slow_append(self, *args, **kwargs):
+        time.sleep(0.005)
+        return append(self, *args, **kwargs)
+
+    monkeypatch.setattr(CalibrationWriter, "append", slow_append)
     small, large = peak_bytes(tmp_path, 300), peak_bytes(tmp_path, 1500)
     # all positions are kept: the store grows by ~1200 * (64 * 4 + 9 * 6 + 5) * 4 bytes = 1.5 MB between the sizes
     with open_calibration(tmp_path / "m1500.h5") as reader:
