@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .allocator import ALLOCATORS, use_allocator
-from .config import ALLOCATIONS
+from .planner import ALLOCATIONS
 
 __all__ = ["build_parser", "main", "calibration_indices"]
 
@@ -75,6 +75,26 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _method_setting(text: str) -> tuple[str, object]:
+    """NAME=VALUE: VALUE as an int, a float, a comma-separated tuple of those, None, true/false, or text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. restarts=5), got {text!r}")
+
+    def parse(item: str):
+        item = item.strip()
+        if item.lower() in ("none", "true", "false"):
+            return {"none": None, "true": True, "false": False}[item.lower()]
+        for kind in (int, float):
+            try:
+                return kind(item)
+            except ValueError:
+                pass
+        return item
+
+    return name.strip(), tuple(parse(v) for v in value.split(",")) if "," in value else parse(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import list_methods
     from .models import list_models
@@ -91,12 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--speedup", type=_speedup, default=None, help="whole-model MAC reduction target S >= 1")
     parser.add_argument("--method", default="fm", choices=list_methods(),
                         help="fm (default: asymmetric + nonlinear + output matching), fm-linear (symmetric, linear)")
-    parser.add_argument("--solver", choices=["rmsprop", "closed-form", "none"], default="rmsprop",
-                        help="nonlinear refinement of method fm (default rmsprop)")
+    parser.add_argument("--solver", choices=["rmsprop", "closed-form", "none"], default=None,
+                        help="nonlinear refinement of methods fm and fm-3d (default rmsprop); the same as "
+                             "--method-setting solver=NAME")
+    parser.add_argument("--method-setting", dest="method_settings", action="append", default=[], metavar="NAME=VALUE",
+                        type=_method_setting,
+                        help="a setting of the method by name, e.g. restarts=5 for cp, solver_steps=100 for fm, "
+                             "group_options=1,2 for alds (repeatable; unknown names are refused)")
     parser.add_argument("--ranks", choices=["energy", "vbmf"], default="energy",
                         help="vbmf: each layer's rank from empirical VBMF (tucker2, tucker1)")
-    parser.add_argument("--allocation", choices=list(ALLOCATIONS), default="error",
-                        help="how --speedup is shared among layers (default error)")
+    parser.add_argument("--allocation", choices=list(ALLOCATIONS), default=None,
+                        help="how --speedup is shared among layers (default error; alds and alds-sigma: alds-minmax)")
     matching = parser.add_mutually_exclusive_group()
     matching.add_argument("--output-matching", dest="output_matching", action="store_true", default=False,
                           help="refine all factors jointly to match the original outputs on the calibration images")
@@ -212,7 +237,7 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
                         num_workers=args.workers, pin_memory=pin)
     config = ApproxConfig(
         method=args.method, energy=energy, speedup=args.speedup, ranks=args.ranks, allocation=args.allocation,
-        solver=args.solver,
+        method_settings={**dict(args.method_settings), **({"solver": args.solver} if args.solver else {})},
         output_matching=args.output_matching, matching_steps=args.matching_steps,
         include=args.include, exclude=tuple(args.exclude),
         positions_per_image=args.positions_per_image, fit_positions=args.fit_positions, covariance=args.covariance, seed=args.seed,

@@ -13,7 +13,6 @@ from .ranks import check_energy
 __all__ = ["ApproxConfig"]
 
 _COVARIANCE_BACKENDS = ("streaming", "ipca")
-ALLOCATIONS = ("uniform", "energy", "error", "output")
 _BUDGETS = ("macs", "latency")
 
 
@@ -24,11 +23,14 @@ class ApproxConfig:
     Parameters
     ----------
     method : registered method name (``lowrank_fm.methods.list_methods()``).
+    method_settings : the method's own settings by name (fields of its ``Settings`` dataclass, e.g.
+        ``{"solver": "none"}`` for ``fm``, ``{"restarts": 5}`` for ``cp``); unknown names are refused.
     energy : per-layer energy kept, 0 < energy <= 1 (ignored when ``speedup`` is set).
     speedup : whole-model MAC reduction target S > 1 (ranks from a global budget over real MACs).
     ranks : ``"energy"`` (or the ``speedup`` budget) or ``"vbmf"`` (each layer's rank from empirical VBMF,
         for the methods that offer it: tucker2, tucker1).
-    allocation : how ``speedup`` is shared out: ``"uniform"`` (one energy threshold for all layers),
+    allocation : how ``speedup`` is shared out (None: the method's default, ``"error"``, or ``"alds-minmax"`` for
+        the ALDS methods, which honour only that one): ``"uniform"`` (one energy threshold for all layers),
         ``"energy"`` (greedy on the product of kept energies, the paper's) or ``"error"`` (greedy on the
         squared relative reconstruction error of each layer's responses) or ``"output"`` (greedy on the
         squared relative error each layer's rank causes at the network's output, measured on
@@ -51,8 +53,6 @@ class ApproxConfig:
     seed : seeds position sampling (and anything random in the methods).
     device : where calibration and solvers run.
     progress : show tqdm progress bars.
-    solver : nonlinear refinement of method ``fm``: ``"rmsprop"``, ``"closed-form"`` or ``"none"``.
-    solver_steps : RMSProp steps per layer (None: the solver's default).
     output_matching : refine all factors jointly so the network's outputs match the original's on the
         calibration images (off by default: on vgg-fmnist it did not improve test accuracy, see README).
     matching_steps, matching_lr, matching_batch : Adam steps, learning rate and images per step of output
@@ -73,10 +73,11 @@ class ApproxConfig:
     """
 
     method: str = "fm"
+    method_settings: Mapping[str, object] = field(default_factory=dict)
     energy: float = 0.95
     speedup: float | None = None
     ranks: str = "energy"
-    allocation: str = "error"
+    allocation: str | None = None
     sensitivity_images: int = 128
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     layer_energy: Mapping[str, float] = field(default_factory=dict)
@@ -92,8 +93,6 @@ class ApproxConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-    solver: str = "rmsprop"
-    solver_steps: int | None = None
     output_matching: bool = False
     matching_steps: int = 300
     matching_lr: float = 1e-4
@@ -108,17 +107,17 @@ class ApproxConfig:
     rank_multiple: int = 1
 
     def __post_init__(self) -> None:
-        from .methods import list_methods
+        from .methods import method_class, settings_from
+        from .planner import check_policy
 
-        if self.method not in list_methods():
-            raise ValueError(f"method must be one of {list_methods()}, got {self.method!r}")
+        method = method_class(self.method)
+        settings_from(method.Settings, self.method_settings)  # refuses unknown names and bad values
+        object.__setattr__(self, "method_settings", dict(self.method_settings))
         check_energy(self.energy)
         if self.speedup is not None and not (float(self.speedup) >= 1.0 and math.isfinite(float(self.speedup))):
             raise ValueError(f"speedup must be a finite number >= 1 (a MAC reduction factor), got {self.speedup}")
         if self.ranks not in ("energy", "vbmf"):
             raise ValueError(f"ranks must be 'energy' or 'vbmf', got {self.ranks!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if int(self.sensitivity_images) < 1:
             raise ValueError(f"sensitivity_images must be >= 1, got {self.sensitivity_images}")
         for name, value in dict(self.layer_energy).items():
@@ -132,8 +131,6 @@ class ApproxConfig:
             raise ValueError(f"fit_positions must be >= 1 or None (replay the store's samples), got {self.fit_positions}")
         if not (0.0 < self.heldout_fraction < 1.0):
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.solver not in ("rmsprop", "closed-form", "none"):
-            raise ValueError(f"solver must be one of ('rmsprop', 'closed-form', 'none'), got {self.solver!r}")
         if self.covariance not in _COVARIANCE_BACKENDS:
             raise ValueError(f"covariance must be one of {_COVARIANCE_BACKENDS}, got {self.covariance!r}")
         if self.budget not in _BUDGETS:
@@ -143,6 +140,7 @@ class ApproxConfig:
         for key in ("speed_batch", "speed_repeats", "rank_multiple"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)}")
+        check_policy(method, self.allocation, self.budget, self.ranks, self.speedup)
         object.__setattr__(self, "layer_ranks", {str(k): int(v) for k, v in dict(self.layer_ranks).items()})
         object.__setattr__(self, "layer_energy", {str(k): float(v) for k, v in dict(self.layer_energy).items()})
         if self.include is not None:
@@ -152,6 +150,7 @@ class ApproxConfig:
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of every setting."""
         data = dataclasses.asdict(self)
+        data["method_settings"] = dict(self.method_settings)
         data["layer_ranks"] = dict(self.layer_ranks)
         data["layer_energy"] = dict(self.layer_energy)
         data["include"] = None if self.include is None else list(self.include)
@@ -168,4 +167,19 @@ class ApproxConfig:
         return cls(**dict(data))
 
     def replace(self, **changes) -> "ApproxConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``: fields of the run, or settings of its method by name (merged into
+        ``method_settings``); a name that is neither is refused."""
+        from .methods import method_class
+
+        fields = {f.name for f in dataclasses.fields(self)}
+        own = {k: v for k, v in changes.items() if k in fields}
+        rest = {k: v for k, v in changes.items() if k not in fields}
+        if rest:
+            method = method_class(own.get("method", self.method))
+            known = {f.name for f in dataclasses.fields(method.Settings)}
+            unknown = sorted(set(rest) - known)
+            if unknown:
+                raise ValueError(f"unknown setting(s) {unknown}: not a field of ApproxConfig nor a setting of method "
+                                 f"{method.name!r} (its settings: {sorted(known) or 'none'})")
+            own["method_settings"] = {**dict(own.get("method_settings", self.method_settings)), **rest}
+        return dataclasses.replace(self, **own)

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ConvFactor", "ConvChain", "LinearChain", "chain_from_spec", "conv_like", "set_output_bias"]
+__all__ = ["ConvFactor", "ConvChain", "LinearChain", "chain_from_spec", "conv_like", "set_output_bias",
+           "two_factor_chain", "grouped_two_factor_chain", "spatial_chain", "separable_two_factor_chain",
+           "tucker2_chain", "tucker1_chain", "cp_chain", "explicit_padding"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,137 @@ def chain_from_spec(spec: dict) -> nn.Module:
     if spec.get("type") == "LinearChain":
         return LinearChain(*[nn.Linear(l["in_features"], l["out_features"], bias=l["bias"]) for l in spec["linears"]])
     raise ValueError(f"unknown factorized layer spec type {spec.get('type')!r}: expected ConvChain or LinearChain")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chain of each method, from its factors (the methods compute factors; only this file builds modules)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tensor(array) -> torch.Tensor:
+    return array if torch.is_tensor(array) else torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _bias(conv: nn.Module) -> torch.Tensor | None:
+    return None if conv.bias is None else conv.bias.detach()
+
+
+def _pointwise(matrix: torch.Tensor, bias: torch.Tensor | None = None) -> ConvFactor:
+    return ConvFactor(matrix.reshape(*matrix.shape, 1, 1), bias)
+
+
+def explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's padding as a pair, or None where a string padding is asymmetric (``"same"``, even kernel)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
+
+
+def _full_kernel(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None) -> ConvFactor:
+    """A kh x kw conv with ``conv``'s stride, padding and dilation."""
+    return ConvFactor(weight, bias, tuple(conv.stride), explicit_padding(conv), tuple(conv.dilation))
+
+
+def _vertical(conv: nn.Conv2d, weight: torch.Tensor, bias=None, groups: int = 1) -> ConvFactor:
+    """(kh x 1) conv: ``conv``'s stride, padding and dilation along the height only."""
+    (sh, _), (ph, _), (dh, _) = conv.stride, conv.padding, conv.dilation
+    return ConvFactor(weight, bias, (sh, 1), (ph, 0), (dh, 1), groups=groups)
+
+
+def _horizontal(conv: nn.Conv2d, weight: torch.Tensor, bias=None, groups: int = 1) -> ConvFactor:
+    """(1 x kw) conv: ``conv``'s stride, padding and dilation along the width only."""
+    (_, sw), (_, pw), (_, dw) = conv.stride, conv.padding, conv.dilation
+    return ConvFactor(weight, bias, (1, sw), (0, pw), (1, dw), groups=groups)
+
+
+def two_factor_chain(module: nn.Module, first_w, first_b, second_w, second_b) -> nn.Module:
+    """The layer with r outputs (``module``'s kernel and geometry), then a 1x1 conv / Linear back to d.
+
+    first_w : (r, p) unfolded like ``module.weight`` (p = c kh kw or in); first_b : (r,) or None
+    second_w : (d, r); second_b : (d,) or None
+    """
+    first_w, second_w = _tensor(first_w), _tensor(second_w)
+    first_b = None if first_b is None else _tensor(first_b)
+    second_b = None if second_b is None else _tensor(second_b)
+    if isinstance(module, nn.Linear):
+        return LinearChain.from_factors([(first_w, first_b), (second_w, second_b)], dtype=module.weight.dtype)
+    rank = first_w.shape[0]
+    return ConvChain.from_factors(
+        [ConvFactor(first_w.reshape(rank, *module.weight.shape[1:]), first_b, tuple(module.stride),
+                    tuple(module.padding), tuple(module.dilation)),
+         _pointwise(second_w, second_b)],
+        dtype=module.weight.dtype,
+    )
+
+
+def grouped_two_factor_chain(module: nn.Module, first, second, bias, groups: int) -> nn.Module:
+    """ALDS's layer: a grouped conv (``groups`` groups of r / groups filters, ``module``'s kernel and geometry,
+    input channels split in equal consecutive groups) then a 1x1 conv (d, r) with ``bias``; a Linear
+    ``module`` (groups 1) becomes two Linear layers.
+
+    first : (r, p / groups) the filters of all groups stacked; second : (d, r); bias : (d,)
+    """
+    first, second, bias = _tensor(first), _tensor(second), _tensor(bias)
+    if isinstance(module, nn.Linear):
+        return LinearChain.from_factors([(first, None), (second, bias)], dtype=module.weight.dtype)
+    kh, kw = module.kernel_size
+    return ConvChain.from_factors(
+        [ConvFactor(first.reshape(first.shape[0], module.in_channels // groups, kh, kw), None, tuple(module.stride),
+                    tuple(module.padding), tuple(module.dilation), groups=groups),
+         _pointwise(second, bias)],
+        dtype=module.weight.dtype)
+
+
+def spatial_chain(conv: nn.Conv2d, vertical: torch.Tensor, horizontal: torch.Tensor) -> ConvChain:
+    """(kh x 1) conv with K filters ``vertical`` (K, C, kh, 1), then (1 x kw) conv ``horizontal`` (N, K, 1, kw)
+    with ``conv``'s bias; the stride, padding and dilation split between the two."""
+    return ConvChain.from_factors([_vertical(conv, vertical), _horizontal(conv, horizontal, _bias(conv))],
+                                  dtype=conv.weight.dtype)
+
+
+def separable_two_factor_chain(conv: nn.Conv2d, vertical, first_w, first_b, second_w, second_b) -> ConvChain:
+    """fm-3d's layer: (kh x 1) conv ``vertical`` (K, C, kh, 1), then (1 x kw) conv with r filters ``first_w``
+    (r, K kw), then 1x1 conv ``second_w`` (d, r) back to d."""
+    kw = conv.kernel_size[1]
+    rank, k = first_w.shape[0], vertical.shape[0]
+    return ConvChain.from_factors(
+        [_vertical(conv, _tensor(vertical)), _horizontal(conv, _tensor(first_w).reshape(rank, k, 1, kw), first_b),
+         _pointwise(_tensor(second_w), second_b)],
+        dtype=conv.weight.dtype)
+
+
+def tucker2_chain(conv: nn.Conv2d, core, u_out, u_in) -> ConvChain:
+    """1x1 conv S -> R3 (u_in^T), kh x kw conv R3 -> R4 (core, ``conv``'s geometry), 1x1 conv R4 -> T (u_out,
+    ``conv``'s bias), in ``conv``'s dtype."""
+    core, u_out, u_in = _tensor(core), _tensor(u_out), _tensor(u_in)
+    return ConvChain.from_factors(
+        [_pointwise(u_in.T), _full_kernel(conv, core), _pointwise(u_out, _bias(conv))], dtype=conv.weight.dtype)
+
+
+def tucker1_chain(conv: nn.Conv2d, core, factor, mode: str = "output") -> ConvChain:
+    """``"output"``: kh x kw conv S -> R4 (core) then 1x1 conv R4 -> T (U_out, the bias); ``"input"``: 1x1 conv
+    S -> R3 (U_in^T) then kh x kw conv R3 -> T (core, the bias)."""
+    if mode not in ("output", "input"):
+        raise ValueError(f"mode must be one of ('output', 'input'), got {mode!r}")
+    if mode == "output":
+        factors = [_full_kernel(conv, core), _pointwise(factor, _bias(conv))]
+    else:
+        factors = [_pointwise(factor.T), _full_kernel(conv, core, _bias(conv))]
+    return ConvChain.from_factors(factors, dtype=conv.weight.dtype)
+
+
+def cp_chain(conv: nn.Conv2d, a_t, a_s, a_h, a_w) -> ConvChain:
+    """CP's four convs from factors a_T (T, R), a_S (S, R), a_H (kh, R), a_W (kw, R): 1x1 S -> R, (kh x 1)
+    depthwise, (1 x kw) depthwise (``conv``'s geometry split between them), 1x1 R -> T with ``conv``'s bias."""
+    t, s, kh, kw = conv.weight.shape
+    rank = a_t.shape[1]
+    return ConvChain.from_factors(
+        [_pointwise(_tensor(a_s.T).reshape(rank, s)),
+         _vertical(conv, _tensor(a_h.T).reshape(rank, 1, kh, 1), groups=rank),
+         _horizontal(conv, _tensor(a_w.T).reshape(rank, 1, 1, kw), groups=rank),
+         _pointwise(_tensor(a_t).reshape(t, rank), _bias(conv))],
+        dtype=conv.weight.dtype,
+    )

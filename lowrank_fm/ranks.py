@@ -23,6 +23,7 @@ __all__ = [
     "BudgetResult",
     "select_ranks_for_speedup",
     "select_uniform_energy",
+    "round_rank",
 ]
 
 
@@ -379,3 +380,12 @@ def select_uniform_energy(layers: Sequence[BudgetLayer], speedup: float, *, fixe
             high = middle
     ranks, total = plan(low)
     return result(ranks, total, True)
+
+
+def round_rank(rank: int, multiple: int, full_rank: int) -> int:
+    """``rank`` rounded to the nearest multiple of ``multiple`` (at least ``multiple``), at most ``full_rank``."""
+    if multiple < 1:
+        raise ValueError(f"rank_multiple must be >= 1, got {multiple}")
+    if multiple == 1:
+        return rank
+    return int(min(full_rank, max(multiple, multiple * round(rank / multiple))))

@@ -93,3 +93,20 @@ def output_error_curves(model: nn.Module, modules: dict[str, nn.Module], stats: 
         curve[0] = values[0]
         curves[name] = np.maximum.accumulate(curve[::-1])[::-1]  # never rising with the rank
     return curves
+
+
+def output_errors_for(method, work, contexts: dict, macs: dict[str, int], batches: list, config) -> dict | None:
+    """Per-layer output error curves for ``allocation="output"`` of the layers without a rank override (None
+    when they cannot be measured: no response statistics, or outputs that are not tensors)."""
+    from .planner import highest_cheaper_rank
+    from .surgery import get_module
+
+    free = {n: c for n, c in contexts.items() if n not in config.layer_ranks}
+    if not free or any(c.stats is None or c.stats.eigenvalues.size != method.full_rank(c) for c in free.values()):
+        return None
+    highest = {n: highest_cheaper_rank(method, c, macs[n]) for n, c in free.items()}
+    curves = output_error_curves(work, {n: get_module(work, n) for n in free}, {n: c.stats for n, c in free.items()},
+                                 highest, batches, progress=config.progress)
+    if curves is None:
+        log.warning("allocation 'output' needs tensor outputs; using 'error' instead")
+    return curves

@@ -18,8 +18,7 @@ from torch import nn
 
 from .latency import compare_latency, to_channels_last
 
-__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "copy_with", "time_rest",
-           "round_rank"]
+__all__ = ["LayerTiming", "time_layers", "SpeedGate", "LatencyCurve", "fit_latency_curve", "copy_with", "time_rest"]
 
 
 @dataclass(frozen=True)
@@ -176,10 +175,66 @@ def time_rest(model: nn.Module, out_shapes: dict[str, Sequence[int]], batch: tor
     return compare_latency({"rest": rest}, batch, repeats=repeats, warmup=1, device=device)["rest"]
 
 
-def round_rank(rank: int, multiple: int, full_rank: int) -> int:
-    """``rank`` rounded to the nearest multiple of ``multiple`` (at least ``multiple``), at most ``full_rank``."""
-    if multiple < 1:
-        raise ValueError(f"rank_multiple must be >= 1, got {multiple}")
-    if multiple == 1:
-        return rank
-    return int(min(full_rank, max(multiple, multiple * round(rank / multiple))))
+# ----------------------------------------------------------------------------------------------------------
+# What the pipeline measures for the planner (the planner decides; these only time)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def timing_layout(work: nn.Module, example, config) -> dict:
+    """The memory layout the per-layer timings use: the one in which the whole model runs faster at
+    ``config.speed_batch`` (image models; others: NCHW), so that the gate and the latency budget judge layers
+    as the deployed model runs them. Returns {"layout": ..., and the whole model's ms per layout}."""
+    from .latency import faster_layout, repeat_to_batch
+
+    if not (config.speed_gate or config.budget == "latency") or not torch.is_tensor(example) or example.ndim != 4:
+        return {"layout": "nchw"}
+    layout, ms = faster_layout(work, repeat_to_batch(example, config.speed_batch), repeats=config.speed_repeats,
+                               device=config.device)
+    return {"layout": layout, **{f"model_{name}_ms": value for name, value in ms.items()}}
+
+
+def latency_model(method, contexts: dict, top_ranks: dict[str, int], work: nn.Module, example, config, layout: dict,
+                  progress=lambda items, desc: items) -> tuple[dict[str, LatencyCurve], float]:
+    """Per-layer latency curves (ms against rank, measured at ``config.speed_batch`` in ``layout``, at ranks
+    up to ``top_ranks[name]``) of the named layers, and the milliseconds of the rest of the model (the model
+    with those layers replaced by free stand-ins, same layout: isolated layer times do not add up to the
+    whole model's, so the rest is measured rather than taken as a difference)."""
+    from .latency import repeat_to_batch
+
+    if not torch.is_tensor(example) or example.ndim != 4:
+        raise ValueError("budget='latency' needs image-tensor inputs (N, C, H, W) to time the whole model")
+    channels_last = layout["layout"] == "channels_last"
+    curves = {}
+    for name in progress(list(top_ranks), "latency model"):
+        ctx, top = contexts[name], top_ranks[name]
+        ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
+        curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.build(ctx, r), ranks, ctx.in_shape,
+                                         config.speed_batch, repeats=config.speed_repeats, device=config.device,
+                                         channels_last=channels_last)
+    rest = time_rest(work, {name: contexts[name].out_shape for name in top_ranks},
+                     repeat_to_batch(example, config.speed_batch), repeats=config.speed_repeats, device=config.device,
+                     channels_last=channels_last)
+    return curves, rest
+
+
+def plan_timer(method, work: nn.Module, example, config, layout: dict) -> Callable[[dict, dict], dict]:
+    """``measure(ranks, contexts)``: the whole model with the layers built at ``ranks`` (``method.build``
+    without data: the module shapes are what counts) timed against the original (the BatchNorm-folded
+    working copy) in the same interleaved rounds, in ``layout``; returns the spread of the per-round ratios
+    (median of at least 5 rounds, as every headline)."""
+    from .latency import MIN_ROUNDS, interleaved_rounds, ratio_spread, repeat_to_batch, to_channels_last
+
+    channels_last = layout["layout"] == "channels_last"
+    batch = repeat_to_batch(example, config.speed_batch)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    original = to_channels_last(work) if channels_last else work
+
+    def measure(ranks: dict, contexts: dict) -> dict:
+        candidate = copy_with(work, {name: method.build(contexts[name], rank).to(config.device).eval()
+                                     for name, rank in ranks.items()}, channels_last=channels_last)
+        times = interleaved_rounds({"original": original, "plan": candidate}, batch,
+                                   rounds=max(MIN_ROUNDS, config.speed_repeats), warmup=1, device=config.device)
+        return ratio_spread(times["original"], times["plan"])
+
+    return measure

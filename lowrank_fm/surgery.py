@@ -22,6 +22,7 @@ __all__ = [
     "trace_conv_bn_pairs",
     "run_model",
     "run_with_hooks",
+    "check_finite_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,3 +167,20 @@ def name_filter(include: Iterable[str] | None, exclude: Iterable[str] = ()) -> C
         return not any(under(name, p) for p in exclude)
 
     return keep
+
+
+def check_finite_weights(model: nn.Module, when: str = "") -> None:
+    """Raise ValueError naming the first layer of ``model`` whose parameters or floating buffers hold NaN or
+    infinite values (``when`` says at which stage, for the message)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+                continue
+            layer = name.rpartition(".")[0]
+            bad = int((~torch.isfinite(tensor)).sum())
+            nans = int(torch.isnan(tensor).sum())
+            raise ValueError(
+                f"layer {layer or '(root)'!r} has non-finite weights{' ' + when if when else ''}: {kind} {name} holds "
+                f"{bad} of {tensor.numel()} values NaN or infinite ({nans} NaN); fix the checkpoint (--weights) "
+                f"before approximating, nothing was computed from it"
+            )

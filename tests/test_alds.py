@@ -14,6 +14,7 @@ from torch import nn
 from conftest import layer_context
 from lowrank_fm.config import ApproxConfig
 from lowrank_fm.methods import get_method
+from lowrank_fm.planner import plan_ranks
 from lowrank_fm.methods.grouped_svd import Candidate, group_bases, grouped_errors, grouped_factors, minmax_allocation
 
 
@@ -48,8 +49,7 @@ def test_grouped_layer_equals_dense_conv_of_reconstructed_kernel(geometry) -> No
     conv = nn.Conv2d(8, 6, 3, **geometry).double()
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
     method = get_method("alds")
-    ctx = layer_context(conv, x)
-    method.groups = {ctx.name: 4}
+    ctx = method.with_groups(layer_context(conv, x), 4)
     chain = method.build(ctx, 8)  # 4 groups of rank 2
     assert chain[0].groups == 4 and chain[0].out_channels == 8 and chain[1].in_channels == 8
     w = conv.weight.detach().double().reshape(6, -1).numpy()
@@ -87,10 +87,15 @@ def test_select_ranks_meets_the_budget_and_balances_errors() -> None:
     contexts = {n: type(c)(n, c.module, c.positions, None, c.in_shape, c.out_shape) for n, c in contexts.items()}
     macs = {n: c.out_channels * 72 * c.positions for n, c in contexts.items()}
     method = get_method("alds")
-    ranks, selection = method.select_ranks(contexts, macs, ApproxConfig(method="alds", speedup=2.0))
-    total = sum(method.macs(contexts[n], r) if r is not None else macs[n] for n, r in ranks.items())
-    assert selection["reachable"] and sum(macs.values()) / total >= 2.0
-    assert selection["max_rel_error"] > 0
+    plan = plan_ranks(method, convs, contexts, macs, {n: None for n in convs}, ApproxConfig(method="alds", speedup=2.0))
+    # MACs counted independently of the plan, from each layer's groups k and width k j: j p + d k j per position
+    total = 0
+    for name, layer in plan.layers.items():
+        k = layer.options.get("groups", 1)
+        total += macs[name] if layer.rank is None else (layer.rank // k * 72 + contexts[name].out_channels * layer.rank) * 36
+    assert plan.selection["reachable"] and sum(macs.values()) / total >= 2.0
+    assert plan.selection["max_rel_error"] > 0
+    assert plan.selection["allocation"] == "alds-minmax"
 
 
 @pytest.mark.parametrize("plain, sigma_method", [("alds", "alds-sigma"), ("svd", "svd-sigma")])
@@ -107,8 +112,9 @@ def test_sigma_variant_at_identity_builds_the_plain_layer(plain: str, sigma_meth
         torch.testing.assert_close(get_method(sigma_method).build(ctx, 3)(x), get_method(plain).build(base, 3)(x),
                                    rtol=1e-9, atol=1e-9)
     if plain == "alds":
-        contexts, macs = {base.name: ctx}, {base.name: 6 * 72 * base.positions, "rest": 1000}
-        config = ApproxConfig(method="alds", speedup=1.8)
-        plain_method, sigma_m = get_method("alds"), get_method("alds-sigma")
-        sigma_m.group_options = plain_method.group_options
-        assert plain_method.select_ranks(contexts, macs, config)[0] == sigma_m.select_ranks(contexts, macs, config)[0]
+        layers, macs = {base.name: conv, "rest": nn.Linear(2, 2)}, {base.name: 6 * 72 * base.positions, "rest": 1000}
+        reasons = {base.name: None, "rest": "not targeted"}
+        plain_method, sigma_m = get_method("alds"), get_method("alds-sigma", {"group_options": (1, 2, 4, 8)})
+        plans = [plan_ranks(m, layers, {base.name: ctx}, macs, reasons, ApproxConfig(method=m.name, speedup=1.8))
+                 for m in (plain_method, sigma_m)]
+        assert [(p.rank, p.options) for p in plans[0].layers.values()] == [(p.rank, p.options) for p in plans[1].layers.values()]

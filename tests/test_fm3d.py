@@ -110,8 +110,6 @@ def test_pointwise_layers_take_the_channel_method():
 
 
 def test_joint_refinement_objective_is_the_built_chains_heldout_error_and_never_worse():
-    from lowrank_fm import ApproxConfig
-
     torch.manual_seed(6)
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
@@ -120,9 +118,10 @@ def test_joint_refinement_objective_is_the_built_chains_heldout_error_and_never_
     targets = out.detach()[image, :, position[:, 0], position[:, 1]]
     noisy = x + 0.05 * torch.randn_like(x)  # the "approximated network's" inputs
     data = LayerData(patches_at(conv, noisy, image, position), targets, image == 2, "relu")
-    method = get_method("fm-3d", ApproxConfig(method="fm-3d", solver_steps=60))
-    chain = method.build(ctx, 3, data)
-    joint = method.last_info["joint"]
+    method = get_method("fm-3d", {"solver_steps": 60})
+    info = {}
+    chain = method.build(ctx, 3, data, info)
+    joint = info["joint"]
     assert joint["objective_after"] <= joint["objective_before"]
     with torch.no_grad():  # independent: the real conv chain on the held-out image
         got = torch.relu(chain(noisy[2:3]))[0].permute(1, 2, 0).reshape(-1, 6)

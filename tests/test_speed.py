@@ -14,7 +14,8 @@ from lowrank_fm import approximate
 from lowrank_fm.config import ApproxConfig
 from lowrank_fm.latency import (compare_latency, faster_layout, interleaved_rounds, measure_speed, ratio_spread,
                                 repeat_to_batch)
-from lowrank_fm.speedgate import SpeedGate, fit_latency_curve, round_rank, time_layers, time_rest
+from lowrank_fm.ranks import round_rank
+from lowrank_fm.speedgate import SpeedGate, fit_latency_curve, time_layers, time_rest
 
 
 class Sleeper(nn.Module):

@@ -24,7 +24,7 @@ def _relative_error(weight, approximation):
 
 
 def _methods():
-    return {"tucker2": get_method("tucker2"), "tucker1": get_method("tucker1"), "tucker1-input": Tucker1(mode="input")}
+    return {"tucker2": get_method("tucker2"), "tucker1": get_method("tucker1"), "tucker1-input": Tucker1({"mode": "input"})}
 
 
 def _reconstructed(name, weight, rank):
@@ -101,17 +101,18 @@ def test_tucker2_layers_and_report():
     conv = nn.Conv2d(6, 8, (3, 5), stride=2, padding=(1, 2), bias=False).double()
     x = torch.randn(1, 6, 10, 10, dtype=torch.float64)
     method, ctx = get_method("tucker2"), layer_context(conv, x)
-    chain = method.build(ctx, 4)  # (R4, R3) = (4, 3)
+    info = {}
+    chain = method.build(ctx, 4, None, info)  # (R4, R3) = (4, 3)
     first, middle, last = chain
     assert (first.in_channels, first.out_channels, first.kernel_size) == (6, 3, (1, 1))
     assert (middle.in_channels, middle.out_channels, middle.kernel_size) == (3, 4, (3, 5))
     assert (middle.stride, middle.padding, middle.dilation) == ((2, 2), (1, 2), (1, 1))
     assert (last.in_channels, last.out_channels, last.kernel_size) == (4, 8, (1, 1))
     assert first.bias is None and middle.bias is None and last.bias is None
-    assert method.last_info["ranks"] == [4, 3]
-    assert method.last_info["compression"] == pytest.approx(15 * 6 * 8 / (6 * 3 + 15 * 3 * 4 + 8 * 4))
+    assert info["ranks"] == [4, 3]
+    assert info["compression"] == pytest.approx(15 * 6 * 8 / (6 * 3 + 15 * 3 * 4 + 8 * 4))
     weight = conv.weight.detach().numpy()
-    assert method.last_info["kernel_rel_error"] == pytest.approx(
+    assert info["kernel_rel_error"] == pytest.approx(
         _relative_error(weight, _reconstructed("tucker2", conv.weight.detach(), 4)), rel=1e-9)
     # the bias goes on the last 1x1 conv
     biased = nn.Conv2d(6, 8, 3).double()
@@ -129,15 +130,15 @@ def test_tucker1_output_is_the_best_rank_r_kernel_and_input_the_best_input_rank(
     best_out = ((u[:, :rank] * s[:rank]) @ vt[:rank]).reshape(w.shape)
     u, s_in, vt = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(7, -1), full_matrices=False)
     best_in = ((u[:, :rank] * s_in[:rank]) @ vt[:rank]).reshape(7, 9, 3, 3).transpose(1, 0, 2, 3)
-    for method, best in [(get_method("tucker1"), best_out), (Tucker1(mode="input"), best_in)]:
+    for method, best in [(get_method("tucker1"), best_out), (Tucker1({"mode": "input"}), best_in)]:
         ctx = layer_context(conv, x)
         expected = F.conv2d(x, torch.from_numpy(best.copy()), conv.bias, padding=1)
         torch.testing.assert_close(method.build(ctx, rank)(x), expected, rtol=1e-10, atol=1e-10)
     # output mode: the same layer as truncated SVD
     torch.testing.assert_close(get_method("tucker1").build(ctx, rank)(x), get_method("svd").build(ctx, rank)(x),
                                rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(Tucker1(mode="input").spectrum(ctx), s_in ** 2, rtol=1e-10)
-    assert Tucker1(mode="input").full_rank(ctx) == 7
+    np.testing.assert_allclose(Tucker1({"mode": "input"}).spectrum(ctx), s_in ** 2, rtol=1e-10)
+    assert Tucker1({"mode": "input"}).full_rank(ctx) == 7
 
 
 def test_spectra_are_the_output_unfolding_padded_to_the_full_rank():
@@ -183,7 +184,7 @@ def test_vbmf_ranks_of_a_noisy_low_rank_kernel():
     low_in = rng.standard_normal((16, in_rank)) @ rng.standard_normal((in_rank, 32 * 9))
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(low_in.reshape(16, 32, 3, 3).transpose(1, 0, 2, 3).copy()))
-    assert Tucker1(mode="input").vbmf_rank(ctx) == in_rank
+    assert Tucker1({"mode": "input"}).vbmf_rank(ctx) == in_rank
     assert get_method("tucker2").vbmf_ranks(ctx)[1] == in_rank
     # pure noise: VBMF finds nothing, the method still returns a buildable rank
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="mode must be one of"):
         tucker1(weight, 2, mode="both")
     with pytest.raises(ValueError, match="mode must be one of"):
-        Tucker1(mode="both")
+        Tucker1({"mode": "both"})
     with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 4\]"):
         tucker1(weight, 5, mode="input")
     with pytest.raises(ValueError, match="ctx.in_shape"):

@@ -1,12 +1,13 @@
 """Decomposition methods, one file each, registered by name.
 
-A new method is one new file (a :class:`~lowrank_fm.methods.base.Method` subclass) plus one line in
-``_REGISTRY`` below; the pipeline, the CLI and the tests reach it through :func:`get_method`.
+A new method is one new file (a :class:`~lowrank_fm.methods.base.Method` subclass, with its ``Settings``
+dataclass when it has options) plus one :func:`register_method` line below; the pipeline, the CLI and the
+common method test (tests/test_method_contract.py) reach it through the registry.
 """
 
 from __future__ import annotations
 
-from .base import InputStats, LayerContext, Method, ResponseStats
+from .base import InputStats, LayerContext, Method, ResponseStats, settings_from
 from .alds import ALDS
 from .alds_sigma import ALDSSigma
 from .cp import CPDecomposition
@@ -20,7 +21,8 @@ from .svd_sigma import SVDSigma
 from .tucker import Tucker1, Tucker2
 from .tucker2_sigma import Tucker2Sigma
 
-__all__ = ["get_method", "list_methods", "register_method", "Method", "LayerContext", "ResponseStats", "InputStats"]
+__all__ = ["get_method", "list_methods", "register_method", "method_class", "Method", "LayerContext", "ResponseStats",
+           "InputStats"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -39,12 +41,20 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str, config=None) -> Method:
-    """A new instance of the method registered as ``name`` (``config``: the run's ApproxConfig, for options)."""
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (ValueError listing the names otherwise)."""
     try:
-        return _REGISTRY[name](config)
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"method must be one of {list_methods()}, got {name!r}") from None
+
+
+def get_method(name: str, settings=None, *, seed: int = 0) -> Method:
+    """A new instance of the method registered as ``name``, with its settings (an instance of its
+    ``Settings`` class, or a mapping of setting names to values; unknown names are refused) and the seed of
+    anything random it does."""
+    cls = method_class(name)
+    return cls(settings_from(cls.Settings, settings), seed=seed)
 
 
 register_method(FeatureMapLinear)

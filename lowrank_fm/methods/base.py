@@ -3,13 +3,15 @@ factorized module for a rank. Methods are registered by name in :mod:`lowrank_fm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResponseStats", "InputStats", "LayerContext", "LayerData", "Method", "original_macs_per_position", "unfold_weight"]
+__all__ = ["ResponseStats", "InputStats", "LayerContext", "LayerData", "Method", "NoSettings", "settings_from",
+           "original_macs_per_position", "unfold_weight", "unfolded_shape"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class LayerContext:
     stats : response statistics from calibration, or None for weight-only methods
     in_shape, out_shape : per-image input and output shapes, e.g. (C, H, W) and (D, H', W')
     input_stats : input-patch mean and covariance, for methods with ``needs_input_covariance``, else None
+    options : per-layer choices the rank planner made besides the rank (e.g. ALDS's ``{"groups": k}``)
     """
 
     name: str
@@ -61,6 +64,7 @@ class LayerContext:
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
     input_stats: InputStats | None = None
+    options: Mapping[str, int] = field(default_factory=dict)
 
     def require_input_stats(self, method: str) -> InputStats:
         """The input statistics, or a ValueError saying that ``method`` needs them."""
@@ -121,22 +125,48 @@ def unfold_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().double().cpu().reshape(module.weight.shape[0], -1)
 
 
-class Method:
-    """Base of every decomposition method.
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a method that has none."""
 
-    Subclasses set ``name`` and ``needs_responses`` and implement :meth:`spectrum`, :meth:`full_rank`,
-    :meth:`macs_per_position` and :meth:`build`. ``supports(module)`` returns None when the method can
-    factorize the module, else the reason it is kept.
+
+def settings_from(settings_class: type, values) -> object:
+    """An instance of a method's settings dataclass from an instance, None (the defaults) or a mapping of
+    field names to values; an unknown name raises ValueError listing the known ones."""
+    if values is None:
+        return settings_class()
+    if isinstance(values, settings_class):
+        return values
+    if not isinstance(values, Mapping):
+        raise TypeError(f"method settings must be a {settings_class.__name__} or a mapping, got {type(values).__name__}")
+    known = [f.name for f in fields(settings_class)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown method setting(s) {unknown}; this method takes {known or 'none'}")
+    return settings_class(**dict(values))
+
+
+class Method:
+    """Base of every decomposition method: a stateless estimator.
+
+    Subclasses set ``name``, ``needs_responses`` (and the other ``needs_*`` flags), optionally ``Settings``
+    (a frozen dataclass of the method's own options, validated at construction) and implement
+    :meth:`spectrum`, :meth:`full_rank`, :meth:`macs_per_position` (or :meth:`macs`) and :meth:`build`.
+    ``supports(module)`` returns None when the method can factorize the module, else the reason it is kept.
+    Nothing is remembered between calls: every answer depends on the settings, the seed and the arguments
+    (the layer context carries the planner's per-layer choices in ``ctx.options``).
     """
 
     name: str = ""
+    Settings: type = NoSettings
     needs_responses: bool = True
     needs_inputs: bool = False  # True: build() receives LayerData from the layer-wise pass
     needs_input_covariance: bool = False  # True: calibration also stores input-patch statistics (ctx.input_stats)
+    allocations: tuple[str, ...] = ("uniform", "energy", "error", "output")  # budget strategies it honours
 
-    def __init__(self, config=None) -> None:
-        self.config = config
-        self.last_info: dict = {}  # what the last build() did, merged into the layer's report record
+    def __init__(self, settings=None, *, seed: int = 0) -> None:
+        self.settings = settings_from(self.Settings, settings)
+        self.seed = int(seed)
 
     def supports(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -163,6 +193,8 @@ class Method:
         """MACs per image of the factorized layer at ``rank`` (both factors counted)."""
         return self.macs_per_position(ctx, rank) * ctx.positions
 
-    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
-        """The factorized module (same input and output shapes as ``ctx.module``)."""
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None
+              ) -> nn.Module:
+        """The factorized module (same input and output shapes as ``ctx.module``). ``info``, when given, is
+        filled with what the build did (solver, fit), for the layer's report record."""
         raise NotImplementedError

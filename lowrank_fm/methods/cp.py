@@ -16,14 +16,16 @@ CP-reconstructed kernel exactly (up to rounding).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
-from ..layers import ConvChain, ConvFactor
+from ..layers import cp_chain
 from .base import LayerContext, Method, unfold_weight
 
-__all__ = ["cp_als", "cp_reconstruct", "cp_chain", "CPDecomposition"]
+__all__ = ["cp_als", "cp_reconstruct", "CPSettings", "CPDecomposition"]
 
 # einsum subscripts of the MTTKRP (kernel unfolded along mode n times the Khatri-Rao product of the others)
 _MTTKRP = ("tsij,sr,ir,jr->tr", "tsij,tr,ir,jr->sr", "tsij,tr,sr,jr->ir", "tsij,tr,sr,ir->jr")
@@ -136,6 +138,25 @@ def cp_als(kernel, rank: int, *, restarts: int = 3, iterations: int = 500, ridge
     return (*best, best_fit)
 
 
+@dataclass(frozen=True)
+class CPSettings:
+    """Settings of ``cp`` and ``cp-sigma``: ALS starts (the best is kept), sweeps per start, ridge of the
+    normal equations (see :func:`cp_als`)."""
+
+    restarts: int = 3
+    iterations: int = 500
+    ridge: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if int(self.restarts) < 1 or int(self.iterations) < 1 or not float(self.ridge) >= 0.0:
+            raise ValueError(f"cp settings need restarts >= 1, iterations >= 1 and ridge >= 0, got {self}")
+
+    def als_options(self, seed: int) -> dict:
+        """The keyword arguments of :func:`cp_als`."""
+        return {"restarts": int(self.restarts), "iterations": int(self.iterations), "ridge": float(self.ridge),
+                "seed": int(seed)}
+
+
 class CPDecomposition(Method):
     """``cp``: 1x1 (S->R), (kh x 1) depthwise, (1 x kw) depthwise, 1x1 (R->T) with the bias.
 
@@ -146,12 +167,12 @@ class CPDecomposition(Method):
     smaller of them): a CP of that rank reproducing the kernel exists, but it is far too large to be useful and
     ALS is not guaranteed to find it.
 
-    Options (read from the run's config when present): ``cp_restarts`` (3), ``cp_iterations`` (500),
-    ``cp_ridge`` (1e-6), ``seed`` (0).
+    Settings: :class:`CPSettings`; the run's seed seeds the ALS starts.
     """
 
     name = "cp"
     needs_responses = False
+    Settings = CPSettings
 
     def supports(self, module: nn.Module) -> str | None:
         if not isinstance(module, nn.Conv2d):
@@ -178,30 +199,10 @@ class CPDecomposition(Method):
         return (conv.in_channels * rank * in_h * in_w + rank * kh * out_h * in_w + rank * kw * out_h * out_w
                 + conv.out_channels * rank * out_h * out_w)
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
-        a_t, a_s, a_h, a_w, fit = cp_als(
-            conv.weight.detach().double().cpu().numpy(), rank,
-            restarts=getattr(self.config, "cp_restarts", 3), iterations=getattr(self.config, "cp_iterations", 500),
-            ridge=getattr(self.config, "cp_ridge", 1e-6), seed=getattr(self.config, "seed", 0))
-        self.last_info = {"cp_fit": float(fit)}
+        a_t, a_s, a_h, a_w, fit = cp_als(conv.weight.detach().double().cpu().numpy(), rank,
+                                         **self.settings.als_options(self.seed))
+        if info is not None:
+            info["cp_fit"] = float(fit)
         return cp_chain(conv, a_t, a_s, a_h, a_w)
-
-
-def cp_chain(conv: nn.Conv2d, a_t: np.ndarray, a_s: np.ndarray, a_h: np.ndarray, a_w: np.ndarray) -> ConvChain:
-    """The four-conv chain of the module notes from CP factors a_T (T, R), a_S (S, R), a_H (kh, R), a_W (kw, R),
-    with ``conv``'s geometry and bias, in ``conv``'s dtype."""
-    t, s, kh, kw = conv.weight.shape
-    rank = a_t.shape[1]
-    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-    bias = None if conv.bias is None else conv.bias.detach()
-    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return ConvChain.from_factors(
-        [
-            ConvFactor(tensor(a_s.T).reshape(rank, s, 1, 1)),
-            ConvFactor(tensor(a_h.T).reshape(rank, 1, kh, 1), None, (sh, 1), (ph, 0), (dh, 1), groups=rank),
-            ConvFactor(tensor(a_w.T).reshape(rank, 1, 1, kw), None, (1, sw), (0, pw), (1, dw), groups=rank),
-            ConvFactor(tensor(a_t).reshape(t, rank, 1, 1), bias),
-        ],
-        dtype=conv.weight.dtype,
-    )

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import set_output_bias
+from ..layers import cp_chain, set_output_bias
 from .base import LayerContext
-from .cp import CPDecomposition, cp_als, cp_chain, cp_reconstruct
+from .cp import CPDecomposition, cp_als, cp_reconstruct
 from .sigma_math import corrected_bias, cp_sigma, regularised_sigma
 
 __all__ = ["CPSigma"]
@@ -27,17 +27,15 @@ class CPSigma(CPDecomposition):
     needs_input_covariance = True
     als_iterations = 30
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
         stats = ctx.require_input_stats(self.name)
         weight = conv.weight.detach().double().numpy()
-        *start, _ = cp_als(
-            weight, rank, restarts=getattr(self.config, "cp_restarts", 3),
-            iterations=getattr(self.config, "cp_iterations", 500), ridge=getattr(self.config, "cp_ridge", 1e-6),
-            seed=getattr(self.config, "seed", 0))
+        *start, _ = cp_als(weight, rank, **self.settings.als_options(self.seed))
         factors, history = cp_sigma(weight, regularised_sigma(stats.covariance), start, iterations=self.als_iterations)
         approx = cp_reconstruct(*factors).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
                               weight.reshape(weight.shape[0], -1), approx, stats.mean)
-        self.last_info = {"sigma_error_start": history[0], "sigma_error": history[-1], "als_sweeps": len(history) - 1}
+        if info is not None:
+            info.update(sigma_error_start=history[0], sigma_error=history[-1], als_sweeps=len(history) - 1)
         return set_output_bias(cp_chain(conv, *factors), torch.from_numpy(bias))

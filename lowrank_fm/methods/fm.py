@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import ConvChain, ConvFactor, LinearChain
+from ..layers import two_factor_chain
 from .base import LayerContext, Method, unfold_weight, unfolded_shape
 
-__all__ = ["fm_linear_factors", "two_factor_layer", "FeatureMapLinear"]
+__all__ = ["fm_linear_factors", "FeatureMapLinear"]
 
 
 def fm_linear_factors(
@@ -46,30 +46,6 @@ def fm_linear_factors(
     return first_weight, first_bias, basis, second_bias
 
 
-def two_factor_layer(module: nn.Module, first_w, first_b, second_w, second_b) -> nn.Module:
-    """The chain (layer with r outputs, then a 1x1 / Linear back to d) replacing ``module``.
-
-    first_w : (r, p) unfolded like ``module.weight`` (p = c kh kw or in); first_b : (r,)
-    second_w : (d, r); second_b : (d,)
-    """
-    if isinstance(module, nn.Linear):
-        return LinearChain.from_factors([(first_w, first_b), (second_w, second_b)], dtype=module.weight.dtype)
-    rank = first_w.shape[0]
-    return ConvChain.from_factors(
-        [
-            ConvFactor(
-                first_w.reshape(rank, *module.weight.shape[1:]),
-                first_b,
-                tuple(module.stride),
-                tuple(module.padding),
-                tuple(module.dilation),
-            ),
-            ConvFactor(second_w.reshape(*second_w.shape, 1, 1), second_b),
-        ],
-        dtype=module.weight.dtype,
-    )
-
-
 class FeatureMapLinear(Method):
     """``fm-linear``: project each layer's responses on their top principal directions (symmetric, linear).
 
@@ -96,5 +72,5 @@ class FeatureMapLinear(Method):
         bias = None if ctx.module.bias is None else ctx.module.bias.detach()
         return fm_linear_factors(unfold_weight(ctx.module), bias, torch.from_numpy(stats.mean), basis)
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
-        return two_factor_layer(ctx.module, *self.factors(ctx, rank))
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
+        return two_factor_chain(ctx.module, *self.factors(ctx, rank))

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers import ConvChain, ConvFactor
+from ..layers import separable_two_factor_chain
 from .base import LayerContext, LayerData
 from .fm import fm_linear_factors
 from .fm_nonlinear import FeatureMap, fit_two_factors
@@ -132,21 +132,22 @@ class FeatureMap3D(FeatureMap):
         return (out_h * in_w * k * conv.in_channels * kh + out_h * out_w * rank * k * kw
                 + out_h * out_w * conv.out_channels * rank)
 
-    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None
+              ) -> nn.Module:
         if not self._separable(ctx.module):
-            return super().build(ctx, rank, data)
+            return super().build(ctx, rank, data, info)
         conv = ctx.module
         kernel = tuple(conv.kernel_size)
         k = self.spatial_rank(ctx, rank)
         vertical, horizontal = spatial_factors(conv.weight.detach(), k)
         H = horizontal.reshape(conv.out_channels, -1)
         bias = None if conv.bias is None else conv.bias.detach().double()
-        info = {"spatial_rank": k}
+        done = {"spatial_rank": k}
         if data is None:  # no layer-wise pass: symmetric projection of the separated layer on the response basis
             stats = ctx.stats
             basis = torch.from_numpy(stats.eigenvectors[:, :rank].copy())
             factors = fm_linear_factors(H, bias, torch.from_numpy(stats.mean), basis)
-            info.update(solver="symmetric-linear", note="no layer-wise pass: model not traceable")
+            done.update(solver="symmetric-linear", note="no layer-wise pass: model not traceable")
         else:
             Z = vertical_responses(data.inputs.double(), vertical, kernel)
             Y = data.targets.double()
@@ -156,23 +157,15 @@ class FeatureMap3D(FeatureMap):
                 return float((Y[val] - Z[val] @ h.T - (0.0 if b is None else b)).pow(2).sum())
 
             refit_H, refit_b = refit_horizontal(Z[fit], Y[fit])
-            info["spatial_refit"] = heldout_error(refit_H, refit_b) < heldout_error(H, bias)
-            if info["spatial_refit"]:
+            done["spatial_refit"] = heldout_error(refit_H, refit_b) < heldout_error(H, bias)
+            if done["spatial_refit"]:
                 H, bias = refit_H, refit_b
             settings = self.solver_settings()
             factors, solved = fit_two_factors(H, bias, LayerData(Z, Y, data.heldout, data.activation), rank,
                                               **settings)
-            info.update(solved)
+            done.update(solved)
             if settings["solver"] == "rmsprop":
-                vertical, factors, info["joint"] = refine_jointly(vertical, factors, data, kernel, settings)
-        self.last_info = info
-        first_w, first_b, second_w, second_b = factors
-        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-        return ConvChain.from_factors(
-            [
-                ConvFactor(vertical, None, (sh, 1), (ph, 0), (dh, 1)),
-                ConvFactor(first_w.reshape(rank, k, 1, kernel[1]), first_b, (1, sw), (0, pw), (1, dw)),
-                ConvFactor(second_w.reshape(*second_w.shape, 1, 1), second_b),
-            ],
-            dtype=conv.weight.dtype,
-        )
+                vertical, factors, done["joint"] = refine_jointly(vertical, factors, data, kernel, settings)
+        if info is not None:
+            info.update(done)
+        return separable_two_factor_chain(conv, vertical, *factors)

@@ -13,11 +13,14 @@ Per layer, in network order (the pipeline's layer-wise pass supplies the data):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..layers import two_factor_chain
 from .base import LayerContext, LayerData, unfold_weight
-from .fm import FeatureMapLinear, two_factor_layer
+from .fm import FeatureMapLinear
 from .solvers import closed_form_nonlinear, nonlinear_objective, reduced_rank_regression, rmsprop_refine, to_layer_factors
 
 __all__ = ["FeatureMap", "fit_two_factors", "SOLVERS"]
@@ -75,21 +78,41 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
     return factors, info
 
 
+@dataclass(frozen=True)
+class FeatureMapSettings:
+    """Settings of ``fm`` and ``fm-3d``: the nonlinear refinement (``"rmsprop"``, ``"closed-form"`` or
+    ``"none"``) and its RMSProp steps per layer (None: the solver's default)."""
+
+    solver: str = "rmsprop"
+    solver_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.solver_steps is not None and int(self.solver_steps) < 1:
+            raise ValueError(f"solver_steps must be >= 1 or None, got {self.solver_steps}")
+
+
 class FeatureMap(FeatureMapLinear):
     """``fm``: asymmetric output-feature-map approximation refined against the nonlinear responses."""
 
     name = "fm"
     needs_inputs = True
+    Settings = FeatureMapSettings
 
     def solver_settings(self) -> dict:
-        """solver, steps and seed from the run's config."""
-        return {"solver": getattr(self.config, "solver", "rmsprop"), "steps": getattr(self.config, "solver_steps", None),
-                "seed": getattr(self.config, "seed", 0)}
+        """The keyword arguments of :func:`fit_two_factors`: solver, steps and seed."""
+        return {"solver": self.settings.solver, "steps": self.settings.solver_steps, "seed": self.seed}
 
-    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None
+              ) -> nn.Module:
         if data is None:  # no layer-wise pass (the model could not be traced): the symmetric linear solution
-            self.last_info = {"solver": "symmetric-linear", "note": "no layer-wise pass: model not traceable"}
-            return super().build(ctx, rank)
-        bias = None if ctx.module.bias is None else ctx.module.bias.detach().double()
-        factors, self.last_info = fit_two_factors(unfold_weight(ctx.module), bias, data, rank, **self.solver_settings())
-        return two_factor_layer(ctx.module, *factors)
+            done = {"solver": "symmetric-linear", "note": "no layer-wise pass: model not traceable"}
+            module = super().build(ctx, rank)
+        else:
+            bias = None if ctx.module.bias is None else ctx.module.bias.detach().double()
+            factors, done = fit_two_factors(unfold_weight(ctx.module), bias, data, rank, **self.solver_settings())
+            module = two_factor_chain(ctx.module, *factors)
+        if info is not None:
+            info.update(done)
+        return module

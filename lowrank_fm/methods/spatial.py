@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import ConvChain, ConvFactor
+from ..layers import spatial_chain
 from .base import LayerContext, Method
 
 __all__ = ["spatial_factors", "SpatialSeparable"]
@@ -64,12 +64,5 @@ class SpatialSeparable(Method):
         kh, kw = conv.kernel_size
         return out_h * in_w * rank * conv.in_channels * kh + out_h * out_w * conv.out_channels * rank * kw
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
-        conv = ctx.module
-        vertical, horizontal = spatial_factors(conv.weight.detach(), rank)
-        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-        bias = None if conv.bias is None else conv.bias.detach()
-        return ConvChain.from_factors(
-            [ConvFactor(vertical, None, (sh, 1), (ph, 0), (dh, 1)), ConvFactor(horizontal, bias, (1, sw), (0, pw), (1, dw))],
-            dtype=conv.weight.dtype,
-        )
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
+        return spatial_chain(ctx.module, *spatial_factors(ctx.module.weight.detach(), rank))

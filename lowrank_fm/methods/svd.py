@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import LayerContext, Method, unfold_weight, unfolded_shape
-from .fm import two_factor_layer
+from ..layers import two_factor_chain
 
 __all__ = ["svd_factors", "TruncatedSVD"]
 
@@ -39,7 +39,7 @@ class TruncatedSVD(Method):
         d, p = unfolded_shape(ctx.module)
         return rank * p + d * rank
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         first, second = svd_factors(unfold_weight(ctx.module), rank)
         bias = ctx.module.bias.detach().double() if ctx.module.bias is not None else torch.zeros(second.shape[0], dtype=torch.float64)
-        return two_factor_layer(ctx.module, first, torch.zeros(rank, dtype=torch.float64), second, bias)
+        return two_factor_chain(ctx.module, first, torch.zeros(rank, dtype=torch.float64), second, bias)

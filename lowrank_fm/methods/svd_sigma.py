@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import LayerContext, unfold_weight
-from .fm import two_factor_layer
+from ..layers import two_factor_chain
 from .sigma_math import corrected_bias, regularised_sigma, svd_sigma
 from .svd import TruncatedSVD
 
@@ -30,12 +30,10 @@ class SVDSigma(TruncatedSVD):
         gram = weight @ regularised_sigma(ctx.require_input_stats(self.name).covariance) @ weight.T
         return np.clip(np.linalg.eigvalsh(0.5 * (gram + gram.T))[::-1], 0.0, None)
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         stats = ctx.require_input_stats(self.name)
         weight = unfold_weight(ctx.module).numpy()
         first, second = svd_sigma(weight, regularised_sigma(stats.covariance), rank)
         bias = corrected_bias(None if ctx.module.bias is None else ctx.module.bias.detach().double().numpy(),
                               weight, second @ first, stats.mean)
-        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        return two_factor_layer(ctx.module, tensor(first), torch.zeros(rank, dtype=torch.float64), tensor(second),
-                                tensor(bias))
+        return two_factor_chain(ctx.module, first, torch.zeros(rank, dtype=torch.float64), second, bias)

@@ -18,15 +18,17 @@ of the output unfolding, so "energy" speaks for R4 only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
-from ..layers import ConvChain, ConvFactor
+from ..layers import explicit_padding, tucker1_chain, tucker2_chain
 from ..vbmf import vbmf_rank as _vbmf_rank
 from .base import LayerContext, Method
 
-__all__ = ["mode_unfold", "tucker2", "tucker1", "tucker2_chain", "tucker1_chain", "coupled_ranks", "Tucker2", "Tucker1"]
+__all__ = ["mode_unfold", "tucker2", "tucker1", "coupled_ranks", "Tucker2", "Tucker1"]
 
 TUCKER1_MODES = ("output", "input")
 
@@ -152,47 +154,6 @@ def tucker1(weight: torch.Tensor, rank: int, *, mode: str = "output") -> tuple[t
     return torch.einsum("tshw,sb->tbhw", w, factor), factor
 
 
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The conv's padding as a pair, or None where a string padding is asymmetric (``"same"``, even kernel)."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0, 0)
-    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-    return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
-
-
-def _bias(conv: nn.Conv2d) -> torch.Tensor | None:
-    return None if conv.bias is None else conv.bias.detach()
-
-
-def _pointwise(matrix: torch.Tensor, bias: torch.Tensor | None = None) -> ConvFactor:
-    return ConvFactor(matrix.reshape(*matrix.shape, 1, 1), bias)
-
-
-def _spatial(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None) -> ConvFactor:
-    return ConvFactor(weight, bias, tuple(conv.stride), _explicit_padding(conv), tuple(conv.dilation))
-
-
-def tucker2_chain(conv: nn.Conv2d, core: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> ConvChain:
-    """1x1 conv S -> R3 (u_in^T), kh x kw conv R3 -> R4 (core, ``conv``'s geometry), 1x1 conv R4 -> T (u_out,
-    ``conv``'s bias), in ``conv``'s dtype."""
-    return ConvChain.from_factors(
-        [_pointwise(u_in.T), _spatial(conv, core), _pointwise(u_out, _bias(conv))], dtype=conv.weight.dtype)
-
-
-def tucker1_chain(conv: nn.Conv2d, core: torch.Tensor, factor: torch.Tensor, mode: str = "output") -> ConvChain:
-    """``"output"``: kh x kw conv S -> R4 (core) then 1x1 conv R4 -> T (U_out, the bias); ``"input"``: 1x1 conv
-    S -> R3 (U_in^T) then kh x kw conv R3 -> T (core, the bias)."""
-    if mode not in TUCKER1_MODES:
-        raise ValueError(f"mode must be one of {TUCKER1_MODES}, got {mode!r}")
-    if mode == "output":
-        factors = [_spatial(conv, core), _pointwise(factor, _bias(conv))]
-    else:
-        factors = [_pointwise(factor.T), _spatial(conv, core, _bias(conv))]
-    return ConvChain.from_factors(factors, dtype=conv.weight.dtype)
-
-
 def coupled_ranks(out_channels: int, in_channels: int, rank: int) -> tuple[int, int]:
     """(R4, R3) = (r, round(r S / T)) clamped to [1, S] (halves round up): the same fraction of each mode."""
     rank_in = (2 * rank * in_channels + out_channels) // (2 * out_channels)
@@ -224,7 +185,7 @@ def _relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 def _tucker_support(module: nn.Module, name: str) -> str | None:
     if not isinstance(module, nn.Conv2d):
         return f"{name} applies to convs only (use svd for Linear layers)"
-    if _explicit_padding(module) is None:
+    if explicit_padding(module) is None:
         return f"padding={module.padding!r} with kernel {tuple(module.kernel_size)} pads asymmetrically"
     return None
 
@@ -278,18 +239,31 @@ class Tucker2(Method):
         rank_in = _vbmf_rank(mode_unfold(conv.weight, 1).numpy())
         return max(1, min(rank_out, conv.out_channels)), max(1, min(rank_in, conv.in_channels))
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
         rank_out, rank_in = self.ranks(ctx, rank)
         core, u_out, u_in = tucker2(conv.weight, rank_out, rank_in, iterations=self.iterations)
         t, s, kh, kw = conv.weight.shape
         error = _relative_error(conv.weight, torch.einsum("abhw,ta,sb->tshw", core, u_out, u_in))
-        self.last_info = {
+        done = {
             "compression": kh * kw * s * t / (s * rank_in + kh * kw * rank_in * rank_out + t * rank_out),
             "ranks": [rank_out, rank_in],
             "kernel_rel_error": error,
         }
+        if info is not None:
+            info.update(done)
         return tucker2_chain(conv, core, u_out, u_in)
+
+
+@dataclass(frozen=True)
+class Tucker1Settings:
+    """``mode``: the channel mode ``tucker1`` factors, ``"output"`` (default) or ``"input"``."""
+
+    mode: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.mode not in TUCKER1_MODES:
+            raise ValueError(f"mode must be one of {TUCKER1_MODES}, got {self.mode!r}")
 
 
 class Tucker1(Method):
@@ -301,12 +275,11 @@ class Tucker1(Method):
 
     name = "tucker1"
     needs_responses = False
+    Settings = Tucker1Settings
 
-    def __init__(self, config=None, *, mode: str = "output") -> None:
-        super().__init__(config)
-        if mode not in TUCKER1_MODES:
-            raise ValueError(f"mode must be one of {TUCKER1_MODES}, got {mode!r}")
-        self.mode = mode
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
 
     @property
     def _axis(self) -> int:
@@ -335,17 +308,19 @@ class Tucker1(Method):
         """The rank from empirical VBMF on the factored mode's unfolding, in [1, full rank]."""
         return max(1, min(_vbmf_rank(mode_unfold(ctx.module.weight, self._axis).numpy()), self.full_rank(ctx)))
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
         core, factor = tucker1(conv.weight, rank, mode=self.mode)
         t, s, kh, kw = conv.weight.shape
         pattern = "ashw,ta->tshw" if self.mode == "output" else "tbhw,sb->tshw"
         error = _relative_error(conv.weight, torch.einsum(pattern, core, factor))
         params = kh * kw * s * rank + rank * t if self.mode == "output" else s * rank + kh * kw * rank * t
-        self.last_info = {
+        done = {
             "compression": kh * kw * s * t / params,
             "ranks": [rank, s] if self.mode == "output" else [t, rank],
             "mode": self.mode,
             "kernel_rel_error": error,
         }
+        if info is not None:
+            info.update(done)
         return tucker1_chain(conv, core, factor, self.mode)

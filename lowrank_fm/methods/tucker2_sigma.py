@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import set_output_bias
+from ..layers import set_output_bias, tucker2_chain
 from .base import LayerContext
 from .sigma_math import corrected_bias, regularised_sigma, tucker2_sigma
-from .tucker import Tucker2, tucker2, tucker2_chain
+from .tucker import Tucker2, tucker2
 
 __all__ = ["Tucker2Sigma"]
 
@@ -27,7 +27,7 @@ class Tucker2Sigma(Tucker2):
     needs_input_covariance = True
     als_iterations = 30
 
-    def build(self, ctx: LayerContext, rank: int, data=None) -> nn.Module:
+    def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
         stats = ctx.require_input_stats(self.name)
         rank_out, rank_in = self.ranks(ctx, rank)
@@ -38,7 +38,9 @@ class Tucker2Sigma(Tucker2):
         approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
                               weight.reshape(weight.shape[0], -1), approx, stats.mean)
-        self.last_info = {"ranks": [rank_out, rank_in], "sigma_error_start": history[0],
-                          "sigma_error": history[-1], "als_sweeps": len(history) - 1}
-        chain = tucker2_chain(conv, *(torch.from_numpy(np.ascontiguousarray(f)) for f in (core, u_out, u_in)))
+        done = {"ranks": [rank_out, rank_in], "sigma_error_start": history[0],
+                "sigma_error": history[-1], "als_sweeps": len(history) - 1}
+        if info is not None:
+            info.update(done)
+        chain = tucker2_chain(conv, core, u_out, u_in)
         return set_output_bias(chain, torch.from_numpy(bias))

@@ -1,0 +1,363 @@
+"""The one owner of rank decisions: which layers are factorized, at which rank, and why the others are kept.
+
+:func:`plan_ranks` takes the layers' contexts and costs, the run's policy (an
+:class:`~lowrank_fm.config.ApproxConfig`: overrides, energy, the ``speedup`` budget and its allocation
+strategy, rounding, ``force``) and, where measured, the latency model, the output-error curves, a whole-plan
+timer and the speed gate; it returns a :class:`Plan` with one :class:`LayerPlan` per layer and its reason.
+Nothing else decides a rank: the budget engines of :mod:`lowrank_fm.ranks` and
+:mod:`lowrank_fm.methods.grouped_svd` are pure math called from here, and measurements come in as callables.
+
+Order of decisions for a target layer: an override (``layer_ranks``) -> VBMF (``ranks="vbmf"``) -> the
+per-layer energy, or with ``speedup`` the budget strategy -> rounding to ``rank_multiple`` (never past
+break-even) -> the latency re-plan (``budget="latency"``) -> break-even (a rank whose MACs are not below the
+original's keeps the layer, unless ``force``) -> the speed gate (a layer not faster is kept, ``slower``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .methods.base import LayerContext, Method, unfolded_shape
+from .methods.grouped_svd import Candidate, minmax_allocation
+from .ranks import BudgetLayer, energy_kept, rank_for_energy, round_rank, select_ranks_for_speedup, select_uniform_energy
+from .surgery import name_filter
+
+__all__ = ["ALLOCATIONS", "LayerPlan", "Plan", "check_policy", "keep_reasons", "plan_ranks", "highest_cheaper_rank"]
+
+log = logging.getLogger(__name__)
+
+#: The budget strategies of ``speedup``, by name; a method lists those it honours in ``Method.allocations``.
+ALLOCATIONS = ("uniform", "energy", "error", "output", "alds-minmax")
+_MACS_ONLY = ("alds-minmax",)  # strategies that cannot plan a latency budget
+
+
+def default_allocation(method: type[Method] | Method) -> str:
+    """The strategy used when ``allocation`` is None: ``"error"``, else the method's only one."""
+    return "error" if "error" in method.allocations else method.allocations[0]
+
+
+def check_policy(method: type[Method] | Method, allocation: str | None, budget: str, ranks: str,
+                 speedup: float | None) -> None:
+    """Refuse, with a message saying what to do, a policy the method cannot honour (before any work)."""
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation is not None and allocation not in method.allocations:
+        raise ValueError(f"method {method.name!r} plans its budget with {list(method.allocations)} only; "
+                         f"allocation {allocation!r} (--allocation) does not apply to it: leave it out")
+    chosen = allocation or default_allocation(method)
+    if budget == "latency" and chosen in _MACS_ONLY:
+        raise ValueError(f"method {method.name!r} plans its {chosen!r} budget on MACs only; --budget latency does "
+                         f"not apply to it: use --budget macs (the speed gate still times every layer)")
+    if ranks == "vbmf" and not hasattr(method, "vbmf_rank"):
+        raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
+    if ranks == "vbmf" and speedup is not None:
+        raise ValueError("ranks='vbmf' (--ranks vbmf) chooses every rank from the layer's own spectrum and cannot "
+                         "honour a --speedup target: pass one of them")
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one candidate layer.
+
+    rank : the rank to build (None: kept); for a kept target layer, ``chosen`` says which rank was considered
+    reason : why the layer is kept (None: it is factorized)
+    energy : the share of the method's spectrum the rank keeps (None when the layer was not a target)
+    macs_before, macs_after : MACs per image of the original layer and of the plan for it
+    options : the method's per-layer choices besides the rank (ALDS: ``{"groups": k}``)
+    """
+
+    name: str
+    rank: int | None
+    reason: str | None
+    macs_before: int
+    macs_after: int
+    full_rank: int | None = None
+    chosen: int | None = None
+    energy: float | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Every layer's :class:`LayerPlan` (in the model's order), a summary of how the ranks were chosen, and
+    the spectrum of every target layer (computed once, float64)."""
+
+    layers: dict[str, LayerPlan]
+    selection: dict
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """The layers to factorize and their ranks."""
+        return {name: p.rank for name, p in self.layers.items() if p.rank is not None}
+
+
+def keep_reasons(layers: Mapping[str, nn.Module], costs: Mapping, method: Method, config) -> dict[str, str | None]:
+    """Why each layer is kept as it is (None: it is a target): not selected, the output layer, run several
+    times per forward, the first layer, or not supported by the method. ``include`` names that match no
+    layer are refused; ``exclude`` names that match none are warned about."""
+    for option, names in (("include", config.include or ()), ("exclude", config.exclude or ())):
+        unmatched = [p for p in names if not any(n == p or n.startswith(p + ".") for n in layers)]
+        if unmatched:
+            message = (f"{option} {unmatched} matches no Conv2d/Linear layer of the model; its layers are "
+                       f"{list(layers)} (--{option} takes these names or a prefix of them, such as 'features')")
+            if option == "include":
+                raise ValueError(message)
+            log.warning(message)
+    targeted = name_filter(config.include, config.exclude)
+    last_layer = list(costs)[-1] if costs else None  # hooks fire in execution order
+    reasons: dict[str, str | None] = {}
+    for name, module in layers.items():
+        reason = None if targeted(name) else "not targeted"
+        if reason is None and config.keep_last_layer and name == last_layer and name not in config.layer_ranks:
+            reason = "output layer (its responses are the model's outputs)"
+        if reason is None and costs[name].calls > 1:
+            reason = f"runs {costs[name].calls} times per forward (shared weights)"
+        if (reason is None and config.keep_first_layer and name not in config.layer_ranks
+                and isinstance(module, nn.Conv2d) and module.in_channels <= 3):
+            reason = f"first layer ({module.in_channels} input channels)"
+        reasons[name] = reason or method.supports(module)
+    return reasons
+
+
+def highest_cheaper_rank(method: Method, ctx: LayerContext, original_macs: int) -> int:
+    """The largest rank whose factorized layer costs fewer MACs than the original (at least 1)."""
+    return max([1] + [r for r in range(1, method.full_rank(ctx) + 1) if method.macs(ctx, r) < original_macs])
+
+
+def _rounded(method: Method, ctx: LayerContext, rank: int, multiple: int, original_macs: int) -> int:
+    """``rank`` rounded to the nearest multiple of ``multiple``; when that is not below break-even, the
+    largest multiple that is (the rank as chosen when there is none)."""
+    rounded = round_rank(rank, multiple, method.full_rank(ctx))
+    if rounded == rank or method.macs(ctx, rounded) < original_macs:
+        return rounded
+    below = multiple * (highest_cheaper_rank(method, ctx, original_macs) // multiple)
+    return below if below >= multiple and method.macs(ctx, below) < original_macs else rank
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Budget strategies: (method, free contexts, MACs of every layer, config, fixed cost) -> (ranks, options, selection)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Spectra:
+    """Each layer's spectrum, computed once per plan (an SVD of a large layer takes seconds)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method, self.values = method, {}
+
+    def __call__(self, ctx: LayerContext) -> np.ndarray:
+        if ctx.name not in self.values:
+            self.values[ctx.name] = np.asarray(self.method.spectrum(ctx), dtype=np.float64)
+        return self.values[ctx.name]
+
+
+def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None):
+    """``uniform``, ``energy``, ``error``, ``output``: the greedy of :mod:`lowrank_fm.ranks` over MACs or
+    measured latency, scored by kept energy or by the relative error (responses, or the network's output)."""
+    allocation = config.allocation or default_allocation(method)
+    budget_layers = []
+    for name, ctx in free.items():
+        values = spectrum(ctx)
+        errors = None
+        if output_errors is not None:
+            errors = output_errors[name]
+        elif allocation in ("error", "output"):
+            # relative error of the symmetric projection at rank r: discarded energy / E||y||^2
+            second_moment = values.sum() + (float(np.sum(ctx.stats.mean ** 2)) if ctx.stats is not None else 0.0)
+            tail = np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])
+            errors = np.sqrt(tail / max(second_moment, 1e-300))
+        if latency is None:
+            cost_at, original = (lambda r, ctx=ctx: method.macs(ctx, r)), macs[name]
+        else:  # integer nanoseconds, + r so that the cost strictly grows with the rank
+            curve = latency[0][name]
+            cost_at, original = (lambda r, curve=curve: int(1e6 * curve.at(r)) + r), int(1e6 * curve.original_ms)
+        budget_layers.append(BudgetLayer(name, values, cost_at, original, errors=errors))
+    if allocation == "uniform":
+        result = select_uniform_energy(budget_layers, config.speedup, fixed_macs=fixed)
+    else:
+        score = "energy" if allocation == "energy" else "error"
+        result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score=score)
+    if not result.reachable:
+        log.info("speedup %.2fx is not reachable: the cheapest setting gives %.2fx", config.speedup, result.achieved_speedup)
+    selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
+                 "reachable": result.reachable, "allocation": allocation,
+                 "budget": "macs" if latency is None else "latency"}
+    return result.ranks, {}, selection
+
+
+def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None):
+    """``alds-minmax``: (groups k, rank j) per layer minimising the largest relative error under the MAC
+    budget (Liebenwein et al. 2021); every candidate below break-even, the original layer at error 0."""
+    budget = (fixed + sum(macs[n] for n in free)) / float(config.speedup) - fixed
+    layers = {}
+    for name, ctx in free.items():
+        options = [Candidate(macs[name], 0.0, None)]
+        for k in method.group_choices(ctx):
+            grouped = method.with_groups(ctx, k)
+            errors = method.relative_errors(ctx, k)
+            d, p = unfolded_shape(ctx.module)
+            for j in range(1, min(d, p // k) + 1):
+                cost = method.macs(grouped, k * j)
+                if cost < macs[name]:
+                    options.append(Candidate(cost, float(errors[j]), (k, j)))
+        layers[name] = options
+    chosen, level, reachable = minmax_allocation(layers, budget)
+    groups = {name: c.choice[0] for name, c in chosen.items() if c.choice is not None}
+    total = fixed + sum(c.macs for c in chosen.values())
+    selection = {"target_speedup": config.speedup, "planned_speedup": (fixed + sum(macs[n] for n in free)) / total,
+                 "reachable": reachable, "allocation": "alds-minmax", "max_rel_error": level, "groups": groups}
+    ranks = {name: None if c.choice is None else c.choice[0] * c.choice[1] for name, c in chosen.items()}
+    return ranks, {name: {"groups": k} for name, k in groups.items()}, selection
+
+
+_STRATEGIES: dict[str, Callable] = {"uniform": _greedy, "energy": _greedy, "error": _greedy, "output": _greedy,
+                                    "alds-minmax": _alds_minmax}
+
+
+def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int], config, spectrum: _Spectra,
+            latency=None, output_errors=None) -> tuple[dict[str, int | None], dict[str, dict], dict]:
+    """Rank per target layer (None: keep original), the per-layer options, and the selection summary."""
+    overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
+    free = {n: c for n, c in contexts.items() if n not in overrides}
+    options: dict[str, dict] = {}
+    if config.ranks == "vbmf":
+        chosen = {n: max(1, min(method.vbmf_rank(c), method.full_rank(c))) for n, c in free.items()}
+        selection = {"ranks": "vbmf"}
+    elif config.speedup is None:
+        chosen = {n: min(rank_for_energy(spectrum(c), config.layer_energy.get(n, config.energy)),
+                         method.full_rank(c)) for n, c in free.items()}
+        selection = {}
+    else:
+        if latency is None:
+            fixed = sum(m for n, m in macs.items() if n not in free) - sum(
+                macs[n] - method.macs(contexts[n], r) for n, r in overrides.items())
+        else:
+            fixed = int(1e6 * latency[1])
+        strategy = _STRATEGIES[config.allocation or default_allocation(method)]
+        chosen, options, selection = strategy(method, free, macs, config, fixed=fixed, spectrum=spectrum,
+                                              latency=latency, output_errors=output_errors)
+    chosen = {**chosen, **overrides}
+    if config.rank_multiple > 1:
+        chosen = {n: None if r is None else _rounded(method, _with_options(contexts[n], options.get(n)), r,
+                                                      config.rank_multiple, macs[n])
+                  for n, r in chosen.items()}
+        selection["rank_multiple"] = config.rank_multiple
+    return chosen, options, selection
+
+
+def _with_options(ctx: LayerContext, options: dict | None) -> LayerContext:
+    return dataclasses.replace(ctx, options={**ctx.options, **options}) if options else ctx
+
+
+def _check_reachable(config, selection: dict, latency) -> None:
+    if config.speedup is None or selection.get("reachable") is not False:
+        return
+    if latency is not None:
+        log.warning("speedup %.2fx is not reachable by the latency model: the cheapest ranks give %.2fx (measured "
+                    "estimates; the plan is checked on the whole model next)", config.speedup,
+                    float(selection.get("planned_speedup") or 1.0))
+        return
+    most = math.floor(100 * float(selection.get("planned_speedup") or 1.0)) / 100
+    raise ValueError(
+        f"speedup {config.speedup:g}x is out of reach for this model: the cheapest ranks give {most:.2f}x "
+        f"(every targeted layer at its lowest rank, the other layers unchanged); pass a smaller --speedup "
+        f"(at most {most:.2f}, and expect a large accuracy drop near it)"
+    )
+
+
+def _replan_for_latency(method, contexts, macs, config, spectrum, latency, output_errors, chosen, options, selection,
+                        measure_plan, *, rounds: int = 2, tolerance: float = 0.05):
+    """Measure the latency plan on the whole model and re-plan when it misses.
+
+    The per-layer curves are timed in isolation and do not add up exactly to the model's time, so a plan
+    for S can measure above or below S. ``measure_plan(ranks by name, contexts)`` returns the measured
+    speedup of a plan (the median of interleaved rounds against the original, with its spread); when it is
+    off S by more than ``tolerance`` the plan is made again for S' <- S' * S / m. The plan measured closest
+    to S is kept; every round is recorded in ``selection["latency_checks"]``.
+    """
+    target, planned = float(config.speedup), float(config.speedup)
+    checks, best = [], None
+    for _ in range(rounds + 1):
+        cheaper = {n: r for n, r in chosen.items()
+                   if r is not None and method.macs(_with_options(contexts[n], options.get(n)), r) < macs[n]}
+        spread = measure_plan(cheaper, {n: _with_options(contexts[n], options.get(n)) for n in cheaper})
+        measured = spread["median"]
+        checks.append({"planned_for": planned, "measured": measured, "min": spread["min"], "max": spread["max"],
+                       "rounds": spread["rounds"]})
+        if best is None or abs(measured / target - 1) < abs(best[0] / target - 1):
+            best = (measured, chosen, options, selection)
+        if abs(measured / target - 1) <= tolerance or len(checks) > rounds:
+            break
+        planned *= target / measured
+        chosen, options, selection = _choose(method, contexts, macs, dataclasses.replace(config, speedup=max(planned, 1.0)),
+                                             spectrum, latency, output_errors)
+    measured, chosen, options, selection = best
+    log.info("latency plan: %s", ", ".join(f"planned {c['planned_for']:.2f}x -> measured {c['measured']:.2f}x" for c in checks))
+    return chosen, options, {**selection, "target_speedup": target, "measured_plan_speedup": measured,
+                             "latency_checks": checks}
+
+
+def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[str, LayerContext], macs: dict[str, int],
+               reasons: Mapping[str, str | None], config, *, latency=None, output_errors=None,
+               measure_plan: Callable | None = None, gate: Callable | None = None, progress=lambda items, desc: items
+               ) -> Plan:
+    """Every rank decision of a run.
+
+    Parameters
+    ----------
+    method : the run's method
+    layers : every candidate layer by name (model order); ``reasons`` says why a layer is kept (None: target)
+    contexts : the target layers' contexts (statistics included)
+    macs : MACs per image of every layer of the model
+    config : the run's :class:`~lowrank_fm.config.ApproxConfig` (the policy)
+    latency : (curves by layer, milliseconds of the rest of the model) for ``budget="latency"``
+    output_errors : per layer, the relative output error per rank (``allocation="output"``)
+    measure_plan : ``(ranks, contexts) -> {"median", "min", "max", "rounds"}``, the measured speedup of a
+        plan (``budget="latency"``)
+    gate : ``(name, context, rank) -> bool``, True when the factorized layer is faster (the speed gate);
+        None: no gate
+    """
+    spectrum = _Spectra(method)
+    chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors)
+    _check_reachable(config, selection, latency)
+    if latency is not None and measure_plan is not None:
+        chosen, options, selection = _replan_for_latency(method, contexts, macs, config, spectrum, latency,
+                                                         output_errors, chosen, options, selection, measure_plan)
+    plan: dict[str, LayerPlan] = {}
+    for name in layers:
+        if reasons[name] is not None:
+            plan[name] = LayerPlan(name, None, reasons[name], macs[name], macs[name])
+            continue
+        ctx = _with_options(contexts[name], options.get(name))
+        full, rank = method.full_rank(ctx), chosen[name]
+        if rank is None:
+            plan[name] = LayerPlan(name, None, f"the {config.speedup}x budget keeps it original", macs[name],
+                                   macs[name], full, full, 1.0)
+            continue
+        energy, new_macs = energy_kept(spectrum(ctx), rank), method.macs(ctx, rank)
+        if new_macs >= macs[name] and not config.force:
+            reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {macs[name]:,})"
+            plan[name] = LayerPlan(name, None, reason, macs[name], macs[name], full, rank, energy)
+            continue
+        plan[name] = LayerPlan(name, rank, None, macs[name], new_macs, full, rank, energy, dict(ctx.options))
+    if gate is not None:
+        checks = [n for n, p in plan.items() if p.rank is not None]
+        slower = sorted(n for n in progress(checks, "speed gate")
+                        if not gate(n, _with_options(contexts[n], plan[n].options), plan[n].rank))
+        if slower:
+            log.info("speed gate: %s not faster than the original; kept", slower)
+            if config.speedup is not None:
+                log.warning("speed gate kept %d layer(s) original: the theoretical speedup falls short of %.2fx",
+                            len(slower), config.speedup)
+        for name in slower:
+            plan[name] = LayerPlan(name, None, "slower", macs[name], macs[name])
+        selection["speed_gate"] = {"slower": slower}
+    return Plan(plan, selection, spectrum.values)
