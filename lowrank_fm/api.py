@@ -197,7 +197,7 @@ def approximate(
                       device=config.device, progress=config.progress, input_stats=method.needs_input_covariance)
         with _stage(timing, "statistics"):
             stats, inputs = read_layer_stats(calib_file, targets, method, n_fit, config.covariance,
-                                             shard if size > 1 else None)
+                                             shard if size > 1 else None, config.progress)
 
     # the methods' math runs in float64 on the CPU: on another device they see a CPU copy of each layer
     on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}

@@ -127,19 +127,25 @@ def keep_reasons(layers: Mapping[str, nn.Module], costs: Mapping, method: Method
     return reasons
 
 
+def is_cheaper(method: Method, ctx: LayerContext, rank: int, original_macs: int) -> bool:
+    """Break-even: does the factorized layer at ``rank`` (both factors counted) cost fewer MACs than the
+    original? (ALGORITHMS.md section 1, trap 1; the budget engines apply the same test to their cost curves.)"""
+    return method.macs(ctx, rank) < original_macs
+
+
 def highest_cheaper_rank(method: Method, ctx: LayerContext, original_macs: int) -> int:
     """The largest rank whose factorized layer costs fewer MACs than the original (at least 1)."""
-    return max([1] + [r for r in range(1, method.full_rank(ctx) + 1) if method.macs(ctx, r) < original_macs])
+    return max([1] + [r for r in range(1, method.full_rank(ctx) + 1) if is_cheaper(method, ctx, r, original_macs)])
 
 
 def _rounded(method: Method, ctx: LayerContext, rank: int, multiple: int, original_macs: int) -> int:
     """``rank`` rounded to the nearest multiple of ``multiple``; when that is not below break-even, the
     largest multiple that is (the rank as chosen when there is none)."""
     rounded = round_rank(rank, multiple, method.full_rank(ctx))
-    if rounded == rank or method.macs(ctx, rounded) < original_macs:
+    if rounded == rank or is_cheaper(method, ctx, rounded, original_macs):
         return rounded
     below = multiple * (highest_cheaper_rank(method, ctx, original_macs) // multiple)
-    return below if below >= multiple and method.macs(ctx, below) < original_macs else rank
+    return below if below >= multiple and is_cheaper(method, ctx, below, original_macs) else rank
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,9 +211,8 @@ def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, o
             errors = method.relative_errors(ctx, k)
             d, p = unfolded_shape(ctx.module)
             for j in range(1, min(d, p // k) + 1):
-                cost = method.macs(grouped, k * j)
-                if cost < macs[name]:
-                    options.append(Candidate(cost, float(errors[j]), (k, j)))
+                if is_cheaper(method, grouped, k * j, macs[name]):
+                    options.append(Candidate(method.macs(grouped, k * j), float(errors[j]), (k, j)))
         layers[name] = options
     chosen, level, reachable = minmax_allocation(layers, budget)
     groups = {name: c.choice[0] for name, c in chosen.items() if c.choice is not None}
@@ -287,7 +292,7 @@ def _replan_for_latency(method, contexts, macs, config, spectrum, latency, outpu
     checks, best = [], None
     for _ in range(rounds + 1):
         cheaper = {n: r for n, r in chosen.items()
-                   if r is not None and method.macs(_with_options(contexts[n], options.get(n)), r) < macs[n]}
+                   if r is not None and is_cheaper(method, _with_options(contexts[n], options.get(n)), r, macs[n])}
         spread = measure_plan(cheaper, {n: _with_options(contexts[n], options.get(n)) for n in cheaper})
         measured = spread["median"]
         checks.append({"planned_for": planned, "measured": measured, "min": spread["min"], "max": spread["max"],
@@ -343,7 +348,7 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
                                    macs[name], full, full, 1.0)
             continue
         energy, new_macs = energy_kept(spectrum(ctx), rank), method.macs(ctx, rank)
-        if new_macs >= macs[name] and not config.force:
+        if not is_cheaper(method, ctx, rank, macs[name]) and not config.force:
             reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {macs[name]:,})"
             plan[name] = LayerPlan(name, None, reason, macs[name], macs[name], full, rank, energy)
             continue

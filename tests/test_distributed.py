@@ -50,7 +50,7 @@ def probe() -> torch.Tensor:
 def run_pipeline(calib_file: Path):
     """approximate() and the statistics of its calibration store, as each rank computes them."""
     from lowrank_fm import approximate
-    from lowrank_fm.api import _response_stats
+    from lowrank_fm.layer_stats import response_stats
     from lowrank_fm.distributed import world
 
     model = tiny_model()
@@ -61,7 +61,7 @@ def run_pipeline(calib_file: Path):
     n_fit = report.calibration["fit_images"]
     shard = shard_range(N_IMAGES, rank, size) if size > 1 else None
     with open_calibration(calib_file) as reader, torch.no_grad():
-        stats = {name: _response_stats(reader, name, n_fit, "streaming", shard) for name in reader.layers}
+        stats = {name: response_stats(reader, name, n_fit, "streaming", shard) for name in reader.layers}
         return new_model(probe()), stats, [r.rank for r in report.layers]
 
 
