@@ -94,23 +94,6 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     return plan, ({} if speed_gate is None else speed_gate.timings_)
 
 
-def _records(layers: dict[str, nn.Module], plan: Plan, timings: dict) -> dict[str, LayerRecord]:
-    """One report record per layer from its plan, with the speed gate's timing where it timed the layer (ms at
-    ``speed_batch`` images); sizes of the factorized layers are filled in later."""
-    records = {}
-    for name, module in layers.items():
-        p = plan.layers[name]
-        shape = list(module.weight.shape)
-        extra = timings[name].to_dict() if name in timings else {}
-        params = module_params(module)
-        records[name] = LayerRecord(
-            name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=shape,
-            rank=p.chosen if p.chosen is not None else shape[0], energy=p.energy, params_before=params,
-            params_after=params, macs_before=p.macs_before, macs_after=p.macs_after, rel_error=None,
-            status="kept" if p.rank is None else "approximated", reason=p.reason, extra=extra)
-    return records
-
-
 def approximate(
     model: nn.Module,
     data: Iterable,
@@ -204,7 +187,7 @@ def approximate(
     contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
     plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config, timing)
-    records = _records(layers, plan, timings)
+    records = {name: LayerRecord.planned(module, plan.layers[name], timings.get(name)) for name, module in layers.items()}
     ranks = plan.ranks
     contexts = {name: dataclasses.replace(contexts[name], options=plan.layers[name].options) for name in ranks}
 

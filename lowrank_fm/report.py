@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cost import module_params
+
 __all__ = ["LayerRecord", "Report", "format_latency"]
 
 
@@ -35,6 +37,20 @@ class LayerRecord:
     status: str  # "approximated" | "kept"
     reason: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def planned(cls, module, plan, timing=None) -> "LayerRecord":
+        """The record of ``module`` as its :class:`~lowrank_fm.planner.LayerPlan` leaves it (a kept layer's rank
+        is its output width unless a rank was considered), with the speed gate's ``timing`` (a
+        :class:`~lowrank_fm.speedgate.LayerTiming`) where it timed the layer; the sizes of a factorized layer
+        are filled in once it is built."""
+        shape = list(module.weight.shape)
+        params = module_params(module)
+        return cls(name=plan.name, kind="conv" if module.weight.ndim == 4 else "linear", shape=shape,
+                   rank=plan.chosen if plan.chosen is not None else shape[0], energy=plan.energy, params_before=params,
+                   params_after=params, macs_before=plan.macs_before, macs_after=plan.macs_after, rel_error=None,
+                   status="kept" if plan.rank is None else "approximated", reason=plan.reason,
+                   extra={} if timing is None else timing.to_dict())
 
     def to_dict(self) -> dict:
         data = asdict(self)

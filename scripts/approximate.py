@@ -1,6 +1,6 @@
 """Approximate a trained CNN by low-rank layers: ``python scripts/approximate.py [MODEL] [options]``.
 
-With no arguments it runs the embedded default (vgg-digits on scikit-learn's digits). See --help.
+With no arguments it runs the embedded default (vgg-fmnist on the embedded Fashion-MNIST sample). See --help.
 """
 
 import sys
