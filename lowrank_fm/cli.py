@@ -1,6 +1,8 @@
 """The ``approximate`` command line: parse, load model and data, run :func:`lowrank_fm.approximate`,
 measure accuracy and latency, write OUT/report.json, the model (state_dict + manifest) and the run's
-arguments. ``scripts/approximate.py`` is a thin wrapper around :func:`main`.
+arguments. ``scripts/approximate.py`` is a thin wrapper around :func:`main`, which is also the ``lowrank-fm``
+console command of an installed package (and ``python -m lowrank_fm.cli``). The reference models and data
+sets come from :mod:`lowrank_fm.zoo`, imported inside the functions that need them.
 
 Exit status: 0 on success, 2 on bad arguments (argparse), 1 on a runtime failure with one line on stderr.
 """
@@ -97,7 +99,7 @@ def _method_setting(text: str) -> tuple[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import list_methods
-    from .models import list_models
+    from .zoo.models import list_models
 
     parser = argparse.ArgumentParser(
         prog="approximate.py",
@@ -188,7 +190,7 @@ def calibration_indices(n_train: int, fraction: float, images: int | None, seed:
 
 def _run(args: argparse.Namespace) -> int:
     from .distributed import init_from_env
-    from .models import bundled_spec
+    from .zoo.models import bundled_spec
 
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)
@@ -221,10 +223,10 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
               world_size: int, energy: float) -> int:
     from . import approximate, save_approximated
     from .config import ApproxConfig
-    from .data import load_dataset
-    from .evaluate import accuracy
     from .latency import measure_speed
-    from .models import create_model
+    from .zoo.data import load_dataset
+    from .zoo.evaluate import accuracy
+    from .zoo.models import create_model
 
     if args.image_size is None:
         args.image_size = spec.input_size if spec and spec.input_size else 224
@@ -317,8 +319,8 @@ def _commit_outputs(stage: Path, out: Path) -> None:
 
 def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Unknown model and data set names are argument errors (exit 2), named with the accepted ones."""
-    from .data import list_datasets
-    from .models import bundled_spec, list_models
+    from .zoo.data import list_datasets
+    from .zoo.models import bundled_spec, list_models
 
     if bundled_spec(args.model) is None:
         import torchvision
@@ -368,6 +370,7 @@ def _finetune(new_model, model, data, args, report):
     split, evaluated on the test split after each epoch; fills ``report.finetune``, ``report.timing["finetune_s"]``
     and the accuracy after fine-tuning (``top1_approximated`` keeps the accuracy before it)."""
     from .finetune import finetune
+    from .zoo.evaluate import accuracy
 
     if data.calibration_sample is not None:
         log.warning("fine-tuning on the %d images of %s's training split, its calibration sample: no other "
@@ -375,10 +378,16 @@ def _finetune(new_model, model, data, args, report):
                     "can lower test accuracy (for the whole training split: apt-get install dataset-fashion-mnist, "
                     "then --dataset fashion-mnist)", len(data.train), data.name)
     mode = args.finetune
+    epochs_done = []
+
+    def evaluate(student):  # top-1/top-5 on the test split after each epoch
+        epochs_done.append(1)
+        return accuracy(student, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
+                        num_workers=args.workers, progress=not args.quiet, desc=f"evaluate epoch {len(epochs_done)}")
+
     tuned, record = finetune(new_model, data.train, epochs=args.finetune_epochs, mode=mode,
-                             teacher=model if mode == "distill" else None, eval_data=data.test,
-                             eval_images=args.eval_images, device=args.device, seed=args.seed,
-                             num_workers=args.workers, progress=not args.quiet)
+                             teacher=model if mode == "distill" else None, evaluate=evaluate, device=args.device,
+                             seed=args.seed, progress=not args.quiet)
     report.timing["finetune_s"] = record["seconds"]
     report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"], "record": record}
     accuracy = report.accuracy
@@ -390,7 +399,7 @@ def _finetune(new_model, model, data, args, report):
 def _picture(report, stage: Path, out: Path, model_name: str) -> Path | None:
     """OUT/spectra.png (drawn into ``stage``, moved with the other outputs): each approximated layer's response
     spectrum with its chosen rank (needs matplotlib)."""
-    from .plots import matplotlib_available, plot_spectra
+    from .bench.plots import matplotlib_available, plot_spectra
 
     ranks = {layer.name: layer.rank for layer in report.layers if layer.status == "approximated"}
     spectra = {name: values for name, values in report.spectra.items() if name in ranks}
@@ -434,3 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m lowrank_fm.cli; installed, the same main is the `lowrank-fm` command
+    sys.exit(main())

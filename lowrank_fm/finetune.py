@@ -11,15 +11,13 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
-
-from .evaluate import accuracy
 
 __all__ = ["finetune", "FINETUNE_MODES", "DISTILL_LOSSES"]
 
@@ -71,13 +69,11 @@ def finetune(
     teacher: nn.Module | None = None,
     lr: float = 3e-4,
     batch_size: int = 64,
-    eval_data: Dataset | None = None,
-    eval_images: int | None = None,
+    evaluate: Callable[[nn.Module], Mapping] | None = None,
     distill_loss: str = "mse",
     temperature: float = 4.0,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Train a copy of ``model`` (an approximated model) for ``epochs`` epochs; its structure is kept.
@@ -102,18 +98,20 @@ def finetune(
         with its BatchNorm as given; its train/eval mode is restored afterwards.
     lr : Adam's learning rate at the start of a cosine decay to 0 over all steps (default 3e-4).
     batch_size : images per step when ``train_data`` is a data set.
-    eval_data, eval_images : a labelled data set (its first ``eval_images`` items) on which top-1/top-5 are
-        measured after each epoch.
+    evaluate : called after each epoch with the trained copy (in eval mode, on ``device``); returns a mapping
+        with ``top1`` and ``top5`` (fractions in [0, 1]; ``top5`` may be None) and optionally ``images`` (how
+        many were evaluated), e.g. ``lambda m: lowrank_fm.zoo.evaluate.accuracy(m, test_set, device=device)``.
+        The package itself knows no data set: None (default) measures nothing.
     distill_loss, temperature : ``"mse"`` (default) or ``"kl"`` with temperature T (see Notes).
-    device, seed, num_workers, progress : where to train; the shuffling seed; evaluation loader workers; a
-        tqdm bar per epoch.
+    device, seed, progress : where to train; the shuffling seed; a tqdm bar per epoch.
 
     Returns
     -------
     model : the trained copy, in eval mode.
     record : dict with ``mode``, ``epochs``, ``loss`` (mean training loss of each epoch, measured on each
-        batch before its step), ``top1`` / ``top5`` (after each epoch, when ``eval_data`` is given, else
-        empty), ``seconds`` (all), ``train_seconds``, ``eval_seconds``, ``steps``, ``images`` (per epoch),
+        batch before its step), ``top1`` / ``top5`` (after each epoch, when ``evaluate`` is given, else
+        empty; ``eval_images``: the last evaluation's ``images``), ``seconds`` (all), ``train_seconds``,
+        ``eval_seconds`` (in ``evaluate``), ``steps``, ``images`` (per epoch),
         ``parameters`` (count trained) and the settings (``lr``, ``batch_size``, ``optimizer``, ``schedule``,
         ``objective`` (cross-entropy, mse or kl), ``temperature``, ``seed``, ``device``).
 
@@ -121,6 +119,7 @@ def finetune(
     ------
     ValueError : bad ``mode``, ``epochs``, ``lr``, ``batch_size`` or ``distill_loss``; distill without a
         teacher; labels mode on batches without labels.
+    TypeError : ``evaluate`` returned something other than a mapping with ``top1``.
     FloatingPointError : the loss became NaN or infinite (the message suggests a smaller ``lr``).
 
     Notes
@@ -226,15 +225,20 @@ def finetune(
             record["images"] = count
             record["loss"].append(total / count)
             message = f"fine-tune ({mode}) epoch {epoch + 1}/{epochs}: loss {total / count:.4f}"
-            if eval_data is not None:
+            if evaluate is not None:
                 eval_start = time.perf_counter()
-                result = accuracy(student, eval_data, eval_images=eval_images, batch_size=256, device=device,
-                                  num_workers=num_workers, progress=progress, desc=f"evaluate epoch {epoch + 1}")
+                result = evaluate(student)
                 eval_seconds += time.perf_counter() - eval_start
+                if not isinstance(result, Mapping) or "top1" not in result:
+                    raise TypeError(f"finetune: evaluate must return a mapping with 'top1' (and 'top5'), got "
+                                    f"{type(result).__name__}")
+                student.eval()  # whatever evaluate did, training goes on in eval mode (see above)
                 record["top1"].append(result["top1"])
-                record["top5"].append(result["top5"])
-                record["eval_images"] = result["images"]
-                message += f", top-1 {result['top1']:.4f} on {result['images']} images"
+                record["top5"].append(result.get("top5"))
+                message += f", top-1 {result['top1']:.4f}"
+                if "images" in result:
+                    record["eval_images"] = result["images"]
+                    message += f" on {result['images']} images"
             log.info(message)
     finally:
         for p, flag in zip(params, flags):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -23,7 +24,6 @@ import torch
 from torch import nn
 
 from .allocator import allocator_state
-from .provenance import machine_load
 from .surgery import folded_copy, run_model
 
 __all__ = ["compare_latency", "interleaved_rounds", "ratio_spread", "measure_speed", "repeat_to_batch",
@@ -33,6 +33,14 @@ MIN_ROUNDS = 5  # a headline ratio is the median of at least this many rounds
 BASELINE = "BatchNorm folded in both"
 
 log = logging.getLogger(__name__)
+
+
+def machine_load() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS does not report them)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _device_of(device) -> torch.device:

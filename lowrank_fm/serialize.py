@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,15 +131,31 @@ def _check_shapes(manifest: dict, state: dict, weights_path: Path) -> None:
                                  f"different runs")
 
 
-def load_approximated(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_approximated(path: str | Path, model: nn.Module | Callable[[dict], nn.Module] | None = None) -> nn.Module:
     """Rebuild a saved approximated model in eval mode.
 
     Parameters
     ----------
     path : the directory written by :func:`save_approximated` (or its manifest.json)
-    model : the original architecture (any weights); when None, the manifest's model name is built with
-        :func:`lowrank_fm.models.create_model` (bundled or torchvision names).
+    model : the original architecture (any weights; the manifest's surgery is applied to it in place), or a
+        function that builds it from the manifest (a dict; its ``model`` and ``model_kwargs`` are what
+        :func:`save_approximated` was given), called once the manifest and the weights have been checked.
+        Required: the package knows no model by name. For the bundled models and torchvision names,
+        :func:`lowrank_fm.zoo.models.load_bundled_approximated` builds the manifest's model.
+
+    Raises
+    ------
+    ValueError : no ``model``; a damaged or edited manifest or weights file (checksums, shapes); weights that
+        do not fit the architecture.
+    FileNotFoundError : the manifest or the weights are missing.
     """
+    if model is None:
+        raise ValueError("load_approximated: pass model= (the original architecture, or a function building it "
+                         "from the manifest); for a bundled or torchvision model name use "
+                         "lowrank_fm.zoo.models.load_bundled_approximated(path)")
+    if not (isinstance(model, nn.Module) or callable(model)):
+        raise TypeError(f"load_approximated: model must be an nn.Module or a function of the manifest returning one, "
+                        f"got {type(model).__name__}")
     path = Path(path)
     directory = path.parent if path.is_file() else path
     manifest_path = directory / MANIFEST_NAME
@@ -183,12 +200,8 @@ def load_approximated(path: str | Path, model: nn.Module | None = None) -> nn.Mo
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{weights_path} is not a state_dict (a dict of tensors), got {type(state).__name__}")
     _check_shapes(manifest, state, weights_path)
-    if model is None:
-        if not manifest.get("model"):
-            raise ValueError(f"{manifest_path} names no model: pass the original architecture as model=")
-        from .models import create_model
-
-        model = create_model(manifest["model"], weights="none", **manifest.get("model_kwargs", {}))
+    if not isinstance(model, nn.Module):
+        model = model(manifest)
     apply_manifest(model, manifest)
     try:
         model.load_state_dict(state, strict=True)

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowrank_fm.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
-from lowrank_fm.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
+from lowrank_fm.bench.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
+from lowrank_fm.bench.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
 
 
 _FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _readme() -> int:
-    from lowrank_fm.readme import generated_regions, render_readme
+    from lowrank_fm.bench.readme import generated_regions, render_readme
 
     root = Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text()

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lowrank_fm.cli import calibration_indices  # noqa: E402
-from lowrank_fm.data import load_dataset  # noqa: E402
-from lowrank_fm.models import bundled_spec, create_model  # noqa: E402
-from lowrank_fm.provenance import append_row, machine_load  # noqa: E402
-from lowrank_fm.throughput import calibration_throughput  # noqa: E402
+from lowrank_fm.zoo.data import load_dataset  # noqa: E402
+from lowrank_fm.zoo.models import bundled_spec, create_model  # noqa: E402
+from lowrank_fm.bench.provenance import append_row, machine_load  # noqa: E402
+from lowrank_fm.bench.throughput import calibration_throughput  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     out = Path(args.out)
-    append_row(out, result, load_before=load_before)  # commit, date, machine, threads: lowrank_fm.provenance
+    append_row(out, result, load_before=load_before)  # commit, date, machine, threads: lowrank_fm.bench.provenance
     print(f"{args.model}, {result['images']} images, {args.device}: inference {result['inference_images_per_s']:.0f} "
           f"img/s, calibration {result['calibration_images_per_s']:.0f} img/s, ratio {result['ratio']:.2f} "
           f"(load average {result['load_average'][0]:.2f}); appended to {out}")

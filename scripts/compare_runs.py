@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from calibration import open_calibration  # noqa: E402
-from lowrank_fm import load_approximated  # noqa: E402
+from lowrank_fm.zoo.models import load_bundled_approximated  # noqa: E402
 
 
 def compare(first: Path, second: Path) -> dict:
@@ -40,7 +40,7 @@ def compare(first: Path, second: Path) -> dict:
                                     for a, b in zip(reports[0]["layers"], reports[1]["layers"]))
     result["top1_after"] = [r["accuracy"]["top1_after"] for r in reports]
     result["processes"] = [r["calibration"].get("processes", 1) for r in reports]
-    models = [load_approximated(d) for d in (first, second)]
+    models = [load_bundled_approximated(d) for d in (first, second)]
     shape = tuple(reports[0]["layers"][0]["shape"])  # the first layer's weight: (out, in, kh, kw)
     x = _probe(models[0], shape[1])
     with torch.no_grad():
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(args.first, args.second)
     print(json.dumps(result, indent=2))
     if args.out:
-        from lowrank_fm.provenance import append_row
+        from lowrank_fm.bench.provenance import append_row
 
         append_row(args.out, result)
     return 0

@@ -1,4 +1,4 @@
-"""Write the embedded Fashion-MNIST sample (lowrank_fm/embedded/fashion-mnist-sample.npz) from the IDX files.
+"""Write the embedded Fashion-MNIST sample (lowrank_fm/zoo/embedded/fashion-mnist-sample.npz) from the IDX files.
 
     python scripts/make_fashion_mnist_sample.py [--data-dir /usr/share/datasets/fashion-mnist]
 
@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_fm.cli import calibration_indices  # noqa: E402
-from lowrank_fm.data import FASHION_MNIST_DIRS, _find_idx, _read_idx  # noqa: E402
-from lowrank_fm.data import EMBEDDED_DIR, FASHION_MNIST_SAMPLE  # noqa: E402
+from lowrank_fm.zoo.data import FASHION_MNIST_DIRS, _find_idx, _read_idx  # noqa: E402
+from lowrank_fm.zoo.data import EMBEDDED_DIR, FASHION_MNIST_SAMPLE  # noqa: E402
 
 README = """# Embedded data: a Fashion-MNIST sample
 

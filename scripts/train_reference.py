@@ -5,9 +5,9 @@
     python scripts/train_reference.py resnet20-cifar10 --device cuda --epochs 60 --lr 0.1
     python scripts/train_reference.py densenet161-cifar10 --device cuda --time-budget 330
 
-The checkpoint goes to lowrank_fm/checkpoints/NAME.pt (state_dict, loads with weights_only=True); the CIFAR-10
+The checkpoint goes to lowrank_fm/zoo/checkpoints/NAME.pt (state_dict, loads with weights_only=True); the CIFAR-10
 torchvision models, too large to ship, go to the cache folder ($LOWRANK_FM_CACHE, default ~/.cache/lowrank_fm).
-CIFAR-10 models train with the data resident on the device (lowrank_fm.image_training: random crop and flip,
+CIFAR-10 models train with the data resident on the device (lowrank_fm.zoo.image_training: random crop and flip,
 bfloat16 autocast on CUDA, warm-up epoch then cosine); --time-budget S fixes the number of epochs after the
 first one from its duration (at most --epochs) and records it, so --epochs N reproduces the schedule.
 """
@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowrank_fm.data import load_dataset  # noqa: E402
-from lowrank_fm.evaluate import accuracy  # noqa: E402
-from lowrank_fm.models import CHECKPOINT_DIR, bundled_spec, list_models  # noqa: E402
-from lowrank_fm.training import TrainSettings, train_classifier  # noqa: E402
+from lowrank_fm.zoo.data import load_dataset  # noqa: E402
+from lowrank_fm.zoo.evaluate import accuracy  # noqa: E402
+from lowrank_fm.zoo.models import CHECKPOINT_DIR, bundled_spec, list_models  # noqa: E402
+from lowrank_fm.zoo.training import TrainSettings, train_classifier  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the shipped vgg-fmnist was trained on a GPU)")
     parser.add_argument("--half", action="store_true",
                         help="store floating-point tensors in float16 (half the file; the shipped vgg-fmnist)")
-    parser.add_argument("--out-dir", default=None, help="default: lowrank_fm/checkpoints (cache folder for "
+    parser.add_argument("--out-dir", default=None, help="default: lowrank_fm/zoo/checkpoints (cache folder for "
                         "the CIFAR-10 torchvision models)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="CIFAR-10 models: seconds of training; epochs set after the first (at most --epochs)")
@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_cifar(args, spec) -> int:
-    """CIFAR-10 models: data on the device, see lowrank_fm.image_training."""
-    from lowrank_fm.cifar10_jpeg import read_cifar10_jpeg
-    from lowrank_fm.image_training import ImageTrainSettings, evaluate_on_device, train_on_device
-    from lowrank_fm.models import cache_dir
+    """CIFAR-10 models: data on the device, see lowrank_fm.zoo.image_training."""
+    from lowrank_fm.zoo.cifar10_jpeg import read_cifar10_jpeg
+    from lowrank_fm.zoo.image_training import ImageTrainSettings, evaluate_on_device, train_on_device
+    from lowrank_fm.zoo.models import cache_dir
 
-    from lowrank_fm.provenance import machine_load
+    from lowrank_fm.bench.provenance import machine_load
 
     load_before = machine_load()
     arrays = read_cifar10_jpeg(args.data_dir)
@@ -106,7 +106,7 @@ def _train_cifar(args, spec) -> int:
     })
     (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.results:
-        from lowrank_fm.provenance import append_row
+        from lowrank_fm.bench.provenance import append_row
 
         append_row(args.results, {k: v for k, v in record.items() if k not in ("loss", "epoch_seconds")},
                    load_before=load_before)

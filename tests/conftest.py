@@ -24,15 +24,15 @@ needs_fmnist = pytest.mark.skipif(not FMNIST_PRESENT, reason="Fashion-MNIST not 
 
 
 def needs_checkpoint(name):
-    from lowrank_fm.models import checkpoint_path
+    from lowrank_fm.zoo.models import checkpoint_path
 
     return pytest.mark.skipif(not checkpoint_path(name).is_file(), reason=f"shipped checkpoint {name}.pt is absent")
 
 
 @pytest.fixture(scope="session")
 def digits():
-    """scikit-learn's digits, split as lowrank_fm.data does (1,437 train / 360 test)."""
-    from lowrank_fm.data import load_dataset
+    """scikit-learn's digits, split as lowrank_fm.zoo.data does (1,437 train / 360 test)."""
+    from lowrank_fm.zoo.data import load_dataset
 
     return load_dataset("digits")
 
@@ -40,7 +40,7 @@ def digits():
 @pytest.fixture(scope="session")
 def vgg_digits():
     """The embedded reference model, trained on first use and cached."""
-    from lowrank_fm.models import create_model
+    from lowrank_fm.zoo.models import create_model
 
     return create_model("vgg-digits")
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lowrank_fm import ApproxConfig, approximate, load_approximated, save_approximated
-from lowrank_fm.evaluate import accuracy
-from lowrank_fm.models import create_model
+from lowrank_fm.zoo.evaluate import accuracy
+from lowrank_fm.zoo.models import create_model, load_bundled_approximated
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +103,19 @@ def test_ipca_backend_gives_the_same_ranks(digits, model):
 def test_save_and_reload_give_the_same_outputs(approximated, digits, tmp_path):
     new_model, report, _ = approximated
     save_approximated(new_model, tmp_path, folded=report.folded_batchnorm, model_name="vgg-digits")
-    reloaded = load_approximated(tmp_path)
     x = torch.stack([digits.test[i][0] for i in range(32)])
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), new_model(x), rtol=0, atol=0)
+    manifests = []
+
+    def build(manifest):  # a builder is given the checked manifest
+        manifests.append(manifest)
+        return create_model(manifest["model"], weights="none")
+
+    for reloaded in (load_approximated(tmp_path, model=create_model("vgg-digits", weights="none")),
+                     load_approximated(tmp_path, model=build), load_bundled_approximated(tmp_path)):
+        assert not reloaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(x), new_model(x), rtol=0, atol=0)
+    assert [m["model"] for m in manifests] == ["vgg-digits"]
 
 
 def test_bad_settings_raise_clear_errors(digits, model):

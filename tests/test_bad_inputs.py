@@ -21,9 +21,9 @@ from calibration import CalibrationMismatchError, IncompleteCalibrationError, op
 from calibration.store import CalibrationLockedError
 from lowrank_fm import ApproxConfig, approximate, load_approximated, save_approximated
 from lowrank_fm.cli import INCOMPLETE_MARKER, main
-from lowrank_fm.models import bundled_spec, create_model
 from lowrank_fm.serialize import MANIFEST_NAME, WEIGHTS_NAME, apply_manifest
-from lowrank_fm.zoo import VGGSmall
+from lowrank_fm.zoo.models import bundled_spec, create_model, load_bundled_approximated
+from lowrank_fm.zoo.networks import VGGSmall
 
 FAST = ["vgg-digits", "--quiet", "--no-speed-gate", "--method", "fm-linear", "--calib-images", "128", "--eval-images", "64",
         "--latency-batch", "4"]
@@ -326,9 +326,23 @@ def damaged(saved, tmp_path, edit=None, version=None) -> Path:
 
 
 def test_saved_model_loads_and_verifies(saved, batches):
-    loaded = load_approximated(saved[0])
+    loaded = load_bundled_approximated(saved[0])
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[0]), saved[1](batches[0]))
+
+
+def test_load_without_a_model_says_what_to_pass(saved, tmp_path):
+    with pytest.raises(ValueError, match=r"pass model= .*load_bundled_approximated\(path\)"):
+        load_approximated(saved[0])
+    with pytest.raises(TypeError, match="model must be an nn.Module or a function of the manifest .* got str"):
+        load_approximated(saved[0], model="vgg-digits")
+
+    def unnamed(manifest):
+        manifest["model"] = None
+
+    with pytest.raises(ValueError, match=r"the manifest names no model: pass the original architecture to "
+                                         r"lowrank_fm.load_approximated\(path, model=...\)"):
+        load_bundled_approximated(damaged(saved, tmp_path, unnamed, version=1))
 
 
 def test_truncated_manifest_names_the_file(saved, tmp_path):
@@ -336,18 +350,18 @@ def test_truncated_manifest_names_the_file(saved, tmp_path):
     text = (folder / MANIFEST_NAME).read_text()
     (folder / MANIFEST_NAME).write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match=r"manifest.json is not valid JSON .*: the file is truncated or damaged"):
-        load_approximated(folder)
+        load_bundled_approximated(folder)
 
 
 def test_text_weights_file_is_refused(saved, tmp_path):
     folder = damaged(saved, tmp_path)
     (folder / WEIGHTS_NAME).write_text("not a tensor file\n")
     with pytest.raises(ValueError, match="model_state.pt does not match the checksum"):
-        load_approximated(folder)
+        load_bundled_approximated(folder)
     folder = damaged(saved, tmp_path / "v1", version=1)
     (folder / WEIGHTS_NAME).write_text("not a tensor file\n")
     with pytest.raises(ValueError, match="model_state.pt is not a state_dict saved by torch.save"):
-        load_approximated(folder)
+        load_bundled_approximated(folder)
 
 
 def first_layer(manifest) -> dict:
@@ -360,7 +374,7 @@ def test_changed_padding_fails_the_checksum(saved, tmp_path):
         first_layer(manifest)["convs"][0]["padding"] = [0, 0]
 
     with pytest.raises(ValueError, match="manifest.json does not match its checksum: it was edited"):
-        load_approximated(damaged(saved, tmp_path, pad))
+        load_bundled_approximated(damaged(saved, tmp_path, pad))
 
 
 def test_huge_layer_is_refused_before_allocating(saved, tmp_path):
@@ -368,10 +382,10 @@ def test_huge_layer_is_refused_before_allocating(saved, tmp_path):
         first_layer(manifest)["convs"][0]["out_channels"] = 10**6
 
     with pytest.raises(ValueError, match="does not match its checksum"):
-        load_approximated(damaged(saved, tmp_path, huge))
+        load_bundled_approximated(damaged(saved, tmp_path, huge))
     # without checksums (format 1): shapes are compared on the meta device, nothing of 10**6 filters is built
     with pytest.raises(ValueError, match=r"the manifest describes shape \(1000000, .* but .* holds"):
-        load_approximated(damaged(saved, tmp_path / "v1", huge, version=1))
+        load_bundled_approximated(damaged(saved, tmp_path / "v1", huge, version=1))
 
 
 def test_wrong_module_named_as_folded_batchnorm(saved, tmp_path):
@@ -379,9 +393,9 @@ def test_wrong_module_named_as_folded_batchnorm(saved, tmp_path):
         manifest["folded_batchnorm"][0][1] = "features.2"
 
     with pytest.raises(ValueError, match="does not match its checksum"):
-        load_approximated(damaged(saved, tmp_path, relu))
+        load_bundled_approximated(damaged(saved, tmp_path, relu))
     with pytest.raises(ValueError, match="names 'features.2' as the BatchNorm folded into 'features.0', but it is a ReLU"):
-        load_approximated(damaged(saved, tmp_path / "v1", relu, version=1))
+        load_bundled_approximated(damaged(saved, tmp_path / "v1", relu, version=1))
     manifest = json.loads((saved[0] / MANIFEST_NAME).read_text())
     manifest["folded_batchnorm"][0] = ["features.nosuch", "features.1"]
     with pytest.raises(ValueError, match="names folded conv 'features.nosuch', which VGGSmall does not have"):
@@ -393,7 +407,7 @@ def test_weights_of_another_save_fail_the_checksum(saved, tmp_path):
     other = {k: v + 1 if v.is_floating_point() else v for k, v in saved[1].state_dict().items()}
     torch.save(other, folder / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="model_state.pt does not match the checksum in .*manifest.json"):
-        load_approximated(folder)
+        load_bundled_approximated(folder)
 
 
 def test_calibrate_alone_refuses_a_nan_image_before_running_it(model, batches, tmp_path):

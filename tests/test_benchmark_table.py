@@ -1,6 +1,6 @@
 """The benchmark's Markdown table: grid order within a model and target, a re-run replaces the earlier row."""
 
-from lowrank_fm.benchmark import markdown_table
+from lowrank_fm.bench.benchmark import markdown_table
 
 
 def _row(label, target, top1_after, model="vgg-fmnist", date="2026-11-25T00:00:00Z"):
@@ -31,7 +31,7 @@ def test_rows_without_provenance_are_not_shown_and_the_latest_date_wins():
 def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
     import json
 
-    from lowrank_fm.benchmark import BenchmarkRun, run_benchmark
+    from lowrank_fm.bench.benchmark import BenchmarkRun, run_benchmark
 
     grid = {"vgg-digits": [BenchmarkRun("fm-linear (symmetric)", 1.5, {"method": "fm-linear", "speed_gate": False}),
                            BenchmarkRun("svd (weight-only)", 1.5, {"method": "svd", "speed_gate": False})]}

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_fm.cifar10_jpeg import find_archive, read_cifar10_jpeg
-from lowrank_fm.image_training import ImageTrainSettings, _augment, _learning_rate, normalise, train_on_device
-from lowrank_fm.zoo import ResNetCifar
+from lowrank_fm.zoo.cifar10_jpeg import find_archive, read_cifar10_jpeg
+from lowrank_fm.zoo.image_training import ImageTrainSettings, _augment, _learning_rate, normalise, train_on_device
+from lowrank_fm.zoo.networks import ResNetCifar
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -137,9 +137,9 @@ def test_shipped_resnet20_reaches_its_recorded_accuracy_on_the_real_data():
         find_archive(None)
     except FileNotFoundError as error:
         pytest.skip(f"CIFAR-10 JPEG archive not present: {error}")
-    from lowrank_fm.data import load_dataset
-    from lowrank_fm.evaluate import accuracy
-    from lowrank_fm.models import CHECKPOINT_DIR, create_model
+    from lowrank_fm.zoo.data import load_dataset
+    from lowrank_fm.zoo.evaluate import accuracy
+    from lowrank_fm.zoo.models import CHECKPOINT_DIR, create_model
 
     record = json.loads((CHECKPOINT_DIR / "resnet20-cifar10.json").read_text())
     data = load_dataset("cifar10-jpeg", image_size=32)
@@ -149,7 +149,7 @@ def test_shipped_resnet20_reaches_its_recorded_accuracy_on_the_real_data():
 
 
 def test_cache_weights_missing_say_how_to_train(tmp_path, monkeypatch):
-    from lowrank_fm.models import WeightsNotFoundError, create_model
+    from lowrank_fm.zoo.models import WeightsNotFoundError, create_model
 
     monkeypatch.setenv("LOWRANK_FM_CACHE", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="train_reference.py densenet161-cifar10 --device cuda"):
@@ -157,7 +157,7 @@ def test_cache_weights_missing_say_how_to_train(tmp_path, monkeypatch):
 
 
 def test_large_image_size_is_refused_before_reading_anything():
-    from lowrank_fm.data import load_dataset
+    from lowrank_fm.zoo.data import load_dataset
 
     with pytest.raises(ValueError, match="imagefolder"):
         load_dataset("cifar10-jpeg", "/nonexistent", image_size=224)

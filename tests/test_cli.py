@@ -20,9 +20,9 @@ import lowrank_fm
 from lowrank_fm.allocator import _glibc, _preloaded
 from lowrank_fm.cli import calibration_indices, main
 from lowrank_fm.config import ApproxConfig
-from lowrank_fm.data import load_dataset
-from lowrank_fm.evaluate import accuracy
-from lowrank_fm.models import create_model
+from lowrank_fm.zoo.data import load_dataset
+from lowrank_fm.zoo.evaluate import accuracy
+from lowrank_fm.zoo.models import create_model, load_bundled_approximated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_report_accuracy_fractions(default_run, digits):
 
 def test_reloaded_model_matches_report_and_in_memory_model(default_run, digits):
     _, out, report = default_run
-    reloaded = lowrank_fm.load_approximated(out)
+    reloaded = load_bundled_approximated(out)
     assert not reloaded.training
 
     # the reloaded model's accuracy on the same test images is the report's, exactly

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import needs_fmnist
 
-from lowrank_fm.data import DataNotFoundError, load_dataset
-from lowrank_fm.evaluate import accuracy
-from lowrank_fm.models import (
+from lowrank_fm.zoo.data import DataNotFoundError, load_dataset
+from lowrank_fm.zoo.evaluate import accuracy
+from lowrank_fm.zoo.models import (
     ModelSpec,
     WeightsNotFoundError,
     create_model,
@@ -163,7 +163,7 @@ def test_state_dict_file_errors(tmp_path):
 @pytest.mark.parametrize("name,floor", [("vgg-fmnist", 0.93), ("vgg-fmnist-narrow", 0.93), ("resnet-fmnist", 0.925)])
 def test_shipped_checkpoints_load_safely_and_keep_their_accuracy(name, floor):
     from conftest import FMNIST_PRESENT
-    from lowrank_fm.models import checkpoint_path, checkpoint_record
+    from lowrank_fm.zoo.models import checkpoint_path, checkpoint_record
 
     if not FMNIST_PRESENT:
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

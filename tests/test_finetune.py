@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 import lowrank_fm
-from lowrank_fm import approximate, load_approximated
+from lowrank_fm import approximate
 from lowrank_fm.cli import main
 from lowrank_fm.cost import measure_costs
-from lowrank_fm.evaluate import accuracy
 from lowrank_fm.finetune import finetune
+from lowrank_fm.zoo.evaluate import accuracy
+from lowrank_fm.zoo.models import load_bundled_approximated as load_approximated
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,15 @@ def test_labels_mode_repairs_a_damaged_approximation(damaged, digits, vgg_digits
     model, _ = damaged
     original, approximated = top1(vgg_digits, digits.test), top1(model, digits.test)
     assert approximated < original - 0.3  # the damage is real
-    tuned, record = finetune(model, digits.train, epochs=3, lr=3e-3, eval_data=digits.test, progress=False)
+    seen = []
+
+    def evaluate(student):
+        seen.append(student.training)
+        return accuracy(student, digits.test, progress=False)
+
+    tuned, record = finetune(model, digits.train, epochs=3, lr=3e-3, evaluate=evaluate, progress=False)
     assert record["top1"][-1] == top1(tuned, digits.test)  # the record's accuracy is the model's
+    assert seen == [False] * 3 and record["eval_images"] == len(digits.test)  # once per epoch, in eval mode
     assert record["top1"][-1] > approximated + 0.2
     assert len(record["top1"]) == len(record["loss"]) == 3
     assert record["mode"] == "labels" and record["objective"] == "cross-entropy" and record["seconds"] > 0
@@ -192,6 +200,14 @@ def test_bad_arguments(kwargs, match):
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=match):
         finetune(model, TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64)), progress=False, **kwargs)
+
+
+def test_evaluate_must_return_top1():
+    data = TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="evaluate must return a mapping with 'top1'"):
+        finetune(nn.Linear(3, 2), data, epochs=1, evaluate=lambda model: 0.5, progress=False)
+    _, record = finetune(nn.Linear(3, 2), data, epochs=2, evaluate=lambda model: {"top1": 0.25}, progress=False)
+    assert record["top1"] == [0.25, 0.25] and record["top5"] == [None, None] and "eval_images" not in record
 
 
 def test_labels_mode_without_labels_raises():

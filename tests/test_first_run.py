@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowrank_fm.cli import DEFAULT_DATASET, DEFAULT_MODEL, calibration_indices, main
-from lowrank_fm.data import EMBEDDED_DIR, FASHION_MNIST_SAMPLE, DataNotFoundError, load_dataset
-from lowrank_fm.models import checkpoint_record
+from lowrank_fm.zoo.data import EMBEDDED_DIR, FASHION_MNIST_SAMPLE, DataNotFoundError, load_dataset
+from lowrank_fm.zoo.models import checkpoint_record
 
 
 def test_embedded_sample_is_the_documented_file():

@@ -16,7 +16,7 @@ def modules_after(statement: str) -> set[str]:
 
 
 def test_import_lowrank_fm_does_not_import_h5py():
-    loaded = modules_after("import lowrank_fm, lowrank_fm.cli, lowrank_fm.models, lowrank_fm.data, "
+    loaded = modules_after("import lowrank_fm, lowrank_fm.cli, lowrank_fm.zoo.models, lowrank_fm.zoo.data, "
                            "lowrank_fm.serialize")
     assert "lowrank_fm" in loaded
     assert "h5py" not in loaded

@@ -7,7 +7,7 @@ from torch import nn
 from lowrank_fm.layerwise import LayerwisePass, activation_after, trace
 from lowrank_fm.patches import patches_at
 from lowrank_fm.surgery import fold_batchnorm
-from lowrank_fm.zoo import ResNetSmall, VGGSmall
+from lowrank_fm.zoo.networks import ResNetSmall, VGGSmall
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lowrank_fm.plots import matplotlib_available, plot_accuracy_vs_speedup, plot_spectra
+from lowrank_fm.bench.plots import matplotlib_available, plot_accuracy_vs_speedup, plot_spectra
 
 pytestmark = pytest.mark.skipif(matplotlib_available() is not None, reason=str(matplotlib_available()))
 

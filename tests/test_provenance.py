@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_fm.provenance import append_row, current_rows, provenance, read_rows
+from lowrank_fm.bench.provenance import append_row, current_rows, provenance, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"commit", "dirty", "date_utc", "command", "cpu", "cpu_count", "torch", "threads", "load_before",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_fm.provenance import read_rows
-from lowrank_fm.readme import generated_regions, render_readme, render_table
+from lowrank_fm.bench.provenance import read_rows
+from lowrank_fm.bench.readme import generated_regions, render_readme, render_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = {"commit", "dirty", "date_utc", "command", "cpu", "cpu_count", "torch", "threads", "load_before",

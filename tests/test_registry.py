@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lowrank_fm import approximate, list_methods, load_approximated, save_approximated
+from lowrank_fm import approximate, list_methods, save_approximated
+from lowrank_fm.zoo.models import load_bundled_approximated
 
 
 @pytest.mark.parametrize("method", list_methods())
@@ -20,7 +21,7 @@ def test_every_method_meets_a_speedup_and_reloads(method, vgg_digits, digits, tm
     save_approximated(new_model, tmp_path, folded=report.folded_batchnorm, model_name="vgg-digits")
     x = torch.stack([digits.test[i][0] for i in range(16)])
     with torch.no_grad():
-        torch.testing.assert_close(load_approximated(tmp_path)(x), new_model(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_bundled_approximated(tmp_path)(x), new_model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["svd", "fm", "fm-linear", "alds", "spatial"])

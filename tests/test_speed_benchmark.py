@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lowrank_fm.allocator import _glibc, _preloaded
-from lowrank_fm.plots import matplotlib_available
-from lowrank_fm.speed_benchmark import SpeedRun, make_plots, run_speed_benchmark, speed_table
+from lowrank_fm.bench.plots import matplotlib_available
+from lowrank_fm.bench.speed_benchmark import SpeedRun, make_plots, run_speed_benchmark, speed_table
 
 
 def test_speed_benchmark_writes_rows_table_and_plots(tmp_path, vgg_digits):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lowrank_fm.surgery import find_layers, fold_batchnorm, name_filter, set_module, trace_conv_bn_pairs
-from lowrank_fm.zoo import ResNetSmall
+from lowrank_fm.zoo.networks import ResNetSmall
 
 
 def _randomise_bn(model):

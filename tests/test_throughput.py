@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_fm.throughput import calibration_throughput
+from lowrank_fm.bench.throughput import calibration_throughput
 
 
 def test_throughput_reports_both_rates_and_their_ratio(tmp_path) -> None:

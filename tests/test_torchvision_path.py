@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import lowrank_fm
 from lowrank_fm.cli import main
-from lowrank_fm.models import create_model
+from lowrank_fm.zoo.models import create_model, load_bundled_approximated
 
 CLASSES = 3
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 6
@@ -60,7 +59,7 @@ def check_totals_drop(report):
 
 
 def test_tree_is_an_imagefolder(image_tree):
-    from lowrank_fm.data import load_dataset
+    from lowrank_fm.zoo.data import load_dataset
 
     data = load_dataset("imagefolder", image_tree, image_size=32)
     assert (len(data.train), len(data.test), data.num_classes) == (36, 18, 3)
@@ -86,7 +85,7 @@ def test_resnet18_random_weights(image_tree, tmp_path):
     assert len(report["folded_batchnorm"]) == 20  # every BatchNorm of resnet18 follows a conv
 
     # the saved model reloads from its manifest alone (resnet18 with a 3-class head)
-    reloaded = lowrank_fm.load_approximated(tmp_path / "out")
+    reloaded = load_bundled_approximated(tmp_path / "out")
     with torch.no_grad():
         assert reloaded(torch.randn(2, 3, 32, 32)).shape == (2, CLASSES)
 
@@ -113,7 +112,7 @@ def test_resnet18_state_dict_file(image_tree, tmp_path):
     assert any(layer["status"] == "approximated" for layer in layers.values())
     check_totals_drop(report)
 
-    reloaded = lowrank_fm.load_approximated(out)
+    reloaded = load_bundled_approximated(out)
     torch.testing.assert_close(reloaded.fc.weight, model.fc.weight, rtol=0, atol=0)
     torch.testing.assert_close(reloaded.fc.bias, model.fc.bias, rtol=0, atol=0)
 

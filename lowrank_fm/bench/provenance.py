@@ -25,22 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .allocator import allocator_state
+from ..allocator import allocator_state
+from ..latency import machine_load  # the core's (latency reports carry it too); re-exported here
 
 __all__ = ["provenance", "append_row", "read_rows", "current_rows", "machine_load", "code_state", "cpu_model"]
 
 log = logging.getLogger(__name__)
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout: lowrank_fm/bench/provenance.py
 _CODE = ("lowrank_fm", "calibration", "scripts", "pyproject.toml")
-
-
-def machine_load() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the OS does not report them)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def _git(*args: str) -> str | None:

@@ -1,7 +1,7 @@
 """Data sets by name: train/test splits as ``torch.utils.data.Dataset`` objects that never download.
 
 - ``digits``: scikit-learn's 1,797 real 8x8 digit images (embedded), a fixed seeded 80/20 split.
-- ``fashion-mnist-sample``: embedded in the package (``lowrank_fm/embedded``, 4 MB): the 600 training images the
+- ``fashion-mnist-sample``: embedded in the package (``lowrank_fm/zoo/embedded``, 4 MB): the 600 training images the
   command line draws for calibration by default (1%, seed 0) and the whole 10,000-image test split of
   Fashion-MNIST. Its train split *is* the calibration sample (``DataSplits.calibration_sample``).
 - ``fashion-mnist``: the IDX files of Fashion-MNIST (Debian's ``dataset-fashion-mnist`` puts them in
@@ -11,7 +11,7 @@
 - ``cifar10-jpeg``: the project's CIFAR-10 JPEG archive (``../shared/data/cifar10-jpeg.tar.gz`` beside the
   checkout, or ``data_dir``: the archive or its extracted folder), decoded once and cached; 32 px images
   (resized bilinearly to ``image_size`` when it differs), normalised with the ImageNet mean/std as
-  ``imagefolder`` does. The CIFAR-10 models of :mod:`lowrank_fm.models` are trained on exactly this.
+  ``imagefolder`` does. The CIFAR-10 models of :mod:`lowrank_fm.zoo.models` are trained on exactly this.
 
 Every image is returned as a float tensor (C, H, W) normalised with the split's fixed mean/std.
 """
@@ -150,7 +150,7 @@ def _fashion_mnist(data_dir) -> DataSplits:
 
 
 def _fashion_mnist_sample() -> DataSplits:
-    """The embedded sample, normalised as the full data set (see lowrank_fm/embedded/README.md)."""
+    """The embedded sample, normalised as the full data set (see lowrank_fm/zoo/embedded/README.md)."""
     with np.load(FASHION_MNIST_SAMPLE, allow_pickle=False) as arrays:
 
         def split(prefix: str) -> TensorDataset:

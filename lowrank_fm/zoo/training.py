@@ -1,7 +1,7 @@
 """Supervised training of the reference models (SGD + one-cycle schedule, seeded, CPU-friendly).
 
 Used by ``scripts/train_reference.py`` for the shipped Fashion-MNIST checkpoints and by
-:mod:`lowrank_fm.models` to train ``vgg-digits`` on first use.
+:mod:`lowrank_fm.zoo.models` to train ``vgg-digits`` on first use.
 """
 
 from __future__ import annotations

@@ -8,14 +8,14 @@ Two kinds of cell:
   from a weight-only method (no calibration data exists for them here); no accuracy is measured, and every
   row says so in its ``mode``.
 
-Every row carries its provenance (:mod:`lowrank_fm.provenance`: commit, date, command, CPU, threads, load
+Every row carries its provenance (:mod:`lowrank_fm.bench.provenance`: commit, date, command, CPU, threads, load
 before and after, allocator), and speed only as ratios measured in the same process in interleaved rounds:
 the original with the same BatchNorm folding as the approximated model, the headline the median of the
 per-round ratios with their min-max (:func:`lowrank_fm.latency.measure_speed`). Each cell is timed with freed memory
 reused (``"reuse"``, what the command line does) and again with glibc's default (``"system"``, in a
 freshly spawned process: a heap that has been retaining memory would still serve some blocks from its
 holes), so the table shows both (:mod:`lowrank_fm.allocator` says why they differ). Rows go to a
-JSON-lines file as they finish; plots (:mod:`lowrank_fm.plots`) and a Markdown table are made from that file.
+JSON-lines file as they finish; plots (:mod:`lowrank_fm.bench.plots`) and a Markdown table are made from that file.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .allocator import use_allocator
-from .api import approximate
-from .config import ApproxConfig
-from .latency import measure_speed
-from .models import bundled_spec, create_model
+from ..allocator import use_allocator
+from ..api import approximate
+from ..config import ApproxConfig
+from ..latency import measure_speed
+from ..zoo.models import bundled_spec, create_model
 from .provenance import append_row, code_state, current_rows, machine_load
 
 __all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots", "cell_key"]
@@ -91,8 +91,8 @@ def _speed_only_data(model_name: str, images: int, seed: int):
 
 
 def _accuracy_data(model_name: str, calib_fraction: float, seed: int, data_dir: str | None):
-    from .cli import calibration_indices
-    from .data import load_dataset
+    from ..cli import calibration_indices
+    from ..zoo.data import load_dataset
 
     spec = bundled_spec(model_name)
     data = load_dataset(spec.dataset, data_dir)
@@ -128,7 +128,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
     ``allocators`` is set in this process (:func:`lowrank_fm.allocator.use_allocator`; it stays in effect)
     for ``approximate()`` and the row's ``speed``; each other one is timed in a freshly spawned process.
     """
-    from .evaluate import accuracy
+    from ..zoo.evaluate import accuracy
 
     code_state()  # the commit this process runs, looked up before the tree can change under it
     out_path = Path(out_path)
@@ -177,7 +177,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
             row["top1_after"] = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)["top1"]
             row["spectra"] = {n: [float(v) for v in s] for n, s in report.spectra.items()}
         if run.export:
-            from .export import export_and_check
+            from ..export import export_and_check
 
             with tempfile.TemporaryDirectory(prefix="lowrank_fm_export_") as tmp:
                 row["export"] = export_and_check(new_model, images[: max(run.batch_sizes)], export_dir or tmp,

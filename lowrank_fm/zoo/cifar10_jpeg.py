@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # where the project's shared data lies beside a checkout (../shared/data) and its usual extracted place
 CIFAR10_ARCHIVE_DIRS = (
+    Path(__file__).resolve().parents[3] / "shared" / "data",  # parents[2]: the checkout
     Path(__file__).resolve().parents[2] / "shared" / "data",
-    Path(__file__).resolve().parents[1] / "shared" / "data",
 )
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 

@@ -8,7 +8,7 @@ Every table in README.md sits between two markers that name what produces it::
 
 ``python scripts/benchmark.py --readme`` rewrites every marked region from ``results/`` and
 ``tests/test_readme.py`` fails when a region differs from what that command would write. A table reads only
-current rows (:func:`lowrank_fm.provenance.current_rows`): rows with provenance, the latest per cell.
+current rows (:func:`lowrank_fm.bench.provenance.current_rows`): rows with provenance, the latest per cell.
 """
 
 from __future__ import annotations

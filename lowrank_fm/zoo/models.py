@@ -6,7 +6,7 @@ Bundled (registered with :func:`register_model`):
   cached under ``$LOWRANK_FM_CACHE`` (default ``~/.cache/lowrank_fm``).
 - ``vgg-fmnist`` (VGG, 64-64-128-128-256-256), ``vgg-fmnist-narrow`` (the same at half width; the reference
   VGG until 2026-11-23) and ``resnet-fmnist``: Fashion-MNIST models whose checkpoints ship in
-  ``lowrank_fm/checkpoints`` (made by ``scripts/train_reference.py``; see the JSON beside each).
+  ``lowrank_fm/zoo/checkpoints`` (made by ``scripts/train_reference.py``; see the JSON beside each).
 - CIFAR-10 models (data ``cifar10-jpeg``, images normalised as ``imagefolder`` does): ``resnet20-cifar10`` and
   ``resnet56-cifar10`` (the classic CIFAR ResNets; checkpoints shipped when trained), and torchvision's
   ``alexnet``, ``resnet18``, ``vgg16_bn``, ``shufflenet_v2_x1_0``, ``densenet161`` with 10-class heads as
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .zoo import ResNetCifar, ResNetSmall, VGGSmall
+from .networks import ResNetCifar, ResNetSmall, VGGSmall
 
 __all__ = [
     "ModelSpec",
@@ -40,6 +40,7 @@ __all__ = [
     "load_state_dict_file",
     "load_weights",
     "checkpoint_path",
+    "load_bundled_approximated",
     "WeightsNotFoundError",
 ]
 
@@ -160,7 +161,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 def load_weights(model: nn.Module, path: str | os.PathLike, name: str, hint: str = "") -> nn.Module:
     """Load the state_dict file ``path`` into ``model`` (architecture ``name``); when it does not fit, the
     error names the file, the architecture, and which keys are missing or unexpected and which shapes differ."""
-    from .serialize import state_dict_diff
+    from ..serialize import state_dict_diff
 
     state = load_state_dict_file(path)
     try:
@@ -257,3 +258,21 @@ def checkpoint_record(name: str) -> dict | None:
     """The JSON record written beside a shipped checkpoint (seed, command, accuracy), if present."""
     path = CHECKPOINT_DIR / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def model_from_manifest(manifest: dict) -> nn.Module:
+    """The architecture a saved approximation's manifest names (``model``, ``model_kwargs``), with random
+    weights: the builder :func:`load_bundled_approximated` hands to :func:`lowrank_fm.load_approximated`."""
+    if not manifest.get("model"):
+        raise ValueError("the manifest names no model: pass the original architecture to "
+                         "lowrank_fm.load_approximated(path, model=...)")
+    return create_model(manifest["model"], weights="none", **manifest.get("model_kwargs", {}))
+
+
+def load_bundled_approximated(path: str | os.PathLike) -> nn.Module:
+    """Rebuild an approximated model saved by the command line (or by ``save_approximated`` with
+    ``model_name``), whose architecture is a bundled or torchvision name: :func:`lowrank_fm.load_approximated`
+    with the manifest's model built by :func:`create_model`."""
+    from ..serialize import load_approximated
+
+    return load_approximated(path, model=model_from_manifest)

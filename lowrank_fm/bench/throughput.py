@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .surgery import find_layers
+from ..surgery import find_layers
 
 __all__ = ["calibration_throughput"]
 

@@ -1,6 +1,6 @@
 """Architectures of the bundled reference models.
 
-Pure ``nn.Module`` definitions, no weights and no I/O: :mod:`lowrank_fm.models` builds them by name and
+Pure ``nn.Module`` definitions, no weights and no I/O: :mod:`lowrank_fm.zoo.models` builds them by name and
 loads their checkpoints.
 
 - ``VGGSmall``: VGG-style stack of 3x3 conv + BatchNorm + ReLU blocks with max-pooling, then a small MLP.

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .api import approximate
-from .config import ApproxConfig
-from .data import load_dataset
-from .evaluate import accuracy
-from .models import bundled_spec, create_model
+from ..api import approximate
+from ..config import ApproxConfig
+from ..zoo.data import load_dataset
+from ..zoo.evaluate import accuracy
+from ..zoo.models import bundled_spec, create_model
 from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
 __all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID", "cell_key"]
@@ -110,7 +110,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
               eval_images: int | None = None, data_dir: str | None = None, progress: bool = False,
               on_row=None) -> list[dict]:
     """The rows of ``runs`` on one bundled model (calling ``on_row(row)`` as each one finishes)."""
-    from .cli import calibration_indices
+    from ..cli import calibration_indices
 
     code_state()
     spec = bundled_spec(model_name)
