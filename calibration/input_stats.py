@@ -37,6 +37,7 @@ __all__ = ["InputPatchStats", "read_input_stats", "input_patches", "merge_input_
 
 _SECTION = "input_stats"
 _ADVICE = "delete the calibration file or pass another one (--calib-file)"
+_CENTRED_BYTES = 64 << 20  # the patches are centred in row blocks of this size (memory beyond the patches)
 
 
 def input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,10 @@ class InputPatchStats:
         if x.shape[0] == 0:
             return
         mean = x.mean(0)
-        centred = x - mean
-        scatter = centred.T @ centred
+        scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for part in x.split(max(1, _CENTRED_BYTES // (8 * x.shape[1]))):  # centred copies of bounded size
+            centred = part - mean
+            scatter.addmm_(centred.T, centred)
         if self.mean_[name] is None:
             self.count_[name], self.mean_[name], self.scatter_[name] = x.shape[0], mean, scatter
             return
