@@ -7,14 +7,18 @@ ordinal); :func:`calibrate` drives a model over calibration batches and writes t
 reads a complete store. Under ``torch.distributed`` each rank writes a shard of the images and rank 0
 merges the shards into one store (:mod:`calibration.distributed`).
 
-This package is a stage of its own: it does not import ``lowrank_fm``, and it is the only one that imports
-h5py.
+This package is a stage of its own and the only one that imports h5py. It takes its torch-only helpers from
+the core library (:mod:`lowrank_fm.batches`, :func:`lowrank_fm.distributed.world`,
+:mod:`lowrank_fm.stats`); ``lowrank_fm`` never imports it at import time (the pipeline imports it lazily).
 """
+
+from lowrank_fm.batches import check_finite_images  # re-exported: its owner is lowrank_fm.batches
+from lowrank_fm.distributed import world as process_group  # re-exported under its former name
 
 from .input_stats import InputPatchStats, input_patches, read_input_stats
 from .recorder import ResponseRecorder, Samples, layer_spec
-from .distributed import merge_shards, process_group, shard_path, shard_range
-from .run import calibrate, check_finite_images, image_digests, resolve_layers, weights_fingerprint
+from .distributed import merge_shards, shard_path, shard_range
+from .run import calibrate, image_digests, resolve_layers, weights_fingerprint
 from .sampling import sample_positions
 from .store import (
     FORMAT_VERSION,

@@ -24,18 +24,9 @@ import numpy as np
 from .input_stats import merge_input_stats
 from .store import CalibrationWriter, open_calibration, stored_weights_fingerprint
 
-__all__ = ["process_group", "shard_range", "shard_path", "shard_meta", "merge_shards", "barrier"]
+__all__ = ["shard_range", "shard_path", "shard_meta", "merge_shards", "barrier"]
 
 logger = logging.getLogger(__name__)
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world_size) of the initialised ``torch.distributed`` process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def barrier() -> None:

@@ -4,15 +4,19 @@ The Sigma-norm methods (ALGORITHMS.md section 6) need, per layer, the mean mu (p
 Sigma (p, p) of the x in y = W x + b: for a conv, every column that ``torch.nn.functional.unfold`` takes
 with the layer's own kernel size, padding, stride and dilation (p = C kh kw, ordered like
 ``weight.reshape(d, -1)``), for a Linear layer every input row (p = in). :class:`InputPatchStats` hooks the
-layers and accumulates, in float64, the sums
+layers and keeps, in float64, the centred moments
 
-    n = number of patches,  s = sum_i x_i (p,),  M = sum_i x_i x_i^T (p, p)
+    n = number of patches,  mu = (1/n) sum_i x_i (p,),  S = sum_i (x_i - mu)(x_i - mu)^T (p, p)
 
-over the calibration images, which is exact and independent of the batching. They are written beside the
-responses in the same HDF5 file, under ``/input_stats/<escaped layer name>`` (datasets ``sum`` and
-``outer_sum``, attr ``count``), with the group attr ``images_done`` written last: a resumed run continues
-from them when they cover exactly the committed images, and :func:`read_input_stats` reads them back only
-from a complete store whose statistics cover every image.
+over the calibration images: each batch's own (n_b, mu_b, S_b) is folded in with the pairwise update of
+Chan et al. (:func:`lowrank_fm.stats.merge_moments`), which keeps its digits when the mean is large
+(forming sum x x^T / n - mu mu^T does not: with mean 1e4 and unit variance it cancels about 8 of the 16
+digits) and does not depend on the batching beyond rounding. They are written beside the responses in the
+same HDF5 file as the store's statistics section ``input_stats`` (per layer: arrays ``mean`` and
+``scatter``, count ``count``; :meth:`calibration.store.CalibrationWriter.write_stats`), whose
+``images_done`` is written last: a resumed run continues from them when they cover exactly the committed
+images, and :func:`read_input_stats` reads them back only from a complete store whose statistics cover
+every image. The shards of a multi-process run are merged with the same update, in rank order.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .store import CalibrationMismatchError, CalibrationReader, CalibrationWriter, _escape
+from lowrank_fm.stats import StreamingCovariance, merge_moments
+
+from .store import CalibrationMismatchError, CalibrationReader, CalibrationWriter
 
 __all__ = ["InputPatchStats", "read_input_stats", "input_patches", "merge_input_stats"]
 
-_GROUP = "input_stats"
+_SECTION = "input_stats"
 _ADVICE = "delete the calibration file or pass another one (--calib-file)"
+_CENTRED_BYTES = 64 << 20  # the patches are centred in row blocks of this size (memory beyond the patches)
 
 
 def input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -59,7 +66,7 @@ def input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class InputPatchStats:
-    """Forward hooks that sum x, x x^T and the patch count of each layer's inputs, in float64.
+    """Forward hooks that keep the patch count, mean and scatter of each layer's inputs, in float64.
 
     Parameters
     ----------
@@ -70,7 +77,8 @@ class InputPatchStats:
 
     Attributes
     ----------
-    count_ : dict name -> int; sum_ : dict name -> Tensor (p,); outer_sum_ : dict name -> Tensor (p, p)
+    count_ : dict name -> int; mean_ : dict name -> Tensor (p,);
+    scatter_ : dict name -> Tensor (p, p), sum (x - mean)(x - mean)^T (on the device of the layer's inputs)
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], *, keep_from: int = 0, keep_until: int | None = None) -> None:
@@ -79,8 +87,8 @@ class InputPatchStats:
         self._ordinal = 0
         self._handles: list = []
         self.count_: dict[str, int] = {name: 0 for name in self._modules}
-        self.sum_: dict[str, torch.Tensor | None] = {name: None for name in self._modules}
-        self.outer_sum_: dict[str, torch.Tensor | None] = {name: None for name in self._modules}
+        self.mean_: dict[str, torch.Tensor | None] = {name: None for name in self._modules}
+        self.scatter_: dict[str, torch.Tensor | None] = {name: None for name in self._modules}
 
     def __enter__(self) -> "InputPatchStats":
         for name, module in self._modules.items():
@@ -106,111 +114,103 @@ class InputPatchStats:
             return
         x = input_patches(self._modules[name], inputs[lo:hi]).double()
         x = x.reshape(-1, x.shape[-1])
-        if self.sum_[name] is None:
-            p = x.shape[1]
-            self.sum_[name] = torch.zeros(p, dtype=torch.float64, device=x.device)
-            self.outer_sum_[name] = torch.zeros(p, p, dtype=torch.float64, device=x.device)
-        self.sum_[name] += x.sum(0)
-        self.outer_sum_[name] += x.T @ x
-        self.count_[name] += x.shape[0]
+        if x.shape[0] == 0:
+            return
+        mean = x.mean(0)
+        scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for part in x.split(max(1, _CENTRED_BYTES // (8 * x.shape[1]))):  # centred copies of bounded size
+            centred = part - mean
+            scatter.addmm_(centred.T, centred)
+        if self.mean_[name] is None:
+            self.count_[name], self.mean_[name], self.scatter_[name] = x.shape[0], mean, scatter
+            return
+        self.count_[name], self.mean_[name], self.scatter_[name] = merge_moments(
+            self.count_[name], self.mean_[name].to(x.device), self.scatter_[name].to(x.device),
+            x.shape[0], mean, scatter)
 
     def resume(self, writer: CalibrationWriter) -> "InputPatchStats":
-        """Start from the sums stored in ``writer``'s file, which must cover its committed images."""
-        f = writer._file
+        """Start from the statistics stored in ``writer``'s file, which must cover its committed images."""
         n_done = writer.n_images_done
         if n_done == 0:
             return self
-        stored = int(f[_GROUP].attrs["images_done"]) if _GROUP in f else 0
+        stored = writer.stats_images_done(_SECTION) or 0
         if stored != n_done:
             raise CalibrationMismatchError(
                 f"calibration file {writer.path!r} holds responses of {n_done} images but input statistics of "
                 f"{stored}; they cannot be resumed together: {_ADVICE}")
         for name in self._modules:
-            g = f[_GROUP][_escape(name)]
-            self.count_[name] = int(g.attrs["count"])
-            self.sum_[name] = torch.from_numpy(g["sum"][()])
-            self.outer_sum_[name] = torch.from_numpy(g["outer_sum"][()])
+            values = writer.read_stats(_SECTION, name)
+            if values is None:  # no patch of this layer in the images so far
+                continue
+            self.count_[name] = values["count"]
+            self.mean_[name] = torch.from_numpy(values["mean"])
+            self.scatter_[name] = torch.from_numpy(values["scatter"])
         return self
 
     def snapshot(self):
-        """A copy of the current sums, as ``commit(writer, images_done)`` that writes them into ``writer``'s
-        file (``images_done`` committed last); for a writer thread that stores them after the responses."""
-        arrays = {name: (self.count_[name], self.sum_[name].cpu().numpy().copy(),
-                         self.outer_sum_[name].cpu().numpy().copy())
-                  for name in self._modules if self.sum_[name] is not None}
+        """A copy of the current statistics, as ``commit(writer, images_done)`` that writes them into
+        ``writer``'s file (``images_done`` committed last); for a writer thread that stores them after the
+        responses."""
+        arrays = {name: {"count": self.count_[name], "mean": self.mean_[name].cpu().numpy().copy(),
+                         "scatter": self.scatter_[name].cpu().numpy().copy()}
+                  for name in self._modules if self.mean_[name] is not None}
 
         def commit(writer: CalibrationWriter, images_done: int) -> None:
-            _write_sums(writer._file, arrays, images_done)
+            writer.write_stats(_SECTION, arrays, images_done)
 
         return commit
 
     def save(self, writer: CalibrationWriter, images_done: int) -> None:
-        """Write the sums into ``writer``'s file; ``images_done`` is committed last."""
+        """Write the statistics into ``writer``'s file; ``images_done`` is committed last."""
         self.snapshot()(writer, images_done)
 
 
-def _write_sums(f, arrays: Mapping[str, tuple[int, np.ndarray, np.ndarray]], images_done: int) -> None:
-    """Store (count, sum, outer_sum) per layer under /input_stats, then the group's ``images_done``."""
-    root = f.require_group(_GROUP)
-    for name, (count, total, outer) in arrays.items():
-        g = root.require_group(_escape(name))
-        g.attrs["name"] = name
-        for key, value in (("sum", total), ("outer_sum", outer)):
-            if key not in g:
-                g.create_dataset(key, data=value)
-            else:
-                g[key][...] = value
-        g.attrs["count"] = int(count)
-    root.attrs["images_done"] = int(images_done)
-    f.flush()
+def _stored(store: CalibrationReader | CalibrationWriter, name: str) -> StreamingCovariance:
+    """Layer ``name``'s stored input statistics as an estimator (empty when none are stored)."""
+    values = store.read_stats(_SECTION, name)
+    if values is None:
+        return StreamingCovariance()
+    return StreamingCovariance.from_moments(values["count"], values["mean"], values["scatter"])
 
 
 def merge_input_stats(shards: Sequence[CalibrationReader], writer: CalibrationWriter) -> bool:
-    """Add up the input statistics of a multi-process run's complete shards into the merged store.
+    """Merge the input statistics of a multi-process run's complete shards, in rank order, into the merged store.
 
     Returns False (and writes nothing) when the shards hold none; raises when only some do or when a shard's
     statistics do not cover all of its images.
     """
-    held = [_GROUP in reader._file for reader in shards]
-    if not any(held):
+    covered = [reader.stats_images_done(_SECTION) for reader in shards]
+    if all(n is None for n in covered):
         return False
-    if not all(held):
+    if any(n is None for n in covered):
         raise CalibrationMismatchError(f"only some calibration shards hold input statistics; {_ADVICE}")
-    totals: dict[str, list] = {}
-    for reader in shards:
-        root = reader._file[_GROUP]
-        if int(root.attrs.get("images_done", -1)) != reader.n_images:
+    merged: dict[str, StreamingCovariance] = {}
+    for reader, n in zip(shards, covered):
+        if n != reader.n_images:
             raise CalibrationMismatchError(
-                f"calibration shard {reader.path!r}: input statistics cover {int(root.attrs.get('images_done', -1))} "
-                f"of {reader.n_images} images; {_ADVICE}")
-        for key in root:
-            g = root[key]
-            entry = totals.setdefault(g.attrs["name"], [0, 0.0, 0.0])
-            entry[0] += int(g.attrs["count"])
-            entry[1] = entry[1] + g["sum"][()]
-            entry[2] = entry[2] + g["outer_sum"][()]
-    _write_sums(writer._file, {name: tuple(v) for name, v in totals.items()}, writer.n_images_done)
+                f"calibration shard {reader.path!r}: input statistics cover {n} of {reader.n_images} images; {_ADVICE}")
+        for name in reader.stats_layers(_SECTION):
+            merged.setdefault(name, StreamingCovariance()).merge(_stored(reader, name))
+    writer.write_stats(_SECTION, {name: {"count": est.n_samples_seen_, "mean": est.mean_, "scatter": est.scatter_}
+                                  for name, est in merged.items() if est.n_samples_seen_},
+                       writer.n_images_done)
     return True
 
 
 def read_input_stats(reader: CalibrationReader, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean (p,), covariance (p, p) and patch count of layer ``name``'s inputs, float64.
 
-    Covariance = M / n - mu mu^T (the population covariance), from a complete store whose input statistics
-    cover every calibration image.
+    Covariance = S / n, the population covariance (S the stored scatter, symmetrised), from a complete store
+    whose input statistics cover every calibration image.
     """
-    f = reader._file
-    root = f.get(_GROUP)
-    if root is None or _escape(name) not in root:
+    covered = reader.stats_images_done(_SECTION)
+    if covered is None or reader.read_stats(_SECTION, name) is None:
         raise ValueError(
             f"calibration file {reader.path!r} has no input covariance for layer {name!r} (it was made for a method "
             f"that does not need one); {_ADVICE}")
-    if int(root.attrs.get("images_done", -1)) != reader.n_images:
+    if covered != reader.n_images:
         raise CalibrationMismatchError(
-            f"calibration file {reader.path!r}: input statistics cover {int(root.attrs.get('images_done', -1))} "
-            f"of {reader.n_images} images; {_ADVICE}")
-    g = root[_escape(name)]
-    count = int(g.attrs["count"])
-    mean = g["sum"][()] / count
-    covariance = g["outer_sum"][()] / count - np.outer(mean, mean)
-    return mean, 0.5 * (covariance + covariance.T), count
+            f"calibration file {reader.path!r}: input statistics cover {covered} of {reader.n_images} images; {_ADVICE}")
+    estimator = _stored(reader, name)
+    covariance = estimator.covariance_
+    return estimator.mean_, 0.5 * (covariance + covariance.T), estimator.n_samples_seen_

@@ -21,14 +21,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lowrank_fm.batches import batch_size_of, check_finite_images, to_device
+from lowrank_fm.distributed import world
+
 from .input_stats import InputPatchStats
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
-from .distributed import barrier, merge_shards, process_group, shard_meta, shard_path, shard_range
+from .distributed import barrier, merge_shards, shard_meta, shard_path, shard_range
 from .store import CalibrationMismatchError, CalibrationWriter, IncompleteCalibrationError, open_calibration
 from .writer import BackgroundWriter
 
-__all__ = ["calibrate", "resolve_layers", "weights_fingerprint", "image_digests", "check_finite_images"]
+__all__ = ["calibrate", "resolve_layers", "weights_fingerprint", "image_digests"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,28 +79,6 @@ def image_digests(batch: torch.Tensor | list) -> np.ndarray:
     return np.array([_digest(item) for item in batch], dtype=np.int64)
 
 
-def check_finite_images(batch: Any, first_index: int) -> None:
-    """Raise ValueError naming the first image of ``batch`` (global index ``first_index + i``) that holds a
-    NaN or an infinite value. Non-tensor items are not checked."""
-    items = [batch] if isinstance(batch, torch.Tensor) else batch if isinstance(batch, (list, tuple)) else []
-    for k, item in enumerate(items):
-        if not isinstance(item, torch.Tensor) or not item.is_floating_point() or item.numel() == 0:
-            continue
-        if bool(torch.isfinite(item.sum())):  # fast: a NaN or inf makes the sum non-finite (an overflow: checked below)
-            continue
-        finite = torch.isfinite(item)
-        if bool(finite.all()):
-            continue
-        if isinstance(batch, torch.Tensor):  # (B, ...): the first image with a non-finite value
-            bad = int(torch.nonzero(~finite.reshape(finite.shape[0], -1).all(dim=1))[0, 0]) if item.dim() else 0
-        else:
-            bad = k
-        raise ValueError(
-            f"calibration image {first_index + bad} holds NaN or infinite values: fix or drop it from the data "
-            f"(no result is computed from non-finite images)"
-        )
-
-
 def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
     """Target modules of ``model`` by qualified name (as in ``model.named_modules()``).
 
@@ -140,23 +121,13 @@ def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            raise ValueError("a batch must be a Tensor of shape (B, ...) or a list of image tensors, got a scalar")
-        return int(batch.shape[0])
-    if isinstance(batch, list):
-        return len(batch)
-    raise TypeError(
-        f"a batch must be a Tensor of shape (B, ...) or a list of image tensors, got {type(batch).__name__}; "
-        f"pass to_input=... to turn a loader item into the model input (e.g. to_input=lambda item: item[0])"
-    )
-
-
-def _to_device(batch: torch.Tensor | list, device: torch.device) -> torch.Tensor | list:
-    # non_blocking: a batch in pinned memory is copied to a GPU while the host goes on (a no-op on the CPU)
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return [item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else item for item in batch]
+    """Images in ``batch``; a tuple is refused: it is most likely a loader item such as (images, labels)."""
+    if isinstance(batch, tuple):
+        raise TypeError(
+            "a batch must be a Tensor of shape (B, ...) or a list of image tensors, got tuple; pass to_input=... "
+            "to turn a loader item into the model input (e.g. to_input=lambda item: item[0])"
+        )
+    return batch_size_of(batch)
 
 
 def _check_model_device(model: nn.Module, device: torch.device) -> None:
@@ -266,7 +237,7 @@ def calibrate(
                     weights_fingerprint=weights_fingerprint(model))
     options = dict(resume=resume, device=device, progress=progress, to_input=to_input, input_stats=input_stats)
     if rank is None and world_size is None:
-        rank, world_size = process_group()
+        rank, world_size = world()
     elif rank is None or world_size is None:
         raise ValueError(f"pass both rank and world_size, or neither; got rank={rank!r}, world_size={world_size!r}")
     if world_size == 1 and rank == 0:
@@ -280,7 +251,7 @@ def calibrate(
     logger.info("rank %d of %d calibrates images [%d, %d) into %s", rank, world_size, start, stop, shard)
     _calibrate_store(model, batches, modules, shard, image_ids=ids[start:stop], first_ordinal=start,
                      meta=shard_meta(meta, rank, world_size, n_images), **settings, **options)
-    if process_group() != (rank, world_size):
+    if world() != (rank, world_size):
         return shard  # no process group to wait on: the caller merges the shards (merge_shards)
     barrier()
     if rank == 0:
@@ -412,7 +383,7 @@ def _run_batches(
                     continue
                 if upcoming is not None and ordinal + size < n_images:
                     recorder.plan(first_ordinal + ordinal + size, upcoming[1])
-                model(_to_device(batch, device))
+                model(to_device(batch, device))
                 recorder.next_batch(size)
                 done = min(ordinal + size, n_images)
                 background.append(_relative(recorder.pop(), first_ordinal, n_images), images_done=done,

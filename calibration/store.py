@@ -1,10 +1,11 @@
-"""The HDF5 store of calibration responses (format version 3).
+"""The HDF5 store of calibration responses (format version 4).
 
 Layout
 ------
 File attrs
-    ``format_version`` (3; version 2 had no weights fingerprint nor image checksums, version 1 drew positions
-    with another sampler), ``position_sampler`` (the name of the draw, :data:`calibration.sampling.SAMPLER`),
+    ``format_version`` (4; version 3 kept input-patch statistics as raw sums x and x x^T, which lose digits to
+    a large mean, version 2 had no weights fingerprint nor image checksums, version 1 drew positions with
+    another sampler), ``position_sampler`` (the name of the draw, :data:`calibration.sampling.SAMPLER`),
     ``complete`` (bool), ``n_images_done`` (committed images), ``n_images_planned``, ``seed``,
     ``positions_per_image`` (-1 = all positions), ``meta_json`` (JSON of caller-given metadata),
     ``layers_json`` (JSON list of layer names, in order), ``weights_fingerprint`` (a digest of the model's
@@ -19,6 +20,10 @@ File attrs
     ``responses`` float32 (N, d), ``image_ordinal`` int64 (N,), ``position`` int32 (N, 2), chunked and
     resizable along rows. Rows are sorted by image ordinal. Only the first ``committed_rows`` rows are data:
     rows past it belong to a batch whose write was interrupted.
+``/<section>/<escaped name>`` per-layer statistics, optional (e.g. ``/input_stats``, :mod:`calibration.input_stats`)
+    attrs ``name`` and counts (ints), datasets of arrays; the section's attr ``images_done`` (the images they
+    cover) is written last (:meth:`CalibrationWriter.write_stats`, read back with ``stats_images_done``,
+    ``stats_layers`` and ``read_stats`` of the writer or the reader).
 
 Commit protocol
 ---------------
@@ -56,7 +61,7 @@ __all__ = [
     "open_calibration",
 ]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _KINDS = ("conv", "linear")
 _CHUNK_BYTES = 1 << 20  # target size of a responses chunk
 _MAX_CHUNK_ROWS = 4096
@@ -84,6 +89,20 @@ def _escape(name: str) -> str:
     if escaped.startswith("."):
         escaped = "%2E" + escaped[1:]
     return escaped or "%"
+
+
+_RESERVED = ("layers", "image_ids", "image_digest")
+
+
+def _check_section(section: str) -> str:
+    """A statistics section's name, checked: lower-case letters, digits and '_', not one of the store's own."""
+    if not isinstance(section, str) or not section or section in _RESERVED or \
+            not all(c.islower() or c.isdigit() or c == "_" for c in section) or not section.isascii():
+        raise ValueError(
+            f"a statistics section must be a name of lower-case letters, digits and '_' other than {_RESERVED}, "
+            f"got {section!r}"
+        )
+    return section
 
 
 def _chunk_rows(channels: int) -> int:
@@ -294,6 +313,40 @@ class _OpenFile:
     ) -> None:
         self.close()
 
+    _role: str  # "writer" or "reader", for the message of a closed store
+
+    @property
+    def _file(self) -> h5py.File:
+        if self._f is None:
+            raise ValueError(f"calibration {self._role} for {self.path!r} is closed")
+        return self._f
+
+    def stats_images_done(self, section: str) -> int | None:
+        """Images that the per-layer statistics ``section`` cover (None when the store holds no such section).
+
+        A statistics section (``/<section>``, e.g. ``input_stats``) holds arrays and counts per layer written by
+        :meth:`CalibrationWriter.write_stats`; it is complete for the store only when this equals the number
+        of committed images.
+        """
+        root = self._file.get(_check_section(section))
+        return None if root is None else int(root.attrs.get("images_done", -1))
+
+    def stats_layers(self, section: str) -> list[str]:
+        """Names of the layers that statistics ``section`` holds (empty when there is no such section)."""
+        root = self._file.get(_check_section(section))
+        return [] if root is None else [str(g.attrs["name"]) for g in root.values()]
+
+    def read_stats(self, section: str, layer: str) -> dict[str, np.ndarray | int] | None:
+        """Statistics ``section`` of layer ``layer``: its arrays (ndarray) and counts (int) by key, as written by
+        :meth:`CalibrationWriter.write_stats`; None when the store holds none for that layer."""
+        root = self._file.get(_check_section(section))
+        if root is None or _escape(layer) not in root:
+            return None
+        g = root[_escape(layer)]
+        values: dict[str, np.ndarray | int] = {key: g[key][()] for key in g}
+        values.update({key: int(value) for key, value in g.attrs.items() if key != "name"})
+        return values
+
 
 class CalibrationWriter(_OpenFile):
     """Writes (or resumes) a calibration store. Build it with :meth:`open`.
@@ -308,6 +361,8 @@ class CalibrationWriter(_OpenFile):
     n_images_planned : int
     layers : list of str
     """
+
+    _role = "writer"
 
     def __init__(self, f: h5py.File, path: str, config: _Config) -> None:
         self._f: h5py.File | None = f
@@ -335,12 +390,6 @@ class CalibrationWriter(_OpenFile):
     @property
     def n_images_done(self) -> int:
         return int(self._file.attrs["n_images_done"])
-
-    @property
-    def _file(self) -> h5py.File:
-        if self._f is None:
-            raise ValueError(f"calibration writer for {self.path!r} is closed")
-        return self._f
 
     @classmethod
     def open(
@@ -564,6 +613,40 @@ class CalibrationWriter(_OpenFile):
         f.attrs["n_images_done"] = images_done
         f.flush()
 
+    def write_stats(self, section: str, stats: Mapping[str, Mapping[str, np.ndarray | int]], images_done: int) -> None:
+        """Store per-layer statistics under ``/<section>``, then record that they cover ``images_done`` images.
+
+        Parameters
+        ----------
+        section : str
+            Name of the statistics (lower-case letters, digits, "_"; not one of the store's own entries).
+        stats : dict of str to dict of str to (ndarray or int)
+            Per layer name, its arrays (stored as datasets) and counts (ints, stored as attributes); a layer or
+            key written before is overwritten, others are left as they are.
+        images_done : int
+            The images the statistics cover, written last (then the file is flushed): a reader compares it
+            with the committed images (:meth:`stats_images_done`).
+        """
+        root = self._file.require_group(_check_section(section))
+        for name, values in stats.items():
+            g = root.require_group(_escape(name))
+            g.attrs["name"] = name
+            for key, value in values.items():
+                if key == "name":
+                    raise ValueError(f"write_stats: 'name' is reserved for the layer name, got it among {sorted(values)}")
+                if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                    g.attrs[key] = int(value)
+                    continue
+                value = np.asarray(value)
+                if key in g and g[key].shape == value.shape and g[key].dtype == value.dtype:
+                    g[key][...] = value
+                else:
+                    if key in g:
+                        del g[key]
+                    g.create_dataset(key, data=value)
+        root.attrs["images_done"] = int(images_done)
+        self._file.flush()
+
     def mark_complete(self) -> None:
         """Mark the store complete (all planned images committed)."""
         f = self._file
@@ -595,6 +678,8 @@ class CalibrationReader(_OpenFile):
     n_images : int
     """
 
+    _role = "reader"
+
     def __init__(self, f: h5py.File, path: str) -> None:
         self._f: h5py.File | None = f
         self.path = path
@@ -613,12 +698,6 @@ class CalibrationReader(_OpenFile):
             if any(g[key].shape[0] < rows for key in ("responses", "image_ordinal", "position")):
                 raise CalibrationMismatchError(f"calibration file {path!r} is damaged (layer {name!r}); {_ADVICE}")
             self._rows[name] = rows
-
-    @property
-    def _file(self) -> h5py.File:
-        if self._f is None:
-            raise ValueError(f"calibration reader for {self.path!r} is closed")
-        return self._f
 
     @property
     def weights_fingerprint(self) -> str:

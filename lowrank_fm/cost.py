@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .batches import batch_size_of  # re-exported: its owner is lowrank_fm.batches
 from .surgery import run_with_hooks
 
 __all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
@@ -27,13 +28,6 @@ class LayerCost:
     out_shape: tuple[int, ...]
     calls: int = 1
     in_shape: tuple[int, ...] = ()
-
-
-def batch_size_of(batch) -> int:
-    """Images in a model input: ``len`` of a list of images, else the first dimension of a tensor."""
-    if isinstance(batch, (list, tuple)):
-        return len(batch)
-    return int(batch.shape[0])
 
 
 def module_params(module: nn.Module) -> int:

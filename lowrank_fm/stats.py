@@ -15,7 +15,33 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["StreamingCovariance", "principal_components", "incremental_pca_basis"]
+__all__ = ["StreamingCovariance", "merge_moments", "principal_components", "incremental_pca_basis"]
+
+
+def merge_moments(count_a: int, mean_a, scatter_a, count_b: int, mean_b, scatter_b):
+    """(count, mean, scatter) of two blocks of samples together, from each block's own (Chan et al., 1979).
+
+    Parameters
+    ----------
+    count_a, count_b : int, the blocks' sample counts (both > 0)
+    mean_a, mean_b : (d,) float64, the blocks' means
+    scatter_a, scatter_b : (d, d) float64, sum over each block of (x - its mean)(x - its mean)^T
+
+    Returns
+    -------
+    count : int; mean : (d,); scatter : (d, d), new arrays of the inputs' kind
+
+    Notes
+    -----
+    With n = n_a + n_b and delta = m_b - m_a: S = S_a + S_b + (n_a n_b / n) delta delta^T,
+    m = m_a + (n_b / n) delta. Only centred quantities are added, so no digits are lost to a large mean
+    (unlike sum x x^T / n - m m^T). Written with arithmetic operators only, it takes numpy arrays or torch
+    tensors alike (e.g. running sums kept on a GPU).
+    """
+    delta = mean_b - mean_a
+    count = count_a + count_b
+    scatter = scatter_a + scatter_b + (count_a * count_b / count) * (delta[:, None] * delta[None, :])
+    return count, mean_a + (count_b / count) * delta, scatter
 
 
 class StreamingCovariance:
@@ -62,13 +88,25 @@ class StreamingCovariance:
         if self.mean_ is None:
             self.mean_, self._scatter, self.n_samples_seen_ = mean_b.copy(), scatter_b.copy(), n_b
             return self
-        n = self.n_samples_seen_
-        delta = mean_b - self.mean_
-        total = n + n_b
-        self._scatter = self._scatter + scatter_b + (n * n_b / total) * np.outer(delta, delta)
-        self.mean_ = self.mean_ + (n_b / total) * delta
-        self.n_samples_seen_ = total
+        self.n_samples_seen_, self.mean_, self._scatter = merge_moments(
+            self.n_samples_seen_, self.mean_, self._scatter, n_b, mean_b, scatter_b)
         return self
+
+    @classmethod
+    def from_moments(cls, count: int, mean: np.ndarray, scatter: np.ndarray) -> "StreamingCovariance":
+        """The state after ``count`` samples of mean (d,) and scatter (d, d) = sum (x - mean)(x - mean)^T
+        (e.g. read back from a store, to merge with others); ``count`` = 0 gives an empty estimator."""
+        estimator = cls()
+        if count:
+            estimator._merge(int(count), np.asarray(mean, dtype=np.float64), np.asarray(scatter, dtype=np.float64))
+        return estimator
+
+    @property
+    def scatter_(self) -> np.ndarray:
+        """sum (y - mean)(y - mean)^T over the samples seen, (d, d) float64 (covariance_ times n)."""
+        if self._scatter is None:
+            raise ValueError("StreamingCovariance has seen no samples; call partial_fit first")
+        return self._scatter
 
     @property
     def covariance_(self) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from calibration import (
+    FORMAT_VERSION,
     CalibrationMismatchError,
     CalibrationWriter,
     IncompleteCalibrationError,
@@ -220,7 +221,7 @@ def test_batch_size_does_not_change_the_store(tmp_path: Path, images: torch.Tens
 def test_file_layout_and_metadata(tmp_path: Path, images: torch.Tensor) -> None:
     path = run(tiny_model(), images, tmp_path / "c.h5", size=7, image_ids=np.arange(100, 100 + N_IMAGES))
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 3 and bool(f.attrs["complete"])
+        assert f.attrs["format_version"] == FORMAT_VERSION == 4 and bool(f.attrs["complete"])
         assert f.attrs["position_sampler"] == "splitmix64-smallest-keys"
         assert f.attrs["n_images_done"] == N_IMAGES and f.attrs["n_images_planned"] == N_IMAGES
         assert f.attrs["seed"] == 3 and f.attrs["positions_per_image"] == 5
@@ -363,8 +364,14 @@ def test_layer_channels_mismatch_and_non_calibration_files(tmp_path: Path) -> No
         open_calibration(tmp_path / "other.h5")
     with h5py.File(tmp_path / "c.h5", "r+") as f:
         f.attrs["format_version"] = 1  # version 1 drew positions with another sampler
-    with pytest.raises(CalibrationMismatchError, match="format version 1; this code reads version 3"):
+    with pytest.raises(CalibrationMismatchError, match="format version 1; this code reads version 4"):
         open_calibration(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f.attrs["format_version"] = 3  # version 3 kept input statistics as raw sums
+    with pytest.raises(CalibrationMismatchError, match="format version 3; this code reads version 4; pass another"):
+        open_calibration(tmp_path / "c.h5")
+    with pytest.raises(CalibrationMismatchError, match="format version 3; this code reads version 4"):
+        CalibrationWriter.open(tmp_path / "c.h5", layers={"a": (4, "conv")}, **options)
 
 
 def test_writer_append_checks_and_escaped_names(tmp_path: Path) -> None:
@@ -431,11 +438,15 @@ def test_list_batches_to_input_and_bad_arguments(tmp_path: Path, images: torch.T
         calibrate(model, items, ["conv"], tmp_path / "e.h5", n_images=5, positions_per_image=0, progress=False)
 
 
-def test_package_does_not_import_lowrank_fm() -> None:
-    code = "import sys, calibration; print('lowrank_fm' in sys.modules)"
+def test_package_imports_first_and_shares_the_library_helpers() -> None:
+    """calibration takes its torch-only helpers from lowrank_fm (one owner each); lowrank_fm does not import
+    calibration at import time (tests/test_import.py), so importing calibration first works: no cycle."""
+    code = ("import calibration, calibration.run as run, lowrank_fm.batches as b, lowrank_fm.distributed as d; "
+            "print(run.to_device is b.to_device, calibration.check_finite_images is b.check_finite_images, "
+            "calibration.process_group is d.world)")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["True", "True", "True"]
 
 
 def test_complete_file_serves_a_subset_of_its_layers_but_not_a_superset(tmp_path: Path, images: torch.Tensor) -> None:
@@ -451,3 +462,25 @@ def test_complete_file_serves_a_subset_of_its_layers_but_not_a_superset(tmp_path
     calibrate(model, batches_of(images, 4), ["0", "5"], partial, **options)
     with pytest.raises(CalibrationMismatchError, match="layers differ"):
         calibrate(model, batches_of(images, 4), LAYERS, partial, **options)
+
+
+def test_statistics_sections_round_trip_through_the_public_store_api(tmp_path: Path) -> None:
+    options = dict(layers={"a/b": (2, "conv"), "fc": (3, "linear")}, seed=0, positions_per_image=None,
+                   image_ids=np.arange(2), meta=None)
+    with CalibrationWriter.open(tmp_path / "c.h5", **options) as writer:
+        assert writer.stats_images_done("extra") is None and writer.stats_layers("extra") == []
+        assert writer.read_stats("extra", "a/b") is None
+        writer.append({}, images_done=2)
+        writer.write_stats("extra", {"a/b": {"count": 7, "mean": np.arange(3.0)}}, images_done=1)
+        writer.write_stats("extra", {"a/b": {"mean": np.ones(4)}, "fc": {"count": 2}}, images_done=2)
+        for name in ("layers", "Extra", "a/b", ""):
+            with pytest.raises(ValueError, match="a statistics section must be a name of lower-case letters"):
+                writer.write_stats(name, {}, images_done=2)
+        writer.mark_complete()
+    with open_calibration(tmp_path / "c.h5") as reader:
+        assert reader.stats_images_done("extra") == 2 and sorted(reader.stats_layers("extra")) == ["a/b", "fc"]
+        stored = reader.read_stats("extra", "a/b")
+        assert stored["count"] == 7 and np.array_equal(stored["mean"], np.ones(4))
+        assert reader.read_stats("extra", "fc") == {"count": 2}
+    with pytest.raises(ValueError, match="calibration reader for .* is closed"):
+        reader.stats_layers("extra")

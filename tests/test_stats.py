@@ -62,3 +62,28 @@ def test_incremental_pca_with_fewer_samples_than_features_completes_the_basis():
     assert np.all(values[5:] == 0)
     exact, _ = principal_components(np.cov(x.T, bias=True))
     np.testing.assert_allclose(values[:4], exact[:4], rtol=1e-8)
+
+
+def test_merge_moments_is_the_streaming_update_for_numpy_and_torch() -> None:
+    import torch
+
+    from lowrank_fm.stats import merge_moments
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(3e4, 1.0, (40, 6)), rng.normal(3e4, 2.0, (25, 6))
+
+    def moments(x):
+        return x.shape[0], x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0))
+
+    count, mean, scatter = merge_moments(*moments(a), *moments(b))
+    both = np.concatenate([a, b])
+    assert count == 65
+    np.testing.assert_allclose(mean, both.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(scatter / count, np.cov(both.T, bias=True), rtol=1e-10, atol=1e-12)
+    torch_parts = [tuple(torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in moments(x)) for x in (a, b)]
+    t_count, t_mean, t_scatter = merge_moments(*torch_parts[0], *torch_parts[1])
+    assert t_count == count and np.allclose(t_mean.numpy(), mean, rtol=1e-15)
+    np.testing.assert_allclose(t_scatter.numpy(), scatter, rtol=1e-12)
+    restored = StreamingCovariance.from_moments(count, mean, scatter)
+    np.testing.assert_array_equal(restored.scatter_, scatter)
+    assert StreamingCovariance.from_moments(0, None, None).n_samples_seen_ == 0
