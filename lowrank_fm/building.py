@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import batch_size_of
+from .batches import batch_size_of
 from .methods.base import LayerContext, LayerData, Method
 from .patches import patches_at
 from .samples import layer_data_from_maps

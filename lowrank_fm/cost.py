@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .batches import batch_size_of  # re-exported: its owner is lowrank_fm.batches
+from .batches import batch_size_of
 from .surgery import run_with_hooks
 
-__all__ = ["LayerCost", "measure_costs", "batch_size_of", "module_params"]
+__all__ = ["LayerCost", "measure_costs", "module_params"]
 
 
 @dataclass(frozen=True)

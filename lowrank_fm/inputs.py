@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .cost import batch_size_of
+from .batches import batch_size_of, check_finite_images, to_device
 
 __all__ = ["default_to_input", "count_images", "iter_inputs", "check_reiterable"]
 
@@ -21,14 +21,6 @@ def default_to_input(batch):
         images, labels = batch
         if labels.ndim == 1 and not labels.is_floating_point() and images.ndim >= 2 and labels.shape[0] == images.shape[0]:
             return images
-    return batch
-
-
-def _to_device(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)  # asynchronous from pinned memory to a GPU
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
     return batch
 
 
@@ -46,8 +38,6 @@ def count_images(data, n_images: int | None) -> int:
 def iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device="cpu") -> Iterable:
     """Model inputs for images with ordinals in [start, stop), re-slicing batches that straddle the range.
     An image with NaN or infinite values is refused (ValueError naming its ordinal)."""
-    from calibration import check_finite_images
-
     seen = 0
     for item in data:
         batch = to_input(item)
@@ -57,7 +47,7 @@ def iter_inputs(data, to_input, start: int = 0, stop: int | None = None, device=
             part = batch if (lo, hi) == (0, size) else batch[lo:hi]
             check_finite_images(part, seen + lo)
             seen += size
-            yield _to_device(part, device)
+            yield to_device(part, device)
         else:
             seen += size
         if stop is not None and seen >= stop:

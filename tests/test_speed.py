@@ -50,7 +50,9 @@ def test_measure_speed_reports_every_batch_layout_and_a_ratio_with_its_spread():
         assert entry["rounds"] == 5 and "before_unfolded_ms" not in entry  # nothing to fold: no extra
         assert entry["speedup_min"] <= entry["measured_speedup"] <= entry["speedup_max"]
         assert entry["speedup_min"] <= entry["before_ms"] / entry["after_ms"] <= entry["speedup_max"]
-        assert 2.5 < entry["speedup_min"] and entry["speedup_max"] < 5.5  # 30 / 6 = 5 less scheduler delays
+        # 30 / 6 = 5 less scheduler delays; the median, not the extremes (one round delayed on a loaded machine
+        # moves the min far below 5)
+        assert 3.5 < entry["measured_speedup"] < 5.5
 
 
 def test_interleaved_rounds_and_ratio_spread():
@@ -299,6 +301,8 @@ def test_vgg_digits_with_every_layer_kept_measures_one(digits_run, digits):
     result = measure_speed(model, new_model, images, batch_sizes=(1, 32), rounds=7, min_seconds=2.0)
     assert result["folded_batchnorm"] == {"original": 4, "approximated": 0}
     for batch, entry in result["batches"].items():
-        assert 0.9 < entry["measured_speedup"] < 1.1, (batch, entry)
+        # the same network timed twice: 1 within noise (a loaded machine moves the median by 10-15%; the
+        # unfolded baseline's bias was 1.34x at batch 1). The models compared are checked exactly just above.
+        assert 0.8 < entry["measured_speedup"] < 1.25, (batch, entry)
         assert entry["rounds"] == 7 and entry["speedup_min"] <= entry["measured_speedup"] <= entry["speedup_max"]
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model still has them
