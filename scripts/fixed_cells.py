@@ -55,6 +55,7 @@ def main() -> int:
     if args.compare is None:
         return 0
     before = json.loads(args.compare.read_text())
+    results = json.loads(json.dumps(results))  # tuples as the file holds them (lists)
     same = True
     print(f"{'cell':45s} {'top-1 before':>13s} {'top-1 after':>12s}  ranks")
     for key, now in results.items():
