@@ -50,7 +50,7 @@ def probe() -> torch.Tensor:
 def run_pipeline(calib_file: Path):
     """approximate() and the statistics of its calibration store, as each rank computes them."""
     from lowrank_fm import approximate
-    from lowrank_fm.api import _response_stats
+    from lowrank_fm.layer_stats import response_stats as _response_stats
     from lowrank_fm.distributed import world
 
     model = tiny_model()
