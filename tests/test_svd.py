@@ -16,8 +16,6 @@ def test_truncated_svd_equals_the_dense_conv_of_the_best_rank_r_kernel(kernel, s
     conv = nn.Conv2d(6, 10, kernel, stride=stride, padding=padding, dilation=dilation).double()
     method, ctx = get_method("svd"), LayerContext("c", conv, 1)
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
-    full = method.build(ctx, method.full_rank(ctx))
-    torch.testing.assert_close(full(x), conv(x), rtol=1e-10, atol=1e-10)
     rank = 3
     w = conv.weight.detach().reshape(10, -1).numpy()
     u, s, vt = np.linalg.svd(w, full_matrices=False)
