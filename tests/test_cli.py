@@ -31,7 +31,8 @@ LAYER_FIELDS = ("name", "kind", "shape", "rank", "energy", "params_before", "par
 TOTALS_FIELDS = ("params_before", "params_after", "macs_before", "macs_after", "theoretical_speedup")
 ACCURACY_FIELDS = ("top1_before", "top1_after", "eval_images")
 LATENCY_FIELDS = ("before_ms", "after_ms", "measured_speedup", "batch_size", "threads", "device")
-TIMING_FIELDS = ("calibrate_s", "approximate_s", "evaluate_s")
+TIMING_FIELDS = ("fold_s", "calibrate_s", "statistics_s", "plan_s", "build_s", "approximate_s", "heldout_error_s",
+                 "evaluate_s")
 
 
 
@@ -187,6 +188,8 @@ def test_report_has_contract_fields(default_run):
             assert key in report[section], (section, key)
     for key in TIMING_FIELDS:
         assert report["timing"][key] >= 0.0
+    stages = ("statistics_s", "plan_s", "layout_s", "latency_model_s", "speed_gate_s", "build_s")
+    assert report["timing"]["approximate_s"] == pytest.approx(sum(report["timing"].get(k, 0.0) for k in stages))
     assert report["latency"]["before_ms"] > 0 and report["latency"]["after_ms"] > 0
     assert report["latency"]["device"] == "cpu"
     assert report["latency"]["batch_size"] == 32
