@@ -231,6 +231,7 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
     if args.image_size is None:
         args.image_size = spec.input_size if spec and spec.input_size else 224
     data = load_dataset(dataset_name, args.data_dir, image_size=args.image_size)
+    torch.manual_seed(args.seed)  # --weights none: the same random weights (and a reusable --calib-file) every run
     model = create_model(args.model, args.weights, num_classes=None if spec else (args.num_classes or data.num_classes))
     model = model.to(args.device)
     positions, indices = _calibration_images(data, args)

@@ -185,6 +185,17 @@ def test_cli_store_of_other_weights_is_refused(complete_run, tmp_path, capsys):
     assert not (tmp_path / "other" / "report.json").exists()
 
 
+
+def test_random_weights_are_seeded_so_a_store_can_be_reused(tmp_path):
+    """--weights none draws its weights from --seed: a second run reuses the first run's calibration store
+    (its weights fingerprint matches) instead of being refused, and gives the same ranks."""
+    calib = tmp_path / "calibration.h5"
+    for out in ("a", "b"):
+        assert main(FAST + ["--weights", "none", "--calib-file", str(calib), "--out", str(tmp_path / out)]) == 0
+    reports = [json.loads((tmp_path / out / "report.json").read_text()) for out in ("a", "b")]
+    assert [l["rank"] for l in reports[0]["layers"]] == [l["rank"] for l in reports[1]["layers"]]
+    assert reports[0]["accuracy"]["top1_before"] == reports[1]["accuracy"]["top1_before"]
+
 # --- silently wrong before: a failed run rewrote args.json of an earlier one --------------------------------
 
 
