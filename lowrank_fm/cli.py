@@ -101,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import list_methods
     from .zoo.models import list_models
 
-    parser = argparse.ArgumentParser(
-        prog="approximate.py",
+    parser = argparse.ArgumentParser(  # prog: how it was called (approximate.py, or the lowrank-fm command)
         description="Approximate a trained CNN by low-rank layers from a small calibration set, without retraining.",
     )
     parser.add_argument("model", nargs="?", default=None,
