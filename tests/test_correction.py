@@ -259,3 +259,17 @@ def test_no_correction_flag_reaches_the_config():
     assert build_parser().parse_args(["vgg-digits", "--no-correction"]).correction is False
     assert build_parser().parse_args(["vgg-digits"]).correction is True
     assert ApproxConfig.from_dict(ApproxConfig(correction=False).to_dict()).correction is False
+
+
+def test_without_samples_the_layers_are_built_as_computed_and_say_why(vgg_digits, digits_loader):
+    """fit_positions=None replays the calibration store, which a weight-only method does not write: no
+    layer-wise pass, so no correction, and each layer's record says why."""
+    from lowrank_fm import approximate
+
+    _, report = approximate(vgg_digits, digits_loader, method="tucker2", speedup=2.0, speed_gate=False,
+                            fit_positions=None, progress=False)
+    approximated = [l for l in report.layers if l.status == "approximated"]
+    assert approximated
+    for layer in approximated:
+        assert layer.extra["correction"]["kept"] == "original"
+        assert "no layer-wise pass" in layer.extra["correction"]["reason"]
