@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .building import build_layers, heldout_errors
+from .building import build_layers, corrects, heldout_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
 from .inputs import check_reiterable, count_images, default_to_input, iter_inputs
@@ -192,10 +192,16 @@ def approximate(
     contexts = {name: dataclasses.replace(contexts[name], options=plan.layers[name].options) for name in ranks}
 
     with _stage(timing, "build"):
-        batches = list(iter_inputs(data, to_input, 0, total_images, config.device)) if method.needs_inputs and ranks else None
-        if batches is not None:
+        # the layer-wise pass: for methods that fit data, and for the whole-model correction of the others (which
+        # samples the original network alongside, or replays the store when fit_positions is None)
+        layerwise = bool(ranks) and (method.needs_inputs or (corrects(method, config)
+                                                              and (config.fit_positions is not None or calibrated)))
+        batches = list(iter_inputs(data, to_input, 0, total_images, config.device)) if layerwise else None
+        if batches is not None and calibrated:
             with open_calibration(str(calib_file)) as reader:
                 replacements, info = build_layers(work, method, contexts, ranks, batches, reader, n_fit, config)
+        elif batches is not None:
+            replacements, info = build_layers(work, method, contexts, ranks, batches, None, n_fit, config)
         else:
             replacements, info = build_layers(work, method, contexts, ranks, None, None, n_fit, config)
     for name, replacement in replacements.items():

@@ -17,7 +17,7 @@ from .patches import patches_at
 from .samples import layer_data_from_maps
 from .surgery import get_module
 
-__all__ = ["build_layers", "heldout_errors"]
+__all__ = ["build_layers", "heldout_errors", "corrects", "correct_last_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,32 @@ def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inp
         for handle in handles:
             handle.remove()
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
+
+
+def corrects(method: Method, config) -> bool:
+    """Whether the layer-wise pass refits the last factor of what ``method`` builds (the whole-model
+    correction): on unless ``config.correction`` is off, the method opts out, or it fits data itself."""
+    return bool(getattr(config, "correction", True)) and method.output_correction and not method.needs_inputs
+
+
+def correct_last_factor(layer: nn.Module, replacement: nn.Module, data: LayerData, seed: int = 0) -> dict:
+    """Refit ``replacement``'s last factor in place (:func:`lowrank_fm.correction.refit_output_factor`) to
+    ``data``'s targets from the last factor's inputs computed from ``data``'s (approximated) input patches;
+    returns what was done for the layer's report record (``kept`` says which candidate won on held-out rows)."""
+    from .correction import refit_output_factor
+    from .layers import last_factor_inputs, last_factor_matrix, last_factor_refittable, set_last_factor
+
+    reason = last_factor_refittable(replacement, layer)
+    if reason is not None:
+        return {"kept": "original", "reason": reason}
+    with torch.no_grad():
+        features = last_factor_inputs(replacement.cpu(), layer, data.inputs)
+    weight, bias = last_factor_matrix(replacement)
+    B, c, done = refit_output_factor(features, data.targets, data.heldout, weight, bias,
+                                     activation=data.activation, seed=seed)
+    if done["kept"] != "original":
+        set_last_factor(replacement, B, c)
+    return done
 
 
 class _LayerSamples:
@@ -113,9 +139,11 @@ def _traceable_root(work: nn.Module, names: list[str], batches: list):
 
 
 def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                     batches: list, reader, n_fit: int, config: ApproxConfig) -> tuple[dict[str, nn.Module], dict]:
+                     batches: list, reader, n_fit: int, config) -> tuple[dict[str, nn.Module], dict]:
     """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
-    approximated so far, its targets from the original network (the store)."""
+    approximated so far, its targets from the original network (run alongside, or the store). Methods with
+    ``needs_inputs`` fit these samples themselves; for the others the last factor of what they build is
+    refitted to them when :func:`corrects` says so (``info[name]["correction"]``)."""
     from .layerwise import LayerwisePass, activation_after
 
     root = _traceable_root(work, list(ranks), batches)
@@ -136,7 +164,12 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
         else:
             data = samples(name, module, inputs, activation)
         info[name] = {}
-        replacement = method.build(contexts[name], ranks[name], data, info[name]).to(config.device).eval()
+        if method.needs_inputs:
+            replacement = method.build(contexts[name], ranks[name], data, info[name])
+        else:
+            replacement = method.build(contexts[name], ranks[name], None, info[name])
+            info[name]["correction"] = correct_last_factor(contexts[name].module, replacement, data, config.seed)
+        replacement = replacement.to(config.device).eval()
         info[name]["activation"] = activation
         replacements[name] = replacement
         return replacement
@@ -150,9 +183,10 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 def build_layers(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
                  batches: list | None, reader, n_fit: int, config) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The factorized module of every layer in ``ranks`` and what each build did (for its report record).
-    ``batches`` (every calibration batch) and ``reader`` (the open calibration store) serve methods with
-    ``needs_inputs``; other methods build one by one from their contexts."""
-    if method.needs_inputs and ranks:
+    ``batches`` (every calibration batch) and ``reader`` (the open calibration store, needed only when
+    ``config.fit_positions`` is None) serve methods with ``needs_inputs`` and the whole-model correction
+    (:func:`corrects`); otherwise layers are built one by one from their contexts."""
+    if (method.needs_inputs or corrects(method, config)) and ranks and batches is not None:
         return _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config)
     return _build_one_by_one(method, contexts, ranks, config)
 
@@ -162,4 +196,7 @@ def _build_one_by_one(method, contexts, ranks, config):
     for name, rank in ranks.items():
         info[name] = {}
         replacements[name] = method.build(contexts[name], rank, None, info[name]).to(config.device).eval()
+        if corrects(method, config):
+            info[name]["correction"] = {"kept": "original", "reason": "no layer-wise pass (model not traceable, or "
+                                                                      "no samples: fit_positions=None without a store)"}
     return replacements, info

@@ -70,6 +70,13 @@ class ApproxConfig:
         fixed cost; the plan is then timed whole and re-planned when it misses ``speedup`` by more than 5%).
     rank_multiple : round every chosen rank to a multiple of this (e.g. 8, friendlier to vectorised
         kernels); 1 leaves ranks as chosen.
+    correction : the whole-model correction for methods that do not fit data themselves (every method but
+        ``fm``, ``fm-3d``, which always do it, and the symmetric ``fm-linear``): in the layer-wise pass the last
+        factor of each built layer (the output-side 1x1 conv / Linear with the bias, ``spatial``'s (1 x kw)
+        conv) is refitted by least squares, then RMSProp through the activation that follows, to the original
+        network's responses from the approximated network's inputs, each kept only when the held-out error
+        drops (:mod:`lowrank_fm.correction`). Ranks and shapes are unchanged. False: the weights as the
+        method computes them.
     """
 
     method: str = "fm"
@@ -105,6 +112,7 @@ class ApproxConfig:
     speed_repeats: int = 5
     budget: str = "macs"
     rank_multiple: int = 1
+    correction: bool = True
 
     def __post_init__(self) -> None:
         from .methods import method_class, settings_from

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvFactor", "ConvChain", "LinearChain", "chain_from_spec", "conv_like", "set_output_bias",
+           "last_factor_refittable", "last_factor_inputs", "last_factor_matrix", "set_last_factor",
            "two_factor_chain", "grouped_two_factor_chain", "spatial_chain", "separable_two_factor_chain",
            "tucker2_chain", "tucker1_chain", "cp_chain", "explicit_padding"]
 
@@ -128,6 +130,85 @@ def set_output_bias(chain: nn.Sequential, bias: torch.Tensor) -> nn.Sequential:
         with torch.no_grad():
             last.bias.copy_(bias)
     return chain
+
+
+def last_factor_refittable(chain: nn.Module, layer: nn.Module) -> str | None:
+    """None when the last factor of ``chain`` (the factorized ``layer``) can be refitted from the layer's input
+    patches by :func:`last_factor_inputs`, else the reason it cannot.
+
+    A chain qualifies when it has at least two factors, its last factor is ungrouped, and every conv after the
+    first that pads its input sees no bias before it (a bias before a zero-padded conv makes the padded border
+    differ from the patch's zeros).
+    """
+    if not isinstance(chain, (ConvChain, LinearChain)) or len(chain) < 2:
+        return f"{type(chain).__name__} is not a chain of two or more factors"
+    if isinstance(chain, LinearChain):
+        return None
+    if not isinstance(layer, nn.Conv2d) or isinstance(layer.padding, str) or layer.groups != 1:
+        return "the layer is not an ungrouped Conv2d with numeric padding"
+    if chain[-1].groups != 1:
+        return f"the last factor is grouped (groups={chain[-1].groups})"
+    biased = False
+    for conv in chain:
+        if biased and any(p != 0 for p in conv.padding):
+            return "a factor pads its input after a factor with a bias"
+        biased = biased or conv.bias is not None
+    return None
+
+
+def last_factor_inputs(chain: nn.Module, layer: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """The input patches z of the chain's last factor at the output positions whose input patches of ``layer``
+    (the original layer the chain replaces) are ``patches``.
+
+    Parameters
+    ----------
+    chain : ConvChain or LinearChain (see :func:`last_factor_refittable`)
+    layer : the original nn.Conv2d (kernel kh x kw over c channels) or nn.Linear
+    patches : (n, p) layer input patches, p = c kh kw (as :func:`lowrank_fm.patches.patches_at` gives them) or in
+
+    Returns
+    -------
+    (n, q) in ``patches``' dtype, flattened like the last factor's weight: q = r kh' kw' for a last conv with
+    kernel (kh', kw') over r channels (r for a 1x1 conv; K kw for ``spatial``'s (1 x kw) conv), r for a Linear.
+
+    Notes
+    -----
+    A patch already holds the layer's stride, padding (as zeros) and dilation, so every factor but the last is
+    applied to the (c, kh, kw) patch with stride 1, no padding and no dilation: what is left is exactly the
+    (r, kh', kw') window the last factor reads at that position.
+    """
+    reason = last_factor_refittable(chain, layer)
+    if reason is not None:
+        raise ValueError(f"cannot refit the last factor: {reason}")
+    x = patches
+    if isinstance(chain, LinearChain):
+        for linear in list(chain)[:-1]:
+            x = F.linear(x, linear.weight.to(x.dtype), None if linear.bias is None else linear.bias.to(x.dtype))
+        return x
+    x = x.reshape(x.shape[0], layer.in_channels, *layer.kernel_size)
+    for conv in list(chain)[:-1]:
+        x = F.conv2d(x, conv.weight.to(x.dtype), None if conv.bias is None else conv.bias.to(x.dtype),
+                     groups=conv.groups)
+    last = chain[-1]
+    if tuple(x.shape[1:]) != (last.in_channels, *last.kernel_size):
+        raise ValueError(f"the factors before the last give windows of shape {tuple(x.shape[1:])}, not the last "
+                         f"factor's input {(last.in_channels, *last.kernel_size)}")
+    return x.reshape(x.shape[0], -1)
+
+
+def last_factor_matrix(chain: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last factor's weight unfolded along its output mode (d, q) and its bias (d,) or None, detached."""
+    last = chain[-1]
+    return last.weight.detach().reshape(last.weight.shape[0], -1), None if last.bias is None else last.bias.detach()
+
+
+def set_last_factor(chain: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """Set the chain's last factor to ``weight`` (d, q), unfolded like :func:`last_factor_matrix`, and ``bias``
+    (d,) (added where it had none), in the chain's dtype; returns ``chain``."""
+    last = chain[-1]
+    with torch.no_grad():
+        last.weight.copy_(weight.reshape(last.weight.shape).to(last.weight.dtype))
+    return set_output_bias(chain, bias)
 
 
 def chain_from_spec(spec: dict) -> nn.Module:

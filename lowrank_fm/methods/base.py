@@ -162,6 +162,9 @@ class Method:
     needs_responses: bool = True
     needs_inputs: bool = False  # True: build() receives LayerData from the layer-wise pass
     needs_input_covariance: bool = False  # True: calibration also stores input-patch statistics (ctx.input_stats)
+    # True: unless the method fits data itself (needs_inputs), the layer-wise pass refits the last factor of what
+    # it builds to the original responses from the approximated inputs (lowrank_fm.correction; ApproxConfig.correction)
+    output_correction: bool = True
     allocations: tuple[str, ...] = ("uniform", "energy", "error", "output")  # budget strategies it honours
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:

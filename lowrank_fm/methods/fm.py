@@ -54,6 +54,7 @@ class FeatureMapLinear(Method):
 
     name = "fm-linear"
     needs_responses = True
+    output_correction = False  # the paper's symmetric baseline stays symmetric (``fm`` is its asymmetric form)
 
     def spectrum(self, ctx: LayerContext) -> np.ndarray:
         return ctx.stats.eigenvalues
