@@ -51,3 +51,25 @@ def test_missing_checkpoint_gives_one_line_and_no_row(tmp_path, monkeypatch):
     assert not out.exists()
     assert len(said) == 2 and all("scripts/train_reference.py" in s for s in said)
     assert "densenet161-cifar10" in said[1]
+
+
+def test_a_diverging_finetune_is_recorded_and_the_cells_go_on(digits, vgg_digits, monkeypatch):
+    import sys
+
+    import lowrank_fm.finetune  # noqa: F401  (the package's ``finetune`` attribute is the function)
+
+    def diverging(*args, **kwargs):
+        raise FloatingPointError("finetune: the loss became inf at epoch 1, step 1")
+
+    monkeypatch.setattr(sys.modules["lowrank_fm.finetune"], "finetune", diverging)
+    cells = (TableCell("svd", 1.5, {"method": "svd", "speed_gate": False}),
+             TableCell("svd", 2.0, {"method": "svd", "speed_gate": False}))
+    rows = run_table_cells("vgg-digits", vgg_digits, digits, cells, calib_images=32, eval_images=60,
+                           latency_batches=(1,), latency_rounds=5, latency_min_seconds=0.01)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["top1_finetuned_labels"] is None and row["top1_finetuned_distill"] is None
+        assert "inf" in row["finetune"]["labels"]["error"]
+    for row in rows:
+        row["provenance"] = {"date_utc": "2026-11-26T00:00:00Z"}
+    assert "| - | - |" in torchvision_table(rows)

@@ -135,9 +135,14 @@ def run_table_cells(
         for mode in ("labels", "distill"):
             if not finetune_epochs:
                 break
-            _, record = finetune(new_model, train, epochs=finetune_epochs, mode=mode,
-                                 teacher=model if mode == "distill" else None, evaluate=top1, device=device,
-                                 seed=seed, progress=progress)
+            try:
+                _, record = finetune(new_model, train, epochs=finetune_epochs, mode=mode,
+                                     teacher=model if mode == "distill" else None, evaluate=top1, device=device,
+                                     seed=seed, progress=progress)
+            except FloatingPointError as error:  # a diverging loss: the row says so, the other cells still run
+                log.warning("%s %s: fine-tuning (%s) failed: %s", model_name, cell.label, mode, error)
+                tuned[mode] = {"top1": None, "error": str(error)}
+                continue
             tuned[mode] = {"top1": record["top1"][-1], "top1_per_epoch": record["top1"], "seconds": record["seconds"],
                            "images_per_epoch": record["images"]}
         speed = measure_speed(model, new_model, images, batch_sizes=tuple(latency_batches), rounds=latency_rounds,
@@ -213,16 +218,17 @@ def torchvision_table(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
     lines = ["| model | method | target | params ratio | MACs ratio | top-1 before | after | fine-tuned (labels) | "
-             "fine-tuned (distill) | measured speedup b1 / b32 | val images |",
+             "fine-tuned (distill) | measured speedup (batch) | val images |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {name: i for i, name in enumerate(TORCHVISION_MODELS)}
     rows = current_rows(rows, table_key)
     for r in sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["label"],
                                           r["target_speedup"] or 0)):
         target = "vbmf" if r["target_speedup"] is None else f"{r['target_speedup']:g}x"
-        speed = r.get("measured_speedup", {})
+        speed = ", ".join(f"{ratio(v)} ({b})" for b, v in sorted(r.get("measured_speedup", {}).items(),
+                                                                key=lambda item: int(item[0])))
         lines.append(f"| {r['model']} | {r['label']} | {target} | {ratio(r['params_ratio'])} | {ratio(r['macs_ratio'])} | "
                      f"{pct(r['top1_before'])} | {pct(r['top1_after'])} | {pct(r.get('top1_finetuned_labels'))} | "
-                     f"{pct(r.get('top1_finetuned_distill'))} | {ratio(speed.get('1'))} / {ratio(speed.get('32'))} | "
+                     f"{pct(r.get('top1_finetuned_distill'))} | {speed or '-'} | "
                      f"{r.get('eval_images')} |")
     return "\n".join(lines)
