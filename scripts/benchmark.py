@@ -7,6 +7,9 @@
     python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
     python scripts/benchmark.py --readme               # rewrite the README's tables from results/ (runs nothing)
     python scripts/benchmark.py --all                  # re-run everything the README shows, then --readme
+    python scripts/benchmark.py --torchvision          # issue 19's table: the five torchvision architectures
+                                                       # whose CIFAR-10 checkpoints are cached (the others: one
+                                                       # line naming the train_reference.py command), -> results/torchvision.jsonl
 
 Writes one JSON line per run to --out (default results/accuracy.jsonl; with --speed results/latency.jsonl,
 plus results/*.png plots) and prints a Markdown table.
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_fm.bench.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
 from lowrank_fm.bench.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
+from lowrank_fm.bench.torchvision_table import TORCHVISION_MODELS  # noqa: E402
 
 
 _FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
@@ -56,7 +60,7 @@ README_CELLS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=None, choices=sorted(set(DEFAULT_GRID) | set(SPEED_GRID)))
+    parser.add_argument("--models", nargs="*", default=None, choices=sorted(set(DEFAULT_GRID) | set(SPEED_GRID) | set(TORCHVISION_MODELS)))
     parser.add_argument("--speed", action="store_true",
                         help="measured-latency benchmark (original vs approximated, batch 1 and 32 / 8) and plots")
     parser.add_argument("--rounds", type=int, default=7,
@@ -70,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the README table)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the accuracy cells in this many processes of one thread each (a many-core machine)")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="the torchvision-architectures table (issue 19): tucker2 + VBMF ranks and the default "
+                             "method at 2x / 3x MACs, top-1 before / after / after fine-tuning (labels, distill), "
+                             "measured speedup at batch 1 and 32; architectures without a cached checkpoint are "
+                             "named with the command that trains them")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="--torchvision: fine-tuning epochs (default 1)")
+    parser.add_argument("--device", default="cpu", help="--torchvision: cpu or cuda")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite the generated tables of README.md from results/ (runs nothing)")
@@ -88,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return _all(args)
     if args.speed:
         return _speed(args)
+    if args.torchvision:
+        return _torchvision(args)
     args.out = args.out or "results/accuracy.jsonl"
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
@@ -105,6 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         grid[model] = runs
     rows = run_benchmark(grid, args.out, eval_images=args.eval_images, data_dir=args.data_dir, jobs=args.jobs)
     print(markdown_table(rows))
+    return 0
+
+
+def _torchvision(args: argparse.Namespace) -> int:
+    from lowrank_fm.bench.provenance import read_rows
+    from lowrank_fm.bench.torchvision_table import run_torchvision_table, torchvision_table
+
+    out = Path(args.out or "results/torchvision.jsonl")
+    if not args.table:
+        models = [m for m in (args.models or TORCHVISION_MODELS) if m in TORCHVISION_MODELS]
+        run_torchvision_table(out, models, data_dir=args.data_dir, eval_images=args.eval_images,
+                              finetune_epochs=args.finetune_epochs, device=args.device)
+    print(torchvision_table(read_rows(out)))
     return 0
 
 
