@@ -94,6 +94,18 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     return plan, ({} if speed_gate is None else speed_gate.timings_)
 
 
+def _shard_inputs(data, to_input, images: tuple[int, int], size: int, device) -> Iterable:
+    """Model inputs of the images ``[start, stop)``; in a multi-process run through a loader over those images
+    only when ``data`` is a sequential DataLoader (else ``data`` is read and the other images skipped)."""
+    from .distributed import shard_loader
+
+    start, stop = images
+    loader = shard_loader(data, start, stop) if size > 1 and stop > start else None
+    if loader is not None:
+        return iter_inputs(loader, to_input, 0, stop - start, device)
+    return iter_inputs(data, to_input, start, stop, device)
+
+
 def approximate(
     model: nn.Module,
     data: Iterable,
@@ -129,7 +141,7 @@ def approximate(
     """
     from calibration import calibrate, open_calibration, shard_range  # lazy: lowrank_fm must not import h5py
 
-    from .distributed import shard_loader, world
+    from .distributed import split_range, world
     from .layer_stats import read_layer_stats
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
@@ -160,7 +172,7 @@ def approximate(
     reasons = keep_reasons(layers, costs, method, config)
     targets = [name for name, reason in reasons.items() if reason is None]
 
-    rank, size = world()  # under torchrun: each rank calibrates one shard of the images, then all go on alike
+    rank, size = world()  # under torchrun: each rank calibrates and runs the layer-wise pass on one shard of the images
     shard = shard_range(total_images, rank, size) if size > 1 else (0, total_images)
     temp_dir = None
     calibrated = (method.needs_responses or method.needs_input_covariance) and bool(targets)
@@ -172,8 +184,7 @@ def approximate(
             temp_dir = tempfile.TemporaryDirectory(prefix="lowrank_fm_")
             calib_file = Path(temp_dir.name) / "calibration.h5"
         with _stage(timing, "calibrate"):
-            images = (iter_inputs(shard_loader(data, *shard), to_input, 0, shard[1] - shard[0], config.device)
-                      if size > 1 else iter_inputs(data, to_input, shard[0], shard[1], config.device))
+            images = _shard_inputs(data, to_input, shard, size, config.device)
             calibrate(work, images, targets, str(calib_file), n_images=total_images, seed=config.seed,
                       positions_per_image=config.positions_per_image, image_ids=image_ids,
                       meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
@@ -191,11 +202,13 @@ def approximate(
     ranks = plan.ranks
     contexts = {name: dataclasses.replace(contexts[name], options=plan.layers[name].options) for name in ranks}
 
-    with _stage(timing, "build"):
-        batches = list(iter_inputs(data, to_input, 0, total_images, config.device)) if method.needs_inputs and ranks else None
+    with _stage(timing, "build"):  # under torchrun: each rank's layer-wise pass runs its own shard of the images
+        batches = list(_shard_inputs(data, to_input, shard, size, config.device)) if method.needs_inputs and ranks else None
         if batches is not None:
             with open_calibration(str(calib_file)) as reader:
-                replacements, info = build_layers(work, method, contexts, ranks, batches, reader, n_fit, config)
+                replacements, info = build_layers(work, method, contexts, ranks, batches, reader, n_fit, config,
+                                                  first_ordinal=shard[0])
+            del batches
         else:
             replacements, info = build_layers(work, method, contexts, ranks, None, None, n_fit, config)
     for name, replacement in replacements.items():
@@ -219,9 +232,10 @@ def approximate(
         temp_dir.cleanup()
 
     if replacements:
-        with _stage(timing, "heldout_error"):
-            heldout = iter_inputs(data, to_input, n_fit, total_images, config.device)
-            for name, error in heldout_errors(reference, replacements, heldout).items():
+        with _stage(timing, "heldout_error"):  # under torchrun: each rank its part, the sums reduced
+            part = split_range(n_fit, total_images, rank, size) if size > 1 else (n_fit, total_images)
+            heldout = _shard_inputs(data, to_input, part, size, config.device)
+            for name, error in heldout_errors(reference, replacements, heldout, reduce=size > 1).items():
                 records[name].rel_error = error
             after = measure_costs(work, example)
             for name in replacements:  # the MACs actually counted in the new model's forward

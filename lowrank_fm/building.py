@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable) -> dict[str, float]:
+def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable,
+                   reduce: bool = False) -> dict[str, float]:
     """||y - yhat||_F / ||y||_F per replaced layer, over every output position of the held-out inputs.
 
     y is the original layer's output inside the reference (original, folded) network; yhat is the
-    replacement applied to the very same layer input.
+    replacement applied to the very same layer input. With ``reduce`` (under torch.distributed, each rank
+    given its own part of the held-out images) the sums of squares are added over the ranks before the ratio.
     """
+    from .distributed import all_reduce_sums
+
     sums = {name: [0.0, 0.0] for name in replacements}
     handles = []
     for name, replacement in replacements.items():
@@ -44,31 +48,46 @@ def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inp
     finally:
         for handle in handles:
             handle.remove()
+    if reduce:
+        flat = all_reduce_sums([value for pair in sums.values() for value in pair])
+        sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
 
 
 class _LayerSamples:
     """Builds a layer's :class:`LayerData` during the layer-wise pass from the calibration store: the
-    stored original responses and positions, and patches of the current (approximated) inputs."""
+    stored original responses and positions, and patches of the current (approximated) inputs. The batches
+    hold the images from ordinal ``first_ordinal`` on (a rank's shard): only their rows are read."""
 
-    def __init__(self, reader, batch_sizes: list[int], n_fit: int) -> None:
+    def __init__(self, reader, batch_sizes: list[int], n_fit: int, first_ordinal: int = 0) -> None:
         self.reader = reader
-        self.starts = np.concatenate([[0], np.cumsum(batch_sizes)])
+        self.starts = first_ordinal + np.concatenate([[0], np.cumsum(batch_sizes)]).astype(np.int64)
         self.n_fit = n_fit
 
     def __call__(self, name: str, module: nn.Module, inputs, activation: str) -> LayerData:
-        ordinals = self.reader.image_ordinal(name)
-        positions = torch.from_numpy(self.reader.position(name).astype(np.int64))
-        targets = torch.from_numpy(self.reader.responses(name)).double()
-        rows = []
+        every = self.reader.image_ordinal(name)
+        first, last = (int(v) for v in np.searchsorted(every, [self.starts[0], self.starts[-1]]))
+        rows = slice(first, last)  # the shard's rows (all of them in one process)
+        ordinals = every[rows]
+        positions = torch.from_numpy(self.reader.position(name, rows).astype(np.int64))
+        targets = torch.from_numpy(self.reader.responses(name, rows)).double()
+        patches = []
         for index in range(len(self.starts) - 1):
             lo, hi = np.searchsorted(ordinals, [self.starts[index], self.starts[index + 1]])
             if hi > lo:
                 image = torch.from_numpy(ordinals[lo:hi] - self.starts[index])
-                rows.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
-                                       positions[lo:hi].to(inputs[index].device)).double().cpu())
+                patches.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
+                                          positions[lo:hi].to(inputs[index].device)).double().cpu())
         heldout = torch.from_numpy(ordinals >= self.n_fit)
-        return LayerData(torch.cat(rows), targets, heldout, activation)
+        return LayerData(torch.cat(patches), targets, heldout, activation)
+
+
+def _gather_layer_data(data: LayerData) -> LayerData | None:
+    """Every rank's rows of a layer in image order, on rank 0 (None on the others)."""
+    from .distributed import gather_rows
+
+    parts = [gather_rows(t) for t in (data.inputs, data.targets, data.heldout)]
+    return None if parts[0] is None else LayerData(*parts, data.activation)
 
 
 def _traceable_root(work: nn.Module, names: list[str], batches: list):
@@ -113,9 +132,15 @@ def _traceable_root(work: nn.Module, names: list[str], batches: list):
 
 
 def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                     batches: list, reader, n_fit: int, config: ApproxConfig) -> tuple[dict[str, nn.Module], dict]:
+                     batches: list, reader, n_fit: int, config: ApproxConfig, first_ordinal: int = 0
+                     ) -> tuple[dict[str, nn.Module], dict]:
     """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
-    approximated so far, its targets from the original network (the store)."""
+    approximated so far, its targets from the original network (the store).
+
+    Under torch.distributed ``batches`` are this rank's shard (images from ``first_ordinal`` on): each rank
+    takes its rows of every layer, rank 0 gathers them in image order and solves, and the built layer (with
+    what the build did) is broadcast, so every rank goes on through its shard with the very same layer."""
+    from .distributed import broadcast_object, world
     from .layerwise import LayerwisePass, activation_after
 
     root = _traceable_root(work, list(ranks), batches)
@@ -123,21 +148,29 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
         return _build_one_by_one(method, contexts, ranks, config)
     graph_module, prefix, root_inputs = root
     dense = config.fit_positions is not None
-    samples = None if dense else _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
+    samples = None if dense else _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit, first_ordinal)
     replacements: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
+    rank, size = world()
 
     def on_layer(local_name, module, inputs, reference_inputs=None):
         name = prefix + local_name
         activation = activation_after(graph_module, local_name)
         if dense:
             data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
-                                        config.seed, activation)
+                                        config.seed, activation, first_ordinal)
         else:
             data = samples(name, module, inputs, activation)
-        info[name] = {}
-        replacement = method.build(contexts[name], ranks[name], data, info[name]).to(config.device).eval()
-        info[name]["activation"] = activation
+        if size > 1:
+            data = _gather_layer_data(data)
+        built, done = None, {}
+        if rank == 0:
+            built = method.build(contexts[name], ranks[name], data, done)
+        del data
+        if size > 1:  # the solver's module on the CPU: every rank (any device) unpickles the same tensors
+            built, done = broadcast_object((None if built is None else built.cpu(), done))
+        replacement = built.to(config.device).eval()
+        info[name] = {**done, "activation": activation}
         replacements[name] = replacement
         return replacement
 
@@ -148,12 +181,14 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
 
 def build_layers(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                 batches: list | None, reader, n_fit: int, config) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+                 batches: list | None, reader, n_fit: int, config, first_ordinal: int = 0
+                 ) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The factorized module of every layer in ``ranks`` and what each build did (for its report record).
-    ``batches`` (every calibration batch) and ``reader`` (the open calibration store) serve methods with
+    ``batches`` (the calibration batches: under torch.distributed this rank's shard, whose first image has
+    ordinal ``first_ordinal``) and ``reader`` (the open calibration store) serve methods with
     ``needs_inputs``; other methods build one by one from their contexts."""
     if method.needs_inputs and ranks:
-        return _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config)
+        return _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config, first_ordinal)
     return _build_one_by_one(method, contexts, ranks, config)
 
 
