@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import batch_size_of
 from .building import build_layers, heldout_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
+from .distributed import split_range
 from .inputs import check_reiterable, count_images, default_to_input, iter_inputs
 from .methods import LayerContext, get_method
 from .planner import Plan, highest_cheaper_rank, keep_reasons, plan_ranks
@@ -106,6 +108,39 @@ def _shard_inputs(data, to_input, images: tuple[int, int], size: int, device) ->
     return iter_inputs(data, to_input, start, stop, device)
 
 
+def _batch_starts(data, to_input, total: int) -> list[int] | None:
+    """The ordinal of each batch's first image, when known without loading images: a sequential DataLoader
+    with a batch size, or a list (tuple) of batches; else None."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if isinstance(data, DataLoader) and isinstance(data.sampler, SequentialSampler) and data.batch_size is not None:
+        return list(range(0, total, int(data.batch_size)))
+    if isinstance(data, (list, tuple)):
+        starts, seen = [], 0
+        for item in data:
+            if seen >= total:
+                break
+            starts.append(seen)
+            seen += batch_size_of(to_input(item))
+        return starts
+    return None
+
+
+def pass_shard(data, to_input, total: int, rank: int, size: int) -> tuple[int, int]:
+    """The images ``[start, stop)`` of rank ``rank``'s layer-wise pass: whole batches of ``data`` (contiguous, in
+    rank order), so that each rank computes every batch exactly as one process does; contiguous images
+    (:func:`calibration.shard_range`) when the batches are unknown or fewer than the ranks."""
+    from calibration import shard_range
+
+    if size == 1:
+        return 0, total
+    starts = _batch_starts(data, to_input, total)
+    if starts is None or len(starts) < size:
+        return shard_range(total, rank, size)
+    first, last = split_range(0, len(starts), rank, size)
+    return starts[first], (starts[last] if last < len(starts) else total)
+
+
 def approximate(
     model: nn.Module,
     data: Iterable,
@@ -141,7 +176,7 @@ def approximate(
     """
     from calibration import calibrate, open_calibration, shard_range  # lazy: lowrank_fm must not import h5py
 
-    from .distributed import split_range, world
+    from .distributed import broadcast_object, world
     from .layer_stats import read_layer_stats
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
@@ -197,17 +232,25 @@ def approximate(
     on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}
     contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
-    plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config, timing)
+    plan, timings = None, None
+    if rank == 0:  # under torchrun rank 0 plans (its speed gate times alone) and every rank takes its plan
+        plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config,
+                              timing)
+    if size > 1:
+        stages = ("plan_s", "layout_s", "latency_model_s", "speed_gate_s")
+        plan, timings, planned = broadcast_object((plan, timings, {k: timing[k] for k in stages if k in timing}))
+        timing.update(planned)
     records = {name: LayerRecord.planned(module, plan.layers[name], timings.get(name)) for name, module in layers.items()}
     ranks = plan.ranks
     contexts = {name: dataclasses.replace(contexts[name], options=plan.layers[name].options) for name in ranks}
 
     with _stage(timing, "build"):  # under torchrun: each rank's layer-wise pass runs its own shard of the images
-        batches = list(_shard_inputs(data, to_input, shard, size, config.device)) if method.needs_inputs and ranks else None
+        own = pass_shard(data, to_input, total_images, rank, size)
+        batches = list(_shard_inputs(data, to_input, own, size, config.device)) if method.needs_inputs and ranks else None
         if batches is not None:
             with open_calibration(str(calib_file)) as reader:
                 replacements, info = build_layers(work, method, contexts, ranks, batches, reader, n_fit, config,
-                                                  first_ordinal=shard[0])
+                                                  first_ordinal=own[0])
             del batches
         else:
             replacements, info = build_layers(work, method, contexts, ranks, None, None, n_fit, config)
