@@ -232,13 +232,21 @@ def approximate(
     on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}
     contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
-    plan, timings = None, None
+    plan, timings, failure = None, None, None
     if rank == 0:  # under torchrun rank 0 plans (its speed gate times alone) and every rank takes its plan
-        plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config,
-                              timing)
+        try:
+            plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit,
+                                  config, timing)
+        except Exception as error:  # every rank raises it (none is left waiting for the plan)
+            if size == 1:
+                raise
+            failure = error
     if size > 1:
         stages = ("plan_s", "layout_s", "latency_model_s", "speed_gate_s")
-        plan, timings, planned = broadcast_object((plan, timings, {k: timing[k] for k in stages if k in timing}))
+        plan, timings, planned, failure = broadcast_object(
+            (plan, timings, {k: timing[k] for k in stages if k in timing}, failure))
+        if failure is not None:
+            raise failure
         timing.update(planned)
     records = {name: LayerRecord.planned(module, plan.layers[name], timings.get(name)) for name, module in layers.items()}
     ranks = plan.ranks

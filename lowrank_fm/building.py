@@ -163,12 +163,19 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
             data = samples(name, module, inputs, activation)
         if size > 1:
             data = _gather_layer_data(data)
-        built, done = None, {}
+        built, done, failure = None, {}, None
         if rank == 0:
-            built = method.build(contexts[name], ranks[name], data, done)
+            try:
+                built = method.build(contexts[name], ranks[name], data, done)
+            except Exception as error:  # every rank raises it (none is left waiting for the layer)
+                if size == 1:
+                    raise
+                failure = error
         del data
         if size > 1:  # the solver's module on the CPU: every rank (any device) unpickles the same tensors
-            built, done = broadcast_object((None if built is None else built.cpu(), done))
+            built, done, failure = broadcast_object((None if built is None else built.cpu(), done, failure))
+            if failure is not None:
+                raise failure
         replacement = built.to(config.device).eval()
         info[name] = {**done, "activation": activation}
         replacements[name] = replacement
