@@ -276,3 +276,44 @@ batch against 81-85 and 86-89): float32 rounding and summation order, 2.6e-8 rel
             np.testing.assert_allclose([e for e in result["errors"] if e is not None],
                                        [e for e in one["errors"] if e is not None], rtol=1e-6)
         assert two[0]["errors"] == two[1]["errors"]  # the reduced sums: the same on every rank
+
+
+def _failing_worker(rank: int, init_file: str, folder: str) -> None:
+    import lowrank_fm.api as api
+    from lowrank_fm import approximate
+    from lowrank_fm.methods.fm_nonlinear import FeatureMap
+
+    def failing_plan(*args, **kwargs):
+        raise ValueError("no plan on rank 0")
+
+    def failing_build(self, ctx, rank, data=None, info=None):
+        if data is not None:
+            raise ArithmeticError(f"no factors for layer {ctx.name}")
+        return build(self, ctx, rank, data, info)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    plan, build = api._plan, FeatureMap.build
+    messages = []
+    try:
+        for patch in ("plan", "build"):
+            if patch == "plan":
+                api._plan = failing_plan
+            else:
+                api._plan, FeatureMap.build = plan, failing_build
+            try:
+                approximate(tiny_model(), loader(), calib_file=Path(folder) / f"{patch}.h5", energy=0.9,
+                            progress=False, seed=1, speed_gate=False)
+            except (ValueError, ArithmeticError) as error:
+                messages.append(f"{type(error).__name__}: {error}")
+        torch.save(messages, Path(folder) / f"messages.{rank}")
+    finally:
+        api._plan, FeatureMap.build = plan, build
+        dist.destroy_process_group()
+
+
+def test_a_failure_in_rank_0s_plan_or_solver_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone plans and solves; when it fails, the other ranks raise the same error instead of waiting."""
+    mp.spawn(_failing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    expected = ["ValueError: no plan on rank 0", "ArithmeticError: no factors for layer 2"]
+    assert [torch.load(tmp_path / f"messages.{r}") for r in (0, 1)] == [expected, expected]
