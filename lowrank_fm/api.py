@@ -19,16 +19,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .building import build_layers, corrects, heldout_errors
+from .building import build_layers, heldout_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
-from .inputs import check_reiterable, count_images, default_to_input, iter_inputs
+from .inputs import check_reiterable, count_images, default_to_input, iter_inputs, pass_shard, shard_inputs
 from .methods import LayerContext, get_method
 from .planner import Plan, highest_cheaper_rank, keep_reasons, plan_ranks
 from .report import LayerRecord, Report
 from .surgery import check_finite_weights, find_layers, fold_batchnorm, set_module
 
 __all__ = ["approximate", "default_to_input", "check_finite_weights"]
+
+
+_PLAN_STAGES = ("plan_s", "layout_s", "latency_model_s", "speed_gate_s")
 
 
 def _progress(config: ApproxConfig):
@@ -127,9 +130,9 @@ def approximate(
     new_model : the approximated copy, in eval mode.
     report : a :class:`~lowrank_fm.report.Report` (accuracy and latency left for the caller to measure).
     """
-    from calibration import calibrate, open_calibration, shard_range  # lazy: lowrank_fm must not import h5py
+    from calibration import calibrate, shard_range  # lazy: lowrank_fm must not import h5py
 
-    from .distributed import shard_loader, world
+    from .distributed import computed_on_rank_zero, world
     from .layer_stats import read_layer_stats
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
@@ -160,7 +163,7 @@ def approximate(
     reasons = keep_reasons(layers, costs, method, config)
     targets = [name for name, reason in reasons.items() if reason is None]
 
-    rank, size = world()  # under torchrun: each rank calibrates one shard of the images, then all go on alike
+    rank, size = world()  # under torchrun: each rank calibrates and runs the layer-wise pass on one shard of the images
     shard = shard_range(total_images, rank, size) if size > 1 else (0, total_images)
     temp_dir = None
     calibrated = (method.needs_responses or method.needs_input_covariance) and bool(targets)
@@ -172,8 +175,7 @@ def approximate(
             temp_dir = tempfile.TemporaryDirectory(prefix="lowrank_fm_")
             calib_file = Path(temp_dir.name) / "calibration.h5"
         with _stage(timing, "calibrate"):
-            images = (iter_inputs(shard_loader(data, *shard), to_input, 0, shard[1] - shard[0], config.device)
-                      if size > 1 else iter_inputs(data, to_input, shard[0], shard[1], config.device))
+            images = shard_inputs(data, to_input, shard, size, config.device)
             calibrate(work, images, targets, str(calib_file), n_images=total_images, seed=config.seed,
                       positions_per_image=config.positions_per_image, image_ids=image_ids,
                       meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
@@ -186,24 +188,22 @@ def approximate(
     on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}
     contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
-    plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config, timing)
+    def plan_stage():  # under torchrun rank 0 plans (its speed gate times alone) and every rank takes its plan
+        plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config,
+                              timing)
+        return plan, timings, {k: v for k, v in timing.items() if k in _PLAN_STAGES}
+
+    plan, timings, planned = computed_on_rank_zero(plan_stage)
+    timing.update(planned)
     records = {name: LayerRecord.planned(module, plan.layers[name], timings.get(name)) for name, module in layers.items()}
     ranks = plan.ranks
     contexts = {name: dataclasses.replace(contexts[name], options=plan.layers[name].options) for name in ranks}
 
-    with _stage(timing, "build"):
-        # the layer-wise pass: for methods that fit data, and for the whole-model correction of the others (which
-        # samples the original network alongside, or replays the store when fit_positions is None)
-        layerwise = bool(ranks) and (method.needs_inputs or (corrects(method, config)
-                                                              and (config.fit_positions is not None or calibrated)))
-        batches = list(iter_inputs(data, to_input, 0, total_images, config.device)) if layerwise else None
-        if batches is not None and calibrated:
-            with open_calibration(str(calib_file)) as reader:
-                replacements, info = build_layers(work, method, contexts, ranks, batches, reader, n_fit, config)
-        elif batches is not None:
-            replacements, info = build_layers(work, method, contexts, ranks, batches, None, n_fit, config)
-        else:
-            replacements, info = build_layers(work, method, contexts, ranks, None, None, n_fit, config)
+    with _stage(timing, "build"):  # under torchrun each rank's layer-wise pass runs its own shard of the images
+        own = pass_shard(data, to_input, total_images, rank, size)
+        replacements, info = build_layers(work, method, contexts, ranks,
+                                          lambda: shard_inputs(data, to_input, own, size, config.device),
+                                          calib_file if calibrated else None, n_fit, config, first_ordinal=own[0])
     for name, replacement in replacements.items():
         records[name].params_after = module_params(replacement)
         records[name].extra.update(info.get(name, {}))
@@ -225,9 +225,10 @@ def approximate(
         temp_dir.cleanup()
 
     if replacements:
-        with _stage(timing, "heldout_error"):
-            heldout = iter_inputs(data, to_input, n_fit, total_images, config.device)
-            for name, error in heldout_errors(reference, replacements, heldout).items():
+        with _stage(timing, "heldout_error"):  # under torchrun: each rank its part, the sums reduced
+            part = split_range(n_fit, total_images, rank, size) if size > 1 else (n_fit, total_images)
+            heldout = shard_inputs(data, to_input, part, size, config.device)
+            for name, error in heldout_errors(reference, replacements, heldout, reduce=size > 1).items():
                 records[name].rel_error = error
             after = measure_costs(work, example)
             for name in replacements:  # the MACs actually counted in the new model's forward

@@ -5,7 +5,7 @@ needs no data or the model cannot be traced; then each layer's error on the held
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable) -> dict[str, float]:
+def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable,
+                   reduce: bool = False) -> dict[str, float]:
     """||y - yhat||_F / ||y||_F per replaced layer, over every output position of the held-out inputs.
 
     y is the original layer's output inside the reference (original, folded) network; yhat is the
-    replacement applied to the very same layer input.
+    replacement applied to the very same layer input. With ``reduce`` (under torch.distributed, each rank
+    given its own part of the held-out images) the sums of squares are added over the ranks before the ratio.
     """
+    from .distributed import all_reduce_sums
+
     sums = {name: [0.0, 0.0] for name in replacements}
     handles = []
     for name, replacement in replacements.items():
@@ -44,6 +48,9 @@ def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inp
     finally:
         for handle in handles:
             handle.remove()
+    if reduce:
+        flat = all_reduce_sums([value for pair in sums.values() for value in pair])
+        sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
 
 
@@ -75,26 +82,38 @@ def correct_last_factor(layer: nn.Module, replacement: nn.Module, data: LayerDat
 
 class _LayerSamples:
     """Builds a layer's :class:`LayerData` during the layer-wise pass from the calibration store: the
-    stored original responses and positions, and patches of the current (approximated) inputs."""
+    stored original responses and positions, and patches of the current (approximated) inputs. The batches
+    hold the images from ordinal ``first_ordinal`` on (a rank's shard): only their rows are read."""
 
-    def __init__(self, reader, batch_sizes: list[int], n_fit: int) -> None:
+    def __init__(self, reader, batch_sizes: list[int], n_fit: int, first_ordinal: int = 0) -> None:
         self.reader = reader
-        self.starts = np.concatenate([[0], np.cumsum(batch_sizes)])
+        self.starts = first_ordinal + np.concatenate([[0], np.cumsum(batch_sizes)]).astype(np.int64)
         self.n_fit = n_fit
 
     def __call__(self, name: str, module: nn.Module, inputs, activation: str) -> LayerData:
-        ordinals = self.reader.image_ordinal(name)
-        positions = torch.from_numpy(self.reader.position(name).astype(np.int64))
-        targets = torch.from_numpy(self.reader.responses(name)).double()
-        rows = []
+        every = self.reader.image_ordinal(name)
+        first, last = (int(v) for v in np.searchsorted(every, [self.starts[0], self.starts[-1]]))
+        rows = slice(first, last)  # the shard's rows (all of them in one process)
+        ordinals = every[rows]
+        positions = torch.from_numpy(self.reader.position(name, rows).astype(np.int64))
+        targets = torch.from_numpy(self.reader.responses(name, rows)).double()
+        patches = []
         for index in range(len(self.starts) - 1):
             lo, hi = np.searchsorted(ordinals, [self.starts[index], self.starts[index + 1]])
             if hi > lo:
                 image = torch.from_numpy(ordinals[lo:hi] - self.starts[index])
-                rows.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
-                                       positions[lo:hi].to(inputs[index].device)).double().cpu())
+                patches.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
+                                          positions[lo:hi].to(inputs[index].device)).double().cpu())
         heldout = torch.from_numpy(ordinals >= self.n_fit)
-        return LayerData(torch.cat(rows), targets, heldout, activation)
+        return LayerData(torch.cat(patches), targets, heldout, activation)
+
+
+def _gather_layer_data(data: LayerData) -> LayerData | None:
+    """Every rank's rows of a layer in image order, on rank 0 (None on the others)."""
+    from .distributed import gather_rows
+
+    parts = [gather_rows(t) for t in (data.inputs, data.targets, data.heldout)]
+    return None if parts[0] is None else LayerData(*parts, data.activation)
 
 
 def _traceable_root(work: nn.Module, names: list[str], batches: list):
@@ -139,11 +158,17 @@ def _traceable_root(work: nn.Module, names: list[str], batches: list):
 
 
 def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                     batches: list, reader, n_fit: int, config) -> tuple[dict[str, nn.Module], dict]:
+                     batches: list, reader, n_fit: int, config: ApproxConfig, first_ordinal: int = 0
+                     ) -> tuple[dict[str, nn.Module], dict]:
     """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
     approximated so far, its targets from the original network (run alongside, or the store). Methods with
     ``needs_inputs`` fit these samples themselves; for the others the last factor of what they build is
-    refitted to them when :func:`corrects` says so (``info[name]["correction"]``)."""
+    refitted to them when :func:`corrects` says so (``info[name]["correction"]``).
+
+    Under torch.distributed ``batches`` are this rank's shard (images from ``first_ordinal`` on): each rank
+    takes its rows of every layer, rank 0 gathers them in image order and solves, and the built layer (with
+    what the build did) is broadcast, so every rank goes on through its shard with the very same layer."""
+    from .distributed import computed_on_rank_zero, world
     from .layerwise import LayerwisePass, activation_after
 
     root = _traceable_root(work, list(ranks), batches)
@@ -151,26 +176,34 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
         return _build_one_by_one(method, contexts, ranks, config)
     graph_module, prefix, root_inputs = root
     dense = config.fit_positions is not None
-    samples = None if dense else _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit)
+    samples = None if dense else _LayerSamples(reader, [batch_size_of(b) for b in batches], n_fit, first_ordinal)
     replacements: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
+    rank, size = world()
 
     def on_layer(local_name, module, inputs, reference_inputs=None):
         name = prefix + local_name
         activation = activation_after(graph_module, local_name)
         if dense:
             data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
-                                        config.seed, activation)
+                                        config.seed, activation, first_ordinal)
         else:
             data = samples(name, module, inputs, activation)
-        info[name] = {}
-        if method.needs_inputs:
-            replacement = method.build(contexts[name], ranks[name], data, info[name])
-        else:
-            replacement = method.build(contexts[name], ranks[name], None, info[name])
-            info[name]["correction"] = correct_last_factor(contexts[name].module, replacement, data, config.seed)
-        replacement = replacement.to(config.device).eval()
-        info[name]["activation"] = activation
+        if size > 1:
+            data = _gather_layer_data(data)
+        def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
+            done: dict = {}
+            if method.needs_inputs:
+                built = method.build(contexts[name], ranks[name], data, done)
+            else:
+                built = method.build(contexts[name], ranks[name], None, done)
+                done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
+            return (built.cpu() if size > 1 else built), done
+
+        built, done = computed_on_rank_zero(solve)
+        del data
+        replacement = built.to(config.device).eval()
+        info[name] = {**done, "activation": activation}
         replacements[name] = replacement
         return replacement
 
@@ -181,14 +214,25 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
 
 def build_layers(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                 batches: list | None, reader, n_fit: int, config) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+                 batches: Callable[[], Iterable], calib_file, n_fit: int, config, first_ordinal: int = 0
+                 ) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The factorized module of every layer in ``ranks`` and what each build did (for its report record).
-    ``batches`` (every calibration batch) and ``reader`` (the open calibration store, needed only when
-    ``config.fit_positions`` is None) serve methods with ``needs_inputs`` and the whole-model correction
-    (:func:`corrects`); otherwise layers are built one by one from their contexts."""
-    if (method.needs_inputs or corrects(method, config)) and ranks and batches is not None:
-        return _build_layerwise(work, method, contexts, ranks, batches, reader, n_fit, config)
-    return _build_one_by_one(method, contexts, ranks, config)
+
+    Methods with ``needs_inputs`` and the whole-model correction (:func:`corrects`) get the layer-wise pass
+    over ``batches()`` (the calibration batches: under torch.distributed this rank's shard, whose first image
+    has ordinal ``first_ordinal``), sampling the original network alongside, or replaying the calibration
+    store ``calib_file`` when ``config.fit_positions`` is None (the correction needs a store then). Otherwise
+    the layers are built one by one from their contexts."""
+    from calibration import open_calibration  # lazy: lowrank_fm must not import h5py
+
+    samples_there = config.fit_positions is not None or calib_file is not None
+    if not ranks or not (method.needs_inputs or (corrects(method, config) and samples_there)):
+        return _build_one_by_one(method, contexts, ranks, config)
+    images = list(batches())
+    if calib_file is None:
+        return _build_layerwise(work, method, contexts, ranks, images, None, n_fit, config, first_ordinal)
+    with open_calibration(str(calib_file)) as reader:
+        return _build_layerwise(work, method, contexts, ranks, images, reader, n_fit, config, first_ordinal)
 
 
 def _build_one_by_one(method, contexts, ranks, config):

@@ -3,14 +3,17 @@
 Each rank calibrates a contiguous shard of the calibration images (:func:`calibration.distributed.shard_range`)
 and fits the response statistics of its own images; :func:`reduce_covariance` merges the ranks' (count,
 mean, scatter) in rank order, so every rank holds the statistics of all images, equal to a single-process
-fit up to float64 summation order. Without an initialised process group everything here is the
-single-process case (rank 0 of 1).
+fit up to float64 summation order. The layer-wise pass is sharded the same way: each rank runs its own
+images, :func:`gather_rows` brings every rank's fitting rows to rank 0 in image (= rank) order, rank 0 solves
+and :func:`broadcast_object` hands the built layer to every rank; :func:`all_reduce_sums` adds per-rank sums
+(held-out errors). Without an initialised process group everything here is the single-process case (rank 0
+of 1) and returns its argument.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +21,8 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from .stats import StreamingCovariance
 
-__all__ = ["world", "reduce_covariance", "shard_loader", "init_from_env"]
+__all__ = ["world", "computed_on_rank_zero", "reduce_covariance", "shard_loader", "init_from_env", "split_range", "gather_rows",
+           "broadcast_object", "all_reduce_sums"]
 
 
 def world() -> tuple[int, int]:
@@ -80,3 +84,91 @@ def shard_loader(data: Iterable, start: int, stop: int) -> DataLoader | None:
     return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=data.batch_size, shuffle=False,
                       num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory,
                       drop_last=False, persistent_workers=False)
+
+
+def split_range(start: int, stop: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous part of ``[start, stop)`` among ``size`` ranks, in rank order; sizes differ
+    by at most one and a part may be empty (fewer items than ranks)."""
+    base, extra = divmod(max(int(stop) - int(start), 0), int(size))
+    first = int(start) + rank * base + min(rank, extra)
+    return first, first + base + (1 if rank < extra else 0)
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, on rank ``dst`` (None on the others).
+
+    The ranks may hold different numbers of rows (other dimensions and dtype equal). The row counts are
+    all-gathered first; ``dst`` then allocates the result once and receives each rank's rows straight into
+    its slice (no padded copies): ``dst`` holds the result, every other rank only its own rows.
+    """
+    rank, size = world()
+    if size == 1:
+        return tensor
+    device = _comm_device()
+    wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor  # gloo has no bool
+    count = torch.tensor([wire.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    if rank != dst:
+        if counts[rank]:
+            dist.send(wire.contiguous().to(device), dst=dst)
+        return None
+    result = torch.empty((sum(counts), *wire.shape[1:]), dtype=wire.dtype, device=device)
+    offset = 0
+    for other, n in enumerate(counts):
+        if n:
+            part = result[offset:offset + n]  # a dim-0 slice of a contiguous tensor: contiguous
+            if other == rank:
+                part.copy_(wire)
+            else:
+                dist.recv(part, src=other)
+        offset += n
+    result = result.to(tensor.device)
+    return result.to(torch.bool) if tensor.dtype == torch.bool else result
+
+
+def broadcast_object(value, src: int = 0):
+    """``value`` of rank ``src`` on every rank (pickled: put tensors on the CPU first)."""
+    rank, size = world()
+    if size == 1:
+        return value
+    box = [value if rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def computed_on_rank_zero(compute: Callable[[], object]) -> object:
+    """``compute()`` run on rank 0 only, its result (or the exception it raised) broadcast: every rank returns
+    the same result or raises the same error, so none is left waiting. One process: ``compute()`` itself.
+    The result is pickled: put tensors and modules on the CPU first."""
+    rank, size = world()
+    if size == 1:
+        return compute()
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = compute()
+        except Exception as error:  # raised on every rank below
+            failure = error
+    result, failure = broadcast_object((result, failure))
+    if failure is not None:
+        raise failure
+    return result
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """The element-wise sums over all ranks of ``values`` (float64), the same on every rank."""
+    rank, size = world()
+    if size == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return [float(v) for v in total.cpu()]

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 import torch
 
 from .batches import batch_size_of, check_finite_images, to_device
+from .distributed import split_range
 
-__all__ = ["default_to_input", "count_images", "iter_inputs", "check_reiterable"]
+__all__ = ["default_to_input", "count_images", "iter_inputs", "check_reiterable", "shard_inputs", "pass_shard"]
 
 
 def default_to_input(batch):
@@ -67,3 +68,48 @@ def check_reiterable(data) -> None:
             f"times (calibration, layer-wise pass, held-out error), so a generator would lose batches; pass a list of "
             f"batches, a DataLoader (shuffle=False), or an object whose __iter__ starts again from the first image"
         )
+
+
+def shard_inputs(data, to_input, images: tuple[int, int], size: int, device) -> Iterable:
+    """Model inputs of the images ``[start, stop)``; in a multi-process run through a loader over those images
+    only when ``data`` is a sequential DataLoader (else ``data`` is read and the other images skipped)."""
+    from .distributed import shard_loader
+
+    start, stop = images
+    loader = shard_loader(data, start, stop) if size > 1 and stop > start else None
+    if loader is not None:
+        return iter_inputs(loader, to_input, 0, stop - start, device)
+    return iter_inputs(data, to_input, start, stop, device)
+
+
+def _batch_starts(data, to_input, total: int) -> list[int] | None:
+    """The ordinal of each batch's first image, when known without loading images: a sequential DataLoader
+    with a batch size, or a list (tuple) of batches; else None."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if isinstance(data, DataLoader) and isinstance(data.sampler, SequentialSampler) and data.batch_size is not None:
+        return list(range(0, total, int(data.batch_size)))
+    if isinstance(data, (list, tuple)):
+        starts, seen = [], 0
+        for item in data:
+            if seen >= total:
+                break
+            starts.append(seen)
+            seen += batch_size_of(to_input(item))
+        return starts
+    return None
+
+
+def pass_shard(data, to_input, total: int, rank: int, size: int) -> tuple[int, int]:
+    """The images ``[start, stop)`` of rank ``rank``'s layer-wise pass: whole batches of ``data`` (contiguous, in
+    rank order), so that each rank computes every batch exactly as one process does; contiguous images
+    (:func:`calibration.shard_range`) when the batches are unknown or fewer than the ranks."""
+    from calibration import shard_range
+
+    if size == 1:
+        return 0, total
+    starts = _batch_starts(data, to_input, total)
+    if starts is None or len(starts) < size:
+        return shard_range(total, rank, size)
+    first, last = split_range(0, len(starts), rank, size)
+    return starts[first], (starts[last] if last < len(starts) else total)

@@ -1,7 +1,9 @@
 """Fitting samples for data-driven solvers, drawn during the layer-wise pass from whole feature maps.
 
 For each calibration image a fixed number of output positions is drawn (seeded by the run's seed and the
-layer's name); at each one the patch of the layer's input in the APPROXIMATED network (xhat) is the
+layer's name, one stream per layer consumed image after image, so the draws of an image depend only on its
+ordinal: a shard of the images starting at ordinal s skips the stream of the s images before it and draws
+exactly what one process draws for those images, whatever the batch sizes); at each one the patch of the layer's input in the APPROXIMATED network (xhat) is the
 regressor and the ORIGINAL layer's response y = W x + b, with x the patch of the layer's input in the
 original network at the same position, is the target. Unlike the calibration store, which keeps a few
 positions per image, any number of positions can be drawn here: the original network runs alongside.
@@ -18,7 +20,26 @@ from torch import nn
 from .methods.base import LayerData, unfold_weight
 from .patches import output_grid, patches_at
 
-__all__ = ["draw_positions", "layer_data_from_maps"]
+__all__ = ["draw_positions", "layer_data_from_maps", "skip_draws"]
+
+_SKIP_CHUNK = 1 << 22  # random numbers drawn per step when skipping the draws of earlier images
+
+
+def skip_draws(n_images: int, grid: tuple[int, int], per_image: int, generator: torch.Generator) -> None:
+    """Advance ``generator`` past what :func:`draw_positions` draws for ``n_images`` images (a shard's offset).
+
+    CPU torch random numbers are drawn one after another, so ``torch.rand(a, c)`` then ``torch.rand(b, c)``
+    give the numbers of ``torch.rand(a + b, c)``: skipping ``n_images * cells`` numbers puts the stream where one
+    process is at that image. Nothing is drawn when every position is taken. Drawn in chunks: bounded memory.
+    """
+    cells = grid[0] * grid[1]
+    if min(int(per_image), cells) == cells:
+        return
+    left = int(n_images) * cells
+    while left > 0:
+        step = min(left, _SKIP_CHUNK)
+        torch.rand(step, generator=generator)
+        left -= step
 
 
 def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generator: torch.Generator
@@ -44,7 +65,7 @@ def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generat
 @torch.no_grad()
 def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Tensor],
                          reference_inputs: Sequence[torch.Tensor], n_fit: int, per_image: int, seed: int,
-                         activation: str) -> LayerData:
+                         activation: str, first_ordinal: int = 0) -> LayerData:
     """A layer's :class:`LayerData` from its input maps in the approximated and the original network.
 
     Parameters
@@ -56,6 +77,9 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     n_fit : images with ordinal >= n_fit (counted over the batches in order) are held out
     per_image : positions drawn per image
     activation : the nonlinearity after the layer, stored in the result
+    first_ordinal : the ordinal of the first image of ``inputs`` among all calibration images (a rank's shard
+        under torch.distributed): positions are drawn as one process draws them for these images, and the
+        held-out rows are those with ordinal >= n_fit
 
     Returns
     -------
@@ -66,9 +90,11 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     bias = None if module.bias is None else module.bias.detach().double().cpu()
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     xs, ys, held = [], [], []
-    seen = 0
-    for approx, original in zip(inputs, reference_inputs):
+    seen = int(first_ordinal)
+    for index, (approx, original) in enumerate(zip(inputs, reference_inputs)):
         n_images = approx.shape[0]
+        if index == 0 and seen > 0:  # a shard: skip the earlier images' draws (they depend on ordinals only)
+            skip_draws(seen, output_grid(module, approx), per_image, generator)
         image, position = draw_positions(n_images, output_grid(module, approx), per_image, generator)
         image, position = image.to(approx.device), position.to(approx.device)
         xs.append(patches_at(module, approx, image, position).cpu())  # the network's precision (float32)

@@ -40,6 +40,9 @@ def compare(first: Path, second: Path) -> dict:
                                     for a, b in zip(reports[0]["layers"], reports[1]["layers"]))
     result["top1_after"] = [r["accuracy"]["top1_after"] for r in reports]
     result["processes"] = [r["calibration"].get("processes", 1) for r in reports]
+    result["threads"] = [r.get("config", {}).get("run", {}).get("threads") for r in reports]
+    # rank 0's seconds per stage (under torchrun each rank runs its shard of calibration and the layer-wise pass)
+    result["timing"] = [{k: round(v, 3) for k, v in r.get("timing", {}).items()} for r in reports]
     models = [load_bundled_approximated(d) for d in (first, second)]
     shape = tuple(reports[0]["layers"][0]["shape"])  # the first layer's weight: (out, in, kh, kw)
     x = _probe(models[0], shape[1])
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--note", default=None, help="free text stored in the row (e.g. the two commands)")
     args = parser.parse_args(argv)
     result = compare(args.first, args.second)
+    if args.note:
+        result["note"] = args.note
     print(json.dumps(result, indent=2))
     if args.out:
         from lowrank_fm.bench.provenance import append_row

@@ -1,0 +1,41 @@
+"""The scale benchmark end to end in one process on a tiny ImageFolder (seconds): one row with the report's
+per-stage timing, plain inference over the same images, and the peak memory."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scale_benchmark_writes_a_row_with_stage_timings(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import scale_benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    out = tmp_path / "scale.jsonl"
+    threads = torch.get_num_threads()  # the script sets one thread for its process
+    try:
+        done = scale_benchmark.main(["--model", "resnet18", "--data-dir", str(tmp_path / "data"), "--images", "6",
+                                     "--image-size", "32", "--batch-size", "4", "--calib-dir", str(tmp_path),
+                                     "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert done == 0
+    row = json.loads(out.read_text())
+    assert row["kind"] == "scale" and row["processes"] == 1 and row["images"] == 6
+    assert {"fold_s", "calibrate_s", "statistics_s", "plan_s", "build_s"} <= set(row["timing"])
+    assert row["inference_images_per_s"] > 0 and row["pass_over_inference"] > 0
+    assert len(row["peak_rss_mb_per_rank"]) == 1 and row["provenance"]["threads"] == 1
