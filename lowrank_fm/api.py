@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from .building import build_layers, heldout_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
+from .distributed import split_range
 from .inputs import check_reiterable, count_images, default_to_input, iter_inputs, pass_shard, shard_inputs
 from .methods import LayerContext, get_method
 from .planner import Plan, highest_cheaper_rank, keep_reasons, plan_ranks

@@ -158,7 +158,7 @@ def _traceable_root(work: nn.Module, names: list[str], batches: list):
 
 
 def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],
-                     batches: list, reader, n_fit: int, config: ApproxConfig, first_ordinal: int = 0
+                     batches: list, reader, n_fit: int, config, first_ordinal: int = 0
                      ) -> tuple[dict[str, nn.Module], dict]:
     """Approximate the layers shallow to deep in one pass: each layer's inputs come from the network
     approximated so far, its targets from the original network (run alongside, or the store). Methods with
@@ -201,7 +201,6 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
             return (built.cpu() if size > 1 else built), done
 
         built, done = computed_on_rank_zero(solve)
-        del data
         replacement = built.to(config.device).eval()
         info[name] = {**done, "activation": activation}
         replacements[name] = replacement

@@ -394,9 +394,9 @@ def _finetune(new_model, model, data, args, report):
                              seed=args.seed, progress=not args.quiet)
     report.timing["finetune_s"] = record["seconds"]
     report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"], "record": record}
-    accuracy = report.accuracy
-    accuracy.update({"top1_approximated": accuracy["top1_after"], "top5_approximated": accuracy["top5_after"],
-                     "top1_after": record["top1"][-1], "top5_after": record["top5"][-1]})
+    scores = report.accuracy
+    scores.update({"top1_approximated": scores["top1_after"], "top5_approximated": scores["top5_after"],
+                   "top1_after": record["top1"][-1], "top5_after": record["top5"][-1]})
     return tuned
 
 

@@ -8,7 +8,6 @@ calibration patches; the bias becomes b + (W - W~) mu.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
