@@ -163,7 +163,11 @@ def _tltorch(factorization: str) -> Callable:
         def macs_of(fraction: float) -> int:
             return count_macs(_rank_only(model, names, fraction, factorization), ctx.example)
 
-        low, high = 0.01, 1.0  # below about 1% a rank rounds to 0 (tltorch raises ZeroDivisionError)
+        # the smallest rank fraction tltorch accepts (a fraction whose rank rounds to 0 raises ZeroDivisionError)
+        low = next((f for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5) if _valid(macs_of, f)), None)
+        if low is None:
+            raise ValueError("no rank fraction up to 0.5 gives every conv a rank >= 1")
+        high = 1.0
         if macs_of(low) > target_macs:
             raise ValueError(f"target {ctx.speedup:g}x unreachable: at rank fraction {low:g} the model still has "
                              f"{macs_of(low):,} MACs > {target_macs:,}")
@@ -173,6 +177,14 @@ def _tltorch(factorization: str) -> Callable:
         return build(low)
 
     return compress
+
+
+def _valid(macs_of: Callable, fraction: float) -> bool:
+    try:
+        macs_of(fraction)
+    except ZeroDivisionError:
+        return False
+    return True
 
 
 def _rank_only(model: nn.Module, names: list[str], fraction: float, factorization: str) -> nn.Module:
@@ -452,7 +464,7 @@ def plot_peers(rows: list[dict], out_dir: str | Path) -> list[Path]:
             axis.set_xlabel(f"measured speedup at batch {batch} (folded original / compressed)")
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("top-1 after, no fine-tuning (%)")
-        axes[1].legend(fontsize=7, loc="lower right")
+        axes[1].legend(fontsize=7, loc="best")
         figure.suptitle(f"{model}: peers at MAC targets 2x / 3x / 4x")
         paths.append(_save(plt, figure, Path(out_dir) / f"peers_{model}.png"))
     return paths
