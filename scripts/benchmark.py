@@ -5,7 +5,8 @@
     python scripts/benchmark.py --jobs 15                 # the grid in 15 one-thread processes (many cores)
     python scripts/benchmark.py --speed                # measured latency: vgg-fmnist grid + vgg16 speed-only
     python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
-    python scripts/benchmark.py --readme               # rewrite the README's tables from results/ (runs nothing)
+    python scripts/benchmark.py --readme               # rewrite the README's tables and the peers plots from results/
+                                                       # (runs nothing; the peers run itself: scripts/peers.py)
     python scripts/benchmark.py --all                  # re-run everything the README shows, then --readme
     python scripts/benchmark.py --torchvision          # issue 19's table: the five torchvision architectures
                                                        # whose CIFAR-10 checkpoints are cached (the others: one
@@ -55,6 +56,7 @@ README_CELLS = [
     ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
     ["benchmark.py", "--speed", "--models", "vgg16"],
     ["calibration_benchmark.py", "--model", "vgg-fmnist-narrow"],
+    ["peers.py", "--models", "vgg-fmnist", "resnet-fmnist"],  # needs the extra "peers"
 ]
 
 
@@ -143,7 +145,25 @@ def _readme() -> int:
     if new != text:
         (root / "README.md").write_text(new)
     print(f"README.md: {len(generated_regions(new))} generated tables, {'rewritten' if new != text else 'unchanged'}")
+    _peers_plots(root / "results")
     return 0
+
+
+def _peers_plots(results: Path) -> None:
+    """Redraw results/peers_MODEL.png from results/peers.jsonl (the README shows them beside the peers table)."""
+    from lowrank_fm.bench.peers import plot_peers
+    from lowrank_fm.bench.plots import matplotlib_available
+    from lowrank_fm.bench.provenance import read_rows
+
+    rows = read_rows(results / "peers.jsonl")
+    if not rows:
+        return
+    reason = matplotlib_available()
+    if reason:
+        print(f"peers plots not redrawn: {reason}")
+        return
+    for path in plot_peers(rows, results):
+        print(f"wrote {path}")
 
 
 def _all(args: argparse.Namespace) -> int:

@@ -74,8 +74,15 @@ def _sigma(results: Path, *models: str) -> str:
     return "\n".join(lines)
 
 
+def _peers(results: Path, *models: str) -> str:
+    from .peers import peers_table
+
+    rows = read_rows(results / "peers.jsonl")
+    return peers_table([r for r in rows if not models or r["model"] in models])
+
+
 TABLES: dict[str, Callable[..., str]] = {"accuracy": _accuracy, "speed": _speed, "calibration": _calibration,
-                                         "sigma": _sigma}
+                                         "sigma": _sigma, "peers": _peers}
 
 
 def render_table(spec: str, results: str | Path) -> str:
