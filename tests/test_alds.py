@@ -118,3 +118,16 @@ def test_sigma_variant_at_identity_builds_the_plain_layer(plain: str, sigma_meth
         plans = [plan_ranks(m, layers, {base.name: ctx}, macs, reasons, ApproxConfig(method=m.name, speedup=1.8))
                  for m in (plain_method, sigma_m)]
         assert [(p.rank, p.options) for p in plans[0].layers.values()] == [(p.rank, p.options) for p in plans[1].layers.values()]
+
+
+def test_groups_a_layer_cannot_take_are_refused() -> None:
+    """A Linear layer takes k = 1 only and a conv only the group counts of its settings that divide its input
+    channels: another k in the context is refused, not built into a chain of the wrong width."""
+    method = get_method("alds")
+    linear = layer_context(nn.Linear(8, 6), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"cannot take 2 groups \(it may take \[1\]\)"):
+        method.build(method.with_groups(linear, 2), 4)
+    conv = layer_context(nn.Conv2d(6, 4, 3), torch.randn(1, 6, 5, 5))
+    with pytest.raises(ValueError, match=r"cannot take 4 groups \(it may take \[1, 2\]\)"):
+        method.build(method.with_groups(conv, 4), 4)
+    assert method.build(method.with_groups(conv, 2), 4)[0].groups == 2

@@ -96,6 +96,8 @@ class ALDS(Method):
     def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         module = ctx.module
         k = self._k(ctx)
+        if k not in self.group_choices(ctx):
+            raise ValueError(f"alds: layer {ctx.name!r} cannot take {k} groups (it may take {self.group_choices(ctx)})")
         if rank % k:
             raise ValueError(f"alds: rank {rank} of layer {ctx.name!r} is not a multiple of its {k} groups")
         j = rank // k
