@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from .building import build_layers, heldout_errors
@@ -153,12 +154,14 @@ def approximate(
             raise ValueError(f"data yielded no batches but n_images={total_images} calibration images were expected: "
                              f"pass a loader (or list) of the calibration batches")
         work = copy.deepcopy(model).eval().to(config.device)
-        folded = fold_batchnorm(work, example) if config.fold_batchnorm else []
+        # shapes and per-image costs from one image (not two forwards of a batch); a detector's lists as they come
+        probe = example[:1] if torch.is_tensor(example) and example.ndim == 4 else example
+        folded = fold_batchnorm(work, probe) if config.fold_batchnorm else []
         if folded:
             check_finite_weights(work, "after folding BatchNorm into the convolutions (check the BatchNorm running "
                                        "statistics: a negative running_var gives NaN)")
         reference = copy.deepcopy(work)
-        costs = measure_costs(work, example)
+        costs = measure_costs(work, probe)
         layers = {name: module for name, module in find_layers(work).items() if name in costs}
     reasons = keep_reasons(layers, costs, method, config)
     targets = [name for name, reason in reasons.items() if reason is None]
@@ -230,7 +233,7 @@ def approximate(
             heldout = shard_inputs(data, to_input, part, size, config.device)
             for name, error in heldout_errors(reference, replacements, heldout, reduce=size > 1).items():
                 records[name].rel_error = error
-            after = measure_costs(work, example)
+            after = measure_costs(work, probe)
             for name in replacements:  # the MACs actually counted in the new model's forward
                 records[name].macs_after = sum(c.macs for n, c in after.items() if n.startswith(name + "."))
 
