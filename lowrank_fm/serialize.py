@@ -205,7 +205,7 @@ def load_approximated(path: str | Path, model: nn.Module | Callable[[dict], nn.M
     apply_manifest(model, manifest)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+    except RuntimeError:
         raise ValueError(f"{weights_path} does not fit the architecture rebuilt from {manifest_path}: "
                          f"{state_dict_diff(model, state)}") from None
     return model.eval()

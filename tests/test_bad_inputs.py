@@ -15,7 +15,6 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from calibration import CalibrationMismatchError, IncompleteCalibrationError, open_calibration
 from calibration.store import CalibrationLockedError

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from lowrank_fm.allocator import _glibc, _preloaded
 from lowrank_fm.bench.plots import matplotlib_available
