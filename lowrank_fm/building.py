@@ -193,11 +193,13 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
             data = _gather_layer_data(data)
         def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
             done: dict = {}
-            if method.needs_inputs:
+            layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
+            if layer_method.needs_inputs:
                 built = method.build(contexts[name], ranks[name], data, done)
             else:
                 built = method.build(contexts[name], ranks[name], None, done)
-                done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
+                if corrects(layer_method, config):
+                    done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
             return (built.cpu() if size > 1 else built), done
 
         built, done = computed_on_rank_zero(solve)
@@ -239,7 +241,7 @@ def _build_one_by_one(method, contexts, ranks, config):
     for name, rank in ranks.items():
         info[name] = {}
         replacements[name] = method.build(contexts[name], rank, None, info[name]).to(config.device).eval()
-        if corrects(method, config):
+        if corrects(method.for_layer(contexts[name]), config):
             info[name]["correction"] = {"kept": "original", "reason": "no layer-wise pass (model not traceable, or "
                                                                       "no samples: fit_positions=None without a store)"}
     return replacements, info

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from .methods.base import LayerContext, Method, unfolded_shape
 from .methods.grouped_svd import Candidate, minmax_allocation
+from .predicted_error import tail_error
 from .ranks import BudgetLayer, energy_kept, rank_for_energy, round_rank, select_ranks_for_speedup, select_uniform_energy
 from .surgery import name_filter
 
@@ -34,8 +36,8 @@ __all__ = ["ALLOCATIONS", "LayerPlan", "Plan", "check_policy", "keep_reasons", "
 log = logging.getLogger(__name__)
 
 #: The budget strategies of ``speedup``, by name; a method lists those it honours in ``Method.allocations``.
-ALLOCATIONS = ("uniform", "energy", "error", "output", "alds-minmax")
-_MACS_ONLY = ("alds-minmax",)  # strategies that cannot plan a latency budget
+ALLOCATIONS = ("uniform", "energy", "error", "output", "alds-minmax", "auto")
+_MACS_ONLY = ("alds-minmax", "auto")  # strategies that cannot plan a latency budget
 
 
 def default_allocation(method: type[Method] | Method) -> str:
@@ -57,6 +59,9 @@ def check_policy(method: type[Method] | Method, allocation: str | None, budget: 
                          f"not apply to it: use --budget macs (the speed gate still times every layer)")
     if ranks == "vbmf" and not hasattr(method, "vbmf_rank"):
         raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
+    if chosen == "auto" and speedup is None:
+        raise ValueError(f"method {method.name!r} chooses each layer's decomposition under a --speedup budget: pass "
+                         f"--speedup, or name a method (e.g. --method fm) to keep --energy")
     if ranks == "vbmf" and speedup is not None:
         raise ValueError("ranks='vbmf' (--ranks vbmf) chooses every rank from the layer's own spectrum and cannot "
                          "honour a --speedup target: pass one of them")
@@ -70,7 +75,8 @@ class LayerPlan:
     reason : why the layer is kept (None: it is factorized)
     energy : the share of the method's spectrum the rank keeps (None when the layer was not a target)
     macs_before, macs_after : MACs per image of the original layer and of the plan for it
-    options : the method's per-layer choices besides the rank (ALDS: ``{"groups": k}``)
+    options : the method's per-layer choices besides the rank (ALDS: ``{"groups": k}``; auto: ``{"method": m}``)
+    note : why this method and rank were chosen, where the strategy says (auto)
     """
 
     name: str
@@ -82,6 +88,7 @@ class LayerPlan:
     chosen: int | None = None
     energy: float | None = None
     options: dict = field(default_factory=dict)
+    note: str | None = None
 
 
 @dataclass
@@ -165,7 +172,7 @@ class _Spectra:
         return self.values[ctx.name]
 
 
-def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None):
+def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
     """``uniform``, ``energy``, ``error``, ``output``: the greedy of :mod:`lowrank_fm.ranks` over MACs or
     measured latency, scored by kept energy or by the relative error (responses, or the network's output)."""
     allocation = config.allocation or default_allocation(method)
@@ -177,9 +184,7 @@ def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output
             errors = output_errors[name]
         elif allocation in ("error", "output"):
             # relative error of the symmetric projection at rank r: discarded energy / E||y||^2
-            second_moment = values.sum() + (float(np.sum(ctx.stats.mean ** 2)) if ctx.stats is not None else 0.0)
-            tail = np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])
-            errors = np.sqrt(tail / max(second_moment, 1e-300))
+            errors = tail_error(values, ctx.stats.mean if ctx.stats is not None else np.zeros(1))
         if latency is None:
             cost_at, original = (lambda r, ctx=ctx: method.macs(ctx, r)), macs[name]
         else:  # integer nanoseconds, + r so that the cost strictly grows with the rank
@@ -199,7 +204,7 @@ def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output
     return result.ranks, {}, selection
 
 
-def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None):
+def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
     """``alds-minmax``: (groups k, rank j) per layer minimising the largest relative error under the MAC
     budget (Liebenwein et al. 2021); every candidate below break-even, the original layer at error 0."""
     budget = (fixed + sum(macs[n] for n in free)) / float(config.speedup) - fixed
@@ -223,12 +228,72 @@ def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, o
     return ranks, {name: {"groups": k} for name, k in groups.items()}, selection
 
 
+def pareto_envelope(points: list, original_macs: int) -> list:
+    """The points (anything with ``macs`` and ``error``) below ``original_macs`` that no other point beats on
+    both: sorted by MACs, each strictly less error than every cheaper one (the first listed wins a tie)."""
+    envelope: list = []
+    for point in sorted((p for p in points if p.macs < original_macs), key=lambda p: p.macs):
+        if envelope and point.macs == envelope[-1].macs:
+            continue
+        if not envelope or point.error < envelope[-1].error:
+            envelope.append(point)
+    return envelope
+
+
+def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
+    """``auto``: one (method, rank) per layer. Each layer's candidates (:meth:`~lowrank_fm.methods.auto.Auto.
+    candidate_points`, predicted error against MACs) are reduced to their Pareto envelope, which is a cost
+    curve like a single method's ranks; the ``error`` greedy of :func:`~lowrank_fm.ranks.select_ranks_for_speedup`
+    then minimises the sum of squared predicted errors under the MAC budget."""
+    start = time.perf_counter()
+    progress = progress or (lambda items, desc: items)
+    points, envelopes, budget_layers = {}, {}, []
+    for name in progress(list(free), "auto: candidate curves"):
+        points[name] = method.candidate_points(free[name], macs[name])
+        envelope = pareto_envelope(points[name], macs[name])
+        envelopes[name] = envelope
+        if envelope:
+            errors = np.array([1.0] + [p.error for p in envelope])
+            budget_layers.append(BudgetLayer(name, np.ones(len(envelope)), lambda i, e=envelope: e[i - 1].macs,
+                                             macs[name], errors=errors))
+    curves_s = time.perf_counter() - start
+    result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score="error")
+    ranks, options, chosen_points = {}, {}, {}
+    for name in free:
+        index = result.ranks.get(name)
+        if index is None:
+            ranks[name] = None
+            continue
+        point = envelopes[name][index - 1]
+        ranks[name], options[name], chosen_points[name] = point.rank, {"method": point.method}, point
+    counts: dict[str, int] = {}
+    for point in chosen_points.values():
+        counts[point.method] = counts.get(point.method, 0) + 1
+    selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
+                 "reachable": result.reachable, "allocation": "auto", "budget": "macs",
+                 "auto": {"candidates": list(method.settings.candidates), "methods": counts, "curves_s": curves_s,
+                          "notes": {name: _auto_note(point, points[name]) for name, point in chosen_points.items()}}}
+    return ranks, options, selection
+
+
+def _auto_note(point, points: list) -> str:
+    """Why a layer got its (method, rank): its predicted error, and each other candidate method's at the
+    most MACs it can have without costing more."""
+    others = {}
+    for other in sorted(points, key=lambda p: p.macs):
+        if other.method != point.method and other.macs <= point.macs:
+            others[other.method] = other
+    alternatives = ", ".join(f"{m} {p.error:.3f}" for m, p in others.items())
+    return (f"{point.method} rank {point.rank}: predicted error {point.error:.3f} at {point.macs:,} MACs; "
+            + (f"at no more MACs: {alternatives}" if alternatives else "no other candidate fits these MACs"))
+
+
 _STRATEGIES: dict[str, Callable] = {"uniform": _greedy, "energy": _greedy, "error": _greedy, "output": _greedy,
-                                    "alds-minmax": _alds_minmax}
+                                    "alds-minmax": _alds_minmax, "auto": _auto}
 
 
 def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int], config, spectrum: _Spectra,
-            latency=None, output_errors=None) -> tuple[dict[str, int | None], dict[str, dict], dict]:
+            latency=None, output_errors=None, progress=None) -> tuple[dict[str, int | None], dict[str, dict], dict]:
     """Rank per target layer (None: keep original), the per-layer options, and the selection summary."""
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
     free = {n: c for n, c in contexts.items() if n not in overrides}
@@ -248,7 +313,7 @@ def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, i
             fixed = int(1e6 * latency[1])
         strategy = _STRATEGIES[config.allocation or default_allocation(method)]
         chosen, options, selection = strategy(method, free, macs, config, fixed=fixed, spectrum=spectrum,
-                                              latency=latency, output_errors=output_errors)
+                                              latency=latency, output_errors=output_errors, progress=progress)
     chosen = {**chosen, **overrides}
     if config.rank_multiple > 1:
         chosen = {n: None if r is None else _rounded(method, _with_options(contexts[n], options.get(n)), r,
@@ -331,7 +396,8 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
         None: no gate
     """
     spectrum = _Spectra(method)
-    chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors)
+    chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors, progress)
+    notes = selection.get("auto", {}).get("notes", {})
     _check_reachable(config, selection, latency)
     if latency is not None and measure_plan is not None:
         chosen, options, selection = _replan_for_latency(method, contexts, macs, config, spectrum, latency,
@@ -352,7 +418,8 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
             reason = f"rank {rank} of {full} would not reduce MACs ({new_macs:,} >= {macs[name]:,})"
             plan[name] = LayerPlan(name, None, reason, macs[name], macs[name], full, rank, energy)
             continue
-        plan[name] = LayerPlan(name, rank, None, macs[name], new_macs, full, rank, energy, dict(ctx.options))
+        plan[name] = LayerPlan(name, rank, None, macs[name], new_macs, full, rank, energy, dict(ctx.options),
+                               notes.get(name))
     if gate is not None:
         checks = [n for n, p in plan.items() if p.rank is not None]
         slower = sorted(n for n in progress(checks, "speed gate")

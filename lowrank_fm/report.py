@@ -50,7 +50,8 @@ class LayerRecord:
                    rank=plan.chosen if plan.chosen is not None else shape[0], energy=plan.energy, params_before=params,
                    params_after=params, macs_before=plan.macs_before, macs_after=plan.macs_after, rel_error=None,
                    status="kept" if plan.rank is None else "approximated", reason=plan.reason,
-                   extra={} if timing is None else timing.to_dict())
+                   extra={**({} if timing is None else timing.to_dict()), **plan.options,
+                          **({"why": plan.note} if plan.note else {})})
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -129,7 +130,8 @@ class Report:
                     f"{l.macs_before:,}",
                     f"{l.macs_after:,}",
                     "-" if l.rel_error is None else f"{l.rel_error:.4f}",
-                    l.status if l.reason is None else f"{l.status}: {l.reason}",
+                    (f"{l.status} ({l.extra['method']})" if "method" in l.extra else l.status)
+                    if l.reason is None else f"{l.status}: {l.reason}",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -188,7 +188,7 @@ def test_report_has_contract_fields(default_run):
             assert key in report[section], (section, key)
     for key in TIMING_FIELDS:
         assert report["timing"][key] >= 0.0
-    stages = ("statistics_s", "plan_s", "layout_s", "latency_model_s", "speed_gate_s", "build_s")
+    stages = ("statistics_s", "plan_s", "candidates_s", "layout_s", "latency_model_s", "speed_gate_s", "build_s")
     assert report["timing"]["approximate_s"] == pytest.approx(sum(report["timing"].get(k, 0.0) for k in stages))
     assert report["latency"]["before_ms"] > 0 and report["latency"]["after_ms"] > 0
     assert report["latency"]["device"] == "cpu"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import InputStats, LayerContext, Method, ResponseStats, settings_from
 from .alds import ALDS
 from .alds_sigma import ALDSSigma
+from .auto import Auto
 from .cp import CPDecomposition
 from .cp_sigma import CPSigma
 from .fm import FeatureMapLinear
@@ -70,3 +71,4 @@ register_method(Tucker2Sigma)
 register_method(CPSigma)
 register_method(ALDS)
 register_method(ALDSSigma)
+register_method(Auto)

@@ -171,6 +171,12 @@ class Method:
         self.settings = settings_from(self.Settings, settings)
         self.seed = int(seed)
 
+    def for_layer(self, ctx: LayerContext) -> "Method":
+        """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the
+        one named in ``ctx.options``. The layer-wise pass asks it whether the layer fits data itself
+        (``needs_inputs``) or gets the whole-model correction."""
+        return self
+
     def supports(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return f"grouped conv (groups={module.groups}) is not factorized by {self.name}"

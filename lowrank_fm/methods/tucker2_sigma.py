@@ -8,6 +8,8 @@ output error over the calibration patches; the bias becomes b + (W - W~) mu.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -17,25 +19,39 @@ from .base import LayerContext
 from .sigma_math import corrected_bias, regularised_sigma, tucker2_sigma
 from .tucker import Tucker2, tucker2
 
-__all__ = ["Tucker2Sigma"]
+__all__ = ["Tucker2Sigma", "Tucker2SigmaSettings"]
+
+
+@dataclass(frozen=True)
+class Tucker2SigmaSettings:
+    """als_iterations : most Sigma-norm ALS sweeps; hooi_iterations : most sweeps of the Frobenius HOOI start
+    (``auto`` predicts errors with a few of each)."""
+
+    als_iterations: int = 30
+    hooi_iterations: int = Tucker2.iterations
+
+    def __post_init__(self) -> None:
+        for name in ("als_iterations", "hooi_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class Tucker2Sigma(Tucker2):
-    """``tucker2-sigma``: Sigma-norm ALS Tucker-2 (at most ``als_iterations`` sweeps)."""
+    """``tucker2-sigma``: Sigma-norm ALS Tucker-2 (at most ``settings.als_iterations`` sweeps)."""
 
     name = "tucker2-sigma"
+    Settings = Tucker2SigmaSettings
     needs_input_covariance = True
-    als_iterations = 30
 
     def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         conv = ctx.module
         stats = ctx.require_input_stats(self.name)
         rank_out, rank_in = self.ranks(ctx, rank)
-        start = tucker2(conv.weight, rank_out, rank_in, iterations=self.iterations)
+        start = tucker2(conv.weight, rank_out, rank_in, iterations=self.settings.hooi_iterations)
         weight = conv.weight.detach().double().numpy()
         core, u_out, u_in, history = tucker2_sigma(weight, regularised_sigma(stats.covariance),
-                                                   *(f.numpy() for f in start), iterations=self.als_iterations)
-        approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in).reshape(weight.shape[0], -1)
+                                                   *(f.numpy() for f in start), iterations=self.settings.als_iterations)
+        approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in, optimize=True).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
                               weight.reshape(weight.shape[0], -1), approx, stats.mean)
         done = {"ranks": [rank_out, rank_in], "sigma_error_start": history[0],

@@ -1,0 +1,208 @@
+"""``auto``: the best decomposition for each layer under one budget.
+
+Every target layer gets candidate decompositions (by default ``fm``, ``fm-3d``, ``tucker2-sigma``, ``spatial``
+and, for Linear layers, ``svd-sigma``), each with a predicted error-versus-MACs curve; the planner's ``auto``
+strategy (:mod:`lowrank_fm.planner`) picks one (method, rank) per layer for the whole-model budget, and the
+layer-wise pass builds each layer with its method (``ctx.options["method"]``), plus the whole-model correction
+of its last factor for the methods that do not fit data themselves.
+
+Predicted error of a candidate (method m, rank r): its chain is built from the weights and the statistics
+(no samples), then :func:`lowrank_fm.predicted_error.refit_error` gives the relative output error left after
+the correction refits its last factor on the layer's input moments (the error as built when the chain's last
+factor cannot be refitted). For ``fm`` the curve is exact at every rank and costs nothing: the tail of the
+response spectrum. Other methods are built at ``grid_points`` ranks (geometric from 1 to the method's
+break-even rank) and log e^2 is interpolated linearly in the rank between them. A layer whose input patches
+are wider than ``probe_limit`` takes ``fm`` alone (the probes' p x p products would dominate the run).
+
+Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
+the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
+``ctx.options`` (an override of ``layer_ranks``), the first candidate (``fm``) is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..predicted_error import LayerMoments, affine_error, refit_error, tail_error
+from .base import LayerContext, LayerData, Method, unfold_weight
+
+__all__ = ["Auto", "AutoSettings", "CandidatePoint", "probe_error"]
+
+#: settings of the chains built only to predict errors (the layer itself is built with the method's defaults):
+#: one Sigma-norm sweep from the Frobenius start gives the predicted error within about 0.01 of thirty
+PROBE_SETTINGS = {"tucker2-sigma": {"als_iterations": 1}}
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """candidates : the methods tried on every layer, in order of preference on a tie (the first is also the
+    default for a layer without a choice); grid_points : ranks probed per method and layer; probe_limit : the
+    widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone."""
+
+    candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma")
+    grid_points: int = 6
+    probe_limit: int = 4608
+
+    def __post_init__(self) -> None:
+        names = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
+        object.__setattr__(self, "candidates", names)
+        if not names or "auto" in names:
+            raise ValueError(f"candidates must name one or more methods other than 'auto', got {names}")
+        if self.grid_points < 2:
+            raise ValueError(f"grid_points must be at least 2, got {self.grid_points}")
+
+
+@dataclass(frozen=True)
+class CandidatePoint:
+    """One (method, rank) of a layer: its MACs per image and its predicted relative output error."""
+
+    method: str
+    rank: int
+    macs: int
+    error: float
+
+
+class Auto(Method):
+    """``auto``: per layer, the candidate method and rank the planner chose (see the module docstring)."""
+
+    name = "auto"
+    Settings = AutoSettings
+    needs_responses = True
+    needs_inputs = True  # the layer-wise pass runs; each layer is then built as its own method says
+    needs_input_covariance = True
+    allocations = ("auto",)
+
+    def __init__(self, settings=None, *, seed: int = 0) -> None:
+        super().__init__(settings, seed=seed)
+        from . import get_method  # the registry imports this module
+
+        self.delegates = {name: get_method(name, seed=seed) for name in self.settings.candidates}
+        self.probes = {name: get_method(name, PROBE_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
+
+    def for_layer(self, ctx: LayerContext) -> Method:
+        choice = ctx.options.get("method", self.settings.candidates[0])
+        if choice not in self.delegates:
+            raise ValueError(f"layer {ctx.name!r}: method {choice!r} is not one of auto's candidates "
+                             f"{list(self.delegates)}")
+        return self.delegates[choice]
+
+    def supports(self, module: nn.Module) -> str | None:
+        reasons = [m.supports(module) for m in self.delegates.values()]
+        return None if any(r is None for r in reasons) else reasons[0]
+
+    def spectrum(self, ctx: LayerContext) -> np.ndarray:
+        return self.for_layer(ctx).spectrum(ctx)
+
+    def full_rank(self, ctx: LayerContext) -> int:
+        return self.for_layer(ctx).full_rank(ctx)
+
+    def macs(self, ctx: LayerContext, rank: int) -> int:
+        return self.for_layer(ctx).macs(ctx, rank)
+
+    def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None
+              ) -> nn.Module:
+        layer_method = self.for_layer(ctx)
+        if info is not None:
+            info["method"] = layer_method.name
+        return layer_method.build(ctx, rank, data if layer_method.needs_inputs else None, info)
+
+    def candidate_points(self, ctx: LayerContext, original_macs: int) -> list[CandidatePoint]:
+        """Every (method, rank) below break-even with its MACs and predicted error, for the planner."""
+        from ..planner import highest_cheaper_rank, is_cheaper
+
+        points: list[CandidatePoint] = []
+        seen_structures = set()
+        wide = int(np.prod(ctx.module.weight.shape[1:])) > self.settings.probe_limit
+        moments = None
+        for name, method in self.delegates.items():
+            if method.supports(ctx.module) is not None or (wide and points):
+                continue
+            structure = _structure(method, ctx)
+            if structure in seen_structures:  # e.g. fm-3d on a 1x1 conv is fm
+                continue
+            seen_structures.add(structure)
+            top = highest_cheaper_rank(method, ctx, original_macs)
+            if not is_cheaper(method, ctx, top, original_macs):
+                continue
+            if _is_response_projection(method, ctx):
+                tail = tail_error(ctx.stats.eigenvalues, ctx.stats.mean)
+                errors = {r: float(tail[r]) for r in range(1, top + 1)}
+            else:
+                if moments is None:
+                    stats = ctx.require_input_stats("auto's error prediction")
+                    layer = ctx.module
+                    moments = LayerMoments.of(unfold_weight(layer).numpy(), None if layer.bias is None else
+                                              layer.bias.detach().double().numpy(), stats.mean, stats.covariance)
+                errors = self._probed_curve(self.probes[name], ctx, top, moments)
+            points += [CandidatePoint(name, r, method.macs(ctx, r), float(e)) for r, e in errors.items()]
+        return points
+
+    def _probed_curve(self, method: Method, ctx: LayerContext, top: int, moments: LayerMoments) -> dict[int, float]:
+        """Predicted relative error at the ranks from 1 to ``top``: probed at ``grid_points`` ranks, geometric
+        from 1 to ``top``, and log e^2 interpolated linearly in the rank between them."""
+        grid = sorted({int(round(v)) for v in np.geomspace(1, top, self.settings.grid_points)})
+        measured = {r: probe_error(method, ctx, r, moments) for r in grid}
+        ranks = np.arange(grid[0], top + 1)
+        logs = np.interp(ranks, grid, [math.log(max(measured[r], 1e-12) ** 2) for r in grid])
+        return {int(r): float(math.exp(v / 2)) for r, v in zip(ranks, logs)}
+
+
+def _is_response_projection(method: Method, ctx: LayerContext) -> bool:
+    """Whether the method's rank-r chain, its last factor refitted on the input moments, leaves the response
+    spectrum's tail: ``fm`` and its symmetric form, ``fm-3d`` on a layer with nothing to separate, and
+    ``svd-sigma`` (its first factor spans the same optimal rank-r subspace; ``fm`` wins the tie, having the
+    nonlinear refinement besides)."""
+    from .fm import FeatureMapLinear
+    from .fm3d import FeatureMap3D
+    from .svd_sigma import SVDSigma
+
+    if not isinstance(method, (FeatureMapLinear, SVDSigma)) or ctx.stats is None:
+        return False
+    return not (isinstance(method, FeatureMap3D) and method._separable(ctx.module))
+
+
+def _structure(method: Method, ctx: LayerContext) -> str:
+    """What the method builds on this layer, to skip a candidate that would repeat another."""
+    return "response projection" if _is_response_projection(method, ctx) else method.name
+
+
+def probe_error(method: Method, ctx: LayerContext, rank: int, moments: LayerMoments) -> float:
+    """The predicted relative error of ``method`` at ``rank`` on ``ctx``'s layer: its chain built without
+    samples, then :func:`~lowrank_fm.predicted_error.refit_error` on the chain's earlier factors (A, probed by
+    feeding the identity patches through them) or, when the last factor cannot be refitted,
+    :func:`~lowrank_fm.predicted_error.affine_error` of the whole chain."""
+    from ..layers import last_factor_inputs, last_factor_refittable
+
+    layer = ctx.module
+    with torch.no_grad():
+        chain = method.build(ctx, rank).double().cpu()
+        p = moments.W.shape[1]
+        basis = torch.cat([torch.zeros(1, p, dtype=torch.float64), torch.eye(p, dtype=torch.float64)])
+        if last_factor_refittable(chain, layer) is None:
+            z = last_factor_inputs(chain, layer, basis).numpy()
+            return refit_error(moments, (z[1:] - z[0]).T)
+        # a single-factor or otherwise non-refittable chain: its response to each patch direction
+        if isinstance(layer, nn.Conv2d):
+            windows = basis.reshape(p + 1, layer.in_channels, *layer.kernel_size)
+            outputs = _valid(chain)(windows).reshape(p + 1, -1)
+        else:
+            outputs = chain(basis)
+        outputs = outputs.numpy()
+    return affine_error(moments, (outputs[1:] - outputs[0]).T, outputs[0])
+
+
+def _valid(chain: nn.Module) -> nn.Module:
+    """The chain with stride 1, no padding and no dilation: applied to one (c, kh, kw) patch it gives the
+    output at that patch's position (the patch already holds the layer's stride, padding and dilation)."""
+    import copy
+
+    flat = copy.deepcopy(chain)
+    for conv in flat.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.stride, conv.padding, conv.dilation = (1, 1), (0, 0), (1, 1)
+    return flat

@@ -1,0 +1,199 @@
+"""``--method auto``: each layer's decomposition chosen under one budget.
+
+The predicted errors are checked against least squares on explicit samples (the moments are those samples'),
+the probe against the chain run as modules on images, the envelope on known points, the plan against fm's own
+plan when fm is the only candidate, and the whole pipeline on vgg-digits (each layer built by its method)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from conftest import layer_context
+from lowrank_fm import approximate
+from lowrank_fm.config import ApproxConfig
+from lowrank_fm.methods import InputStats, ResponseStats, get_method
+from lowrank_fm.methods.auto import CandidatePoint, probe_error
+from lowrank_fm.planner import pareto_envelope, plan_ranks
+from lowrank_fm.predicted_error import LayerMoments, affine_error, refit_error, tail_error
+
+
+def _moments_of(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (1/n) covariance of the rows of X: the population moments of the sample."""
+    mean = X.mean(0)
+    return mean, (X - mean).T @ (X - mean) / len(X)
+
+
+def _relative_residual(Y: np.ndarray, Z: np.ndarray) -> float:
+    """sqrt(min over B, c of sum ||y - B z - c||^2 / sum ||y||^2), by numpy lstsq on [Z, 1]."""
+    design = np.hstack([Z, np.ones((len(Z), 1))])
+    solution = np.linalg.lstsq(design, Y, rcond=None)[0]
+    return float(np.sqrt(np.sum((Y - design @ solution) ** 2) / np.sum(Y ** 2)))
+
+
+def test_refit_error_is_the_least_squares_residual_of_the_samples():
+    rng = np.random.default_rng(0)
+    n, p, d, q = 4000, 12, 7, 5
+    X = rng.standard_normal((n, p)) @ rng.standard_normal((p, p)) + rng.standard_normal(p)
+    W, b, A = rng.standard_normal((d, p)), rng.standard_normal(d), rng.standard_normal((q, p))
+    Y, Z = X @ W.T + b, X @ A.T + 3.0  # the offset a of z does not matter
+    mean, cov = _moments_of(X)
+    moments = LayerMoments.of(W, b, mean, cov)
+    assert refit_error(moments, A) == pytest.approx(_relative_residual(Y, Z), rel=1e-9)
+    # a rank-deficient A (a repeated row) explains no more than its independent rows
+    assert refit_error(moments, np.vstack([A, A[:1]])) == pytest.approx(_relative_residual(Y, Z), rel=1e-7)
+    # A = W explains everything; A = 0 explains only the mean
+    assert refit_error(moments, W) == pytest.approx(0.0, abs=1e-6)
+    centred_share = np.sum((Y - Y.mean(0)) ** 2) / np.sum(Y ** 2)
+    assert refit_error(moments, np.zeros((1, p))) == pytest.approx(np.sqrt(centred_share), rel=1e-9)
+
+
+def test_affine_error_is_the_relative_error_of_the_samples():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3000, 9)) + 0.5
+    W, b = rng.standard_normal((4, 9)), rng.standard_normal(4)
+    W_hat, b_hat = W + 0.1 * rng.standard_normal((4, 9)), b - 0.2
+    Y, Y_hat = X @ W.T + b, X @ W_hat.T + b_hat
+    expected = np.sqrt(np.sum((Y - Y_hat) ** 2) / np.sum(Y ** 2))
+    assert affine_error(LayerMoments.of(W, b, *_moments_of(X)), W_hat, b_hat) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_tail_of_the_response_spectrum_is_the_refit_error_of_the_top_response_directions():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((5000, 10)) @ rng.standard_normal((10, 10))
+    W, b = rng.standard_normal((6, 10)), rng.standard_normal(6)
+    mean, cov = _moments_of(X)
+    values, vectors = np.linalg.eigh(W @ cov @ W.T)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    tails = tail_error(values, W @ mean + b)
+    moments = LayerMoments.of(W, b, mean, cov)
+    for r in (1, 3, 5):
+        assert tails[r] == pytest.approx(refit_error(moments, vectors[:, :r].T @ W), rel=1e-7)
+    assert tails[6] == 0.0 and tails[0] == pytest.approx(refit_error(moments, np.zeros((1, 10))), rel=1e-9)
+
+
+@pytest.mark.parametrize("method, rank", [("spatial", 4), ("tucker2-sigma", 3), ("fm-3d", 3)])
+def test_the_probe_predicts_the_refit_of_the_chain_run_on_images(method, rank):
+    """The chain is run as modules on images: its last factor's inputs there, regressed on by lstsq, leave the
+    residual the probe predicts from the input patches' moments (the same patches)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=1).double()
+    images = torch.randn(40, 6, 7, 7, dtype=torch.float64)
+    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 54).numpy()  # (n, c kh kw)
+    mean, cov = _moments_of(patches)
+    y = conv(images).permute(0, 2, 3, 1).reshape(-1, 8).detach().numpy()
+    ctx = layer_context(conv.float(), images[:1].float())
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
+    ctx = type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
+                    eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape, InputStats(mean, cov, len(patches)))
+    built = get_method(method).build(ctx, rank).double()
+    with torch.no_grad():
+        z = images
+        for factor in list(built)[:-1]:
+            z = factor(z)
+        last = built[-1]
+        windows = F.unfold(z, last.kernel_size, padding=last.padding, stride=last.stride)
+        Z = windows.transpose(1, 2).reshape(-1, windows.shape[1]).numpy()
+    W = conv.weight.detach().reshape(8, -1).numpy()
+    moments = LayerMoments.of(W, conv.bias.detach().numpy(), mean, cov)
+    assert probe_error(get_method(method), ctx, rank, moments) == pytest.approx(_relative_residual(y, Z), rel=1e-6)
+
+
+def test_the_envelope_keeps_the_points_no_other_beats():
+    points = [CandidatePoint("a", 1, 10, 0.9), CandidatePoint("b", 1, 10, 0.8), CandidatePoint("a", 2, 20, 0.5),
+              CandidatePoint("b", 2, 25, 0.6), CandidatePoint("b", 3, 30, 0.2), CandidatePoint("a", 3, 40, 0.3),
+              CandidatePoint("a", 4, 100, 0.0)]
+    envelope = pareto_envelope(points, original_macs=100)
+    # equal MACs: the first listed wins; (b, 25) and (a, 40) are beaten by cheaper points; 100 MACs is not cheaper
+    assert [(p.method, p.rank) for p in envelope] == [("a", 1), ("a", 2), ("b", 3)]
+
+
+@pytest.fixture(scope="module")
+def digits_loader(digits):
+    return DataLoader(Subset(digits.train, list(range(120))), batch_size=40, shuffle=False)
+
+
+def test_auto_with_fm_alone_plans_what_fm_plans(vgg_digits, digits_loader):
+    common = dict(speedup=2.0, speed_gate=False, progress=False)
+    _, fm = approximate(vgg_digits, digits_loader, ApproxConfig(method="fm", **common))
+    _, auto = approximate(vgg_digits, digits_loader, ApproxConfig(method="auto", method_settings={"candidates": ("fm",)},
+                                                                  **common))
+    assert {l.name: l.rank for l in auto.layers} == {l.name: l.rank for l in fm.layers}
+    approximated = [l for l in auto.layers if l.status == "approximated"]
+    assert approximated and all(l.extra["method"] == "fm" for l in approximated)
+
+
+def test_auto_builds_each_layer_with_its_method_and_says_why(vgg_digits, digits_loader, digits):
+    from lowrank_fm.zoo.evaluate import accuracy
+
+    config = ApproxConfig(method="auto", speedup=2.5, speed_gate=False, progress=False)
+    new_model, report = approximate(vgg_digits, digits_loader, config)
+    approximated = [l for l in report.layers if l.status == "approximated"]
+    assert report.totals["theoretical_speedup"] >= 2.5
+    chosen = {l.extra["method"] for l in approximated}
+    assert chosen <= {"fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma"}
+    for layer in approximated:
+        assert layer.extra["why"].startswith(f"{layer.extra['method']} rank {layer.rank}: predicted error")
+        assert layer.extra["method"] == layer.extra.get("method")
+        if layer.extra["method"] in ("fm", "fm-3d"):
+            assert "solver" in layer.extra  # fitted its samples itself
+        else:
+            assert layer.extra["correction"]["kept"] in ("original", "linear", "refined")
+    assert sum(report.selection["auto"]["methods"].values()) == len(approximated)
+    assert report.timing["candidates_s"] > 0
+    assert accuracy(new_model, digits.test)["top1"] > 0.9
+
+
+def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
+    """A kernel that is a sum of two separable (kh x 1)(1 x kw) terms: spatial at rank 2 is exact, while a
+    channel rank 2 of fm leaves most of the response. auto picks spatial for that layer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    vertical, horizontal = torch.randn(2, 16, 3), torch.randn(16, 2, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("kch,dkw->dchw", vertical, horizontal))
+    images = torch.randn(30, 16, 8, 8)
+    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 144).double().numpy()
+    y = conv(images).permute(0, 2, 3, 1).reshape(-1, 16).detach().double().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
+    ctx = layer_context(conv, images[:1])
+    ctx = type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
+                    eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape,
+                    InputStats(*_moments_of(patches), len(patches)))
+    macs = {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
+    config = ApproxConfig(method="auto", speedup=4.0)
+    plan = plan_ranks(get_method("auto"), {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: ctx}, macs,
+                      {ctx.name: None, "rest": "not targeted"}, config).layers[ctx.name]
+    assert plan.options == {"method": "spatial"} and plan.rank >= 2
+    assert "predicted error 0.000" in plan.note
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
+    (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
+    (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto'\] only"),
+    (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
+    (dict(method="auto", speedup=2.0, method_settings={"candidates": ("auto",)}), r"other than 'auto'"),
+])
+def test_a_policy_auto_cannot_honour_is_refused_up_front(settings, message):
+    with pytest.raises(ValueError, match=message):
+        config = ApproxConfig(**settings)
+        get_method(config.method, config.method_settings)
+
+
+def test_tucker2_sigma_without_sweeps_is_its_frobenius_start():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    ctx = layer_context(conv, torch.randn(1, 8, 5, 5))
+    patches = np.random.default_rng(0).standard_normal((500, 72))
+    ctx = type(ctx)(ctx.name, conv, ctx.positions, None, ctx.in_shape, ctx.out_shape,
+                    InputStats(*_moments_of(patches), 500))
+    info: dict = {}
+    get_method("tucker2-sigma", {"als_iterations": 0}).build(ctx, 4, info=info)
+    assert info["als_sweeps"] == 0 and info["sigma_error"] == info["sigma_error_start"]
+    get_method("tucker2-sigma", {"als_iterations": 3}).build(ctx, 4, info=info)
+    assert 1 <= info["als_sweeps"] <= 3 and info["sigma_error"] < info["sigma_error_start"]
