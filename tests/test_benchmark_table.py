@@ -47,3 +47,18 @@ def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
         assert other["threads"] == 1
     for row in written:  # every row written carries its provenance, made in the process that ran it
         assert row["provenance"]["threads"] == 1 and row["provenance"]["torch"]
+
+
+def test_every_run_of_the_grid_makes_a_valid_configuration_and_method():
+    """Each cell's settings are fields of the run or settings of its method (a setting that moved from one to
+    the other, like fm's ``solver``, must still reach its method) and the method constructs with them."""
+    from lowrank_fm.bench.benchmark import DEFAULT_GRID, run_config
+    from lowrank_fm.methods import get_method
+
+    for model, runs in DEFAULT_GRID.items():
+        for run in runs:
+            config = run_config(run, seed=0)
+            method = get_method(config.method, config.method_settings)
+            assert config.speedup == run.speedup and method.name == run.settings["method"], (model, run.label)
+            for name, value in run.settings.items():
+                assert getattr(config, name, config.method_settings.get(name)) == value, (model, run.label, name)

@@ -22,7 +22,7 @@ from ..zoo.evaluate import accuracy
 from ..zoo.models import bundled_spec, create_model
 from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
-__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "markdown_table", "DEFAULT_GRID", "cell_key"]
+__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "run_config", "markdown_table", "DEFAULT_GRID", "cell_key"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,12 @@ def run_benchmark(grid: dict[str, list[BenchmarkRun]], out_path: str | Path, *, 
     return results
 
 
+def run_config(run: BenchmarkRun, **fields) -> ApproxConfig:
+    """The run's configuration: its target, ``fields`` of ApproxConfig, then its settings (fields of the run
+    or settings of its method by name, e.g. ``solver``)."""
+    return ApproxConfig(speedup=run.speedup, **fields).replace(**run.settings)
+
+
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
@@ -134,7 +140,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     rows = []
     for run in runs:
         load_before = machine_load()
-        config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, **run.settings)
+        config = run_config(run, seed=seed, progress=progress)
         start = time.perf_counter()  # each run calibrates afresh (a temporary store), as a CLI run does
         new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
                                         model_name=model_name, dataset_name=spec.dataset)

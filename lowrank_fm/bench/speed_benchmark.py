@@ -146,7 +146,7 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
         model, loader, images, data, indices = loaded[run.model]
         n_images = len(indices) if indices is not None else sum(len(b) for b in loader)
         config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress,
-                              speed_batch=max(run.batch_sizes), **run.settings)
+                              speed_batch=max(run.batch_sizes)).replace(**run.settings)  # method settings by name
         main_allocator = use_allocator(run.allocators[0])["allocator"]  # "system" where reuse cannot be set
         start = time.perf_counter()
         new_model, report = approximate(model, loader, config, n_images=n_images, image_ids=indices,

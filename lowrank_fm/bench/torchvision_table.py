@@ -125,7 +125,7 @@ def run_table_cells(
     rows = []
     for cell in cells:
         load_before = machine_load()
-        config = ApproxConfig(speedup=cell.speedup, seed=seed, progress=progress, device=device, **cell.settings)
+        config = ApproxConfig(speedup=cell.speedup, seed=seed, progress=progress, device=device).replace(**cell.settings)
         start = time.perf_counter()
         new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
                                         model_name=model_name, dataset_name=dataset_name or data.name)
