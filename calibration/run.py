@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,7 +158,7 @@ def calibrate(
     to_input: Callable[[Any], Any] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    input_stats: bool = False,
+    input_stats: bool | Collection[str] = False,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -201,9 +201,10 @@ def calibrate(
         they go to ``shard_path(path, rank, world_size)`` (see :mod:`calibration.distributed`). Under a
         process group the ranks then wait for each other and rank 0 merges the shards into ``path``;
         without one, the shard's path is returned and the caller merges with ``merge_shards``.
-    input_stats : bool, default False
-        Also store each layer's input-patch mean and covariance (:mod:`calibration.input_stats`); the
-        shards of a multi-process run each hold their own sums, which the merge adds up.
+    input_stats : bool or collection of layer names, default False
+        Also store each layer's input-patch mean and covariance (:mod:`calibration.input_stats`): every
+        target layer's (True) or the named layers' only (a p x p covariance of a 25,088-wide Linear input is
+        5 GB); the shards of a multi-process run each hold their own sums, which the merge adds up.
 
     Returns
     -------
@@ -288,7 +289,7 @@ def _calibrate_store(
     progress: bool,
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
-    input_stats: bool = False,
+    input_stats: bool | Collection[str] = False,
 ) -> str:
     """Write (or resume) one store of ``len(image_ids)`` images, the first with global ordinal
     ``first_ordinal``; returns ``path``."""
@@ -348,7 +349,7 @@ def _run_batches(
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
     max_pending: int = 4,
-    input_stats: bool = False,
+    input_stats: bool | Collection[str] = False,
 ) -> None:
     """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``.
 
@@ -361,7 +362,8 @@ def _run_batches(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     ordinal = 0  # ordinal (relative to the stream) of the first image of the next batch
-    stats = InputPatchStats(modules, keep_from=n_done, keep_until=n_images).resume(writer) if input_stats else None
+    kept = modules if input_stats is True else {n: m for n, m in modules.items() if input_stats and n in set(input_stats)}
+    stats = InputPatchStats(kept, keep_from=n_done, keep_until=n_images).resume(writer) if kept else None
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
                               start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \

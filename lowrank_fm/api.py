@@ -171,7 +171,8 @@ def approximate(
     rank, size = world()  # under torchrun: each rank calibrates and runs the layer-wise pass on one shard of the images
     shard = shard_range(total_images, rank, size) if size > 1 else (0, total_images)
     temp_dir = None
-    calibrated = (method.needs_responses or method.needs_input_covariance) and bool(targets)
+    covariance_layers = [name for name in targets if method.input_covariance_for(layers[name])]
+    calibrated = (method.needs_responses or bool(covariance_layers)) and bool(targets)
     stats, inputs = {}, {}
     if calibrated:
         if calib_file is None and size > 1:
@@ -184,18 +185,17 @@ def approximate(
             calibrate(work, images, targets, str(calib_file), n_images=total_images, seed=config.seed,
                       positions_per_image=config.positions_per_image, image_ids=image_ids,
                       meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
-                      device=config.device, progress=config.progress, input_stats=method.needs_input_covariance)
+                      device=config.device, progress=config.progress, input_stats=covariance_layers)
         with _stage(timing, "statistics"):
             stats, inputs = read_layer_stats(calib_file, targets, method, n_fit, config.covariance,
-                                             shard if size > 1 else None, config.progress)
+                                             shard if size > 1 else None, config.progress, covariance_layers)
 
     # the methods' math runs in float64 on the CPU: on another device they see a CPU copy of each layer
     on_cpu = {name: layers[name] if str(config.device) == "cpu" else copy.deepcopy(layers[name]).cpu() for name in targets}
     contexts = {name: LayerContext(name, on_cpu[name], costs[name].positions, stats.get(name), costs[name].in_shape,
                                   costs[name].out_shape, inputs.get(name)) for name in targets}
     def plan_stage():  # under torchrun rank 0 plans (its speed gate times alone) and every rank takes its plan
-        plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config,
-                              timing)
+        plan, timings = _plan(method, layers, contexts, costs, reasons, work, example, data, to_input, n_fit, config, timing)
         return plan, timings, {k: v for k, v in timing.items() if k in _PLAN_STAGES}
 
     plan, timings, planned = computed_on_rank_zero(plan_stage)

@@ -41,10 +41,10 @@ def response_stats(reader, name: str, n_fit: int, backend: str, shard: tuple[int
 
 
 def read_layer_stats(calib_file, targets: list[str], method, n_fit: int, backend: str,
-                     shard: tuple[int, int] | None = None, progress: bool = False
+                     shard: tuple[int, int] | None = None, progress: bool = False, input_layers=()
                      ) -> tuple[dict[str, ResponseStats], dict[str, InputStats]]:
-    """The response statistics (methods with ``needs_responses``) and the input statistics (methods with
-    ``needs_input_covariance``) of every target layer (a progress bar per layer with ``progress``)."""
+    """The response statistics of every target layer (methods with ``needs_responses``) and the input
+    statistics of the ``input_layers`` (a progress bar per layer with ``progress``)."""
     from tqdm.auto import tqdm
 
     from calibration import open_calibration, read_input_stats  # lazy: lowrank_fm must not import h5py
@@ -54,6 +54,6 @@ def read_layer_stats(calib_file, targets: list[str], method, n_fit: int, backend
         for name in tqdm(targets, desc="statistics", disable=not progress, leave=False):
             if method.needs_responses:
                 stats[name] = response_stats(reader, name, n_fit, backend, shard)
-            if method.needs_input_covariance:
+            if name in input_layers:
                 inputs[name] = InputStats(*read_input_stats(reader, name))
     return stats, inputs

@@ -197,3 +197,24 @@ def test_tucker2_sigma_without_sweeps_is_its_frobenius_start():
     assert info["als_sweeps"] == 0 and info["sigma_error"] == info["sigma_error_start"]
     get_method("tucker2-sigma", {"als_iterations": 3}).build(ctx, 4, info=info)
     assert 1 <= info["als_sweeps"] <= 3 and info["sigma_error"] < info["sigma_error_start"]
+
+
+def test_layers_wider_than_the_probe_limit_take_fm_without_an_input_covariance(vgg_digits, digits_loader, tmp_path):
+    from calibration import open_calibration, read_input_stats
+    from lowrank_fm.surgery import find_layers
+
+    limit = 300  # vgg-digits: features.3 (288 inputs) and classifier.1 (256) are probed; 3x3 convs over 32, 64 are not
+    config = ApproxConfig(method="auto", speedup=2.0, speed_gate=False, progress=False,
+                          method_settings={"probe_limit": limit})
+    _, report = approximate(vgg_digits, digits_loader, config, calib_file=tmp_path / "c.h5")
+    widths = {name: int(np.prod(m.weight.shape[1:])) for name, m in find_layers(vgg_digits).items()}
+    approximated = [l for l in report.layers if l.status == "approximated"]
+    assert any(widths[l.name] > limit for l in approximated) and any(widths[l.name] <= limit for l in approximated)
+    with open_calibration(str(tmp_path / "c.h5")) as reader:
+        for layer in approximated:
+            if widths[layer.name] > limit:
+                assert layer.extra["method"] == "fm"
+                with pytest.raises(ValueError, match="no input covariance"):
+                    read_input_stats(reader, layer.name)
+            else:
+                assert read_input_stats(reader, layer.name)[2] > 0

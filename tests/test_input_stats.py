@@ -61,6 +61,21 @@ def run(path: Path, size: int, crash_after: int | None = None, **kwargs) -> str:
                      progress=False, input_stats=True, **kwargs)
 
 
+def test_only_the_named_layers_keep_input_statistics(tmp_path: Path) -> None:
+    """input_stats as a list of names: those layers' statistics are the explicit ones, the others have none
+    and asking for them says so (a method that needs them on every layer refuses the file)."""
+    path = tmp_path / "c.h5"
+    calibrate(tiny_model(), images().split(5), LAYERS, path, n_images=N_IMAGES, seed=0, positions_per_image=3,
+              progress=False, input_stats=LAYERS[:1])
+    reference = explicit(tiny_model(), images()[:N_IMAGES])
+    with open_calibration(path) as reader:
+        mean, cov, count = read_input_stats(reader, LAYERS[0])
+        np.testing.assert_allclose(cov, reference[LAYERS[0]][1], rtol=1e-10, atol=1e-12)
+        for name in LAYERS[1:]:
+            with pytest.raises(ValueError, match=f"no input covariance for layer {name!r}"):
+                read_input_stats(reader, name)
+
+
 def read_all(path) -> dict:
     with open_calibration(path) as reader:
         return {name: read_input_stats(reader, name) for name in LAYERS}

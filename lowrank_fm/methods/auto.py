@@ -84,6 +84,10 @@ class Auto(Method):
         self.delegates = {name: get_method(name, seed=seed) for name in self.settings.candidates}
         self.probes = {name: get_method(name, PROBE_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
 
+    def input_covariance_for(self, module: nn.Module) -> bool:
+        """Only layers narrow enough to be probed (wider ones take the first candidate, fm, alone)."""
+        return int(np.prod(module.weight.shape[1:])) <= self.settings.probe_limit
+
     def for_layer(self, ctx: LayerContext) -> Method:
         choice = ctx.options.get("method", self.settings.candidates[0])
         if choice not in self.delegates:
@@ -117,7 +121,7 @@ class Auto(Method):
 
         points: list[CandidatePoint] = []
         seen_structures = set()
-        wide = int(np.prod(ctx.module.weight.shape[1:])) > self.settings.probe_limit
+        wide = not self.input_covariance_for(ctx.module)
         moments = None
         for name, method in self.delegates.items():
             if method.supports(ctx.module) is not None or (wide and points):

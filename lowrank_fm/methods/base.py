@@ -171,6 +171,11 @@ class Method:
         self.settings = settings_from(self.Settings, settings)
         self.seed = int(seed)
 
+    def input_covariance_for(self, module: nn.Module) -> bool:
+        """Whether calibration keeps ``module``'s input-patch statistics for this method (``ctx.input_stats``):
+        ``needs_input_covariance``, or for ``auto`` only the layers it predicts errors on."""
+        return self.needs_input_covariance
+
     def for_layer(self, ctx: LayerContext) -> "Method":
         """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the
         one named in ``ctx.options``. The layer-wise pass asks it whether the layer fits data itself
