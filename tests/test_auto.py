@@ -173,7 +173,6 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
     (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
     (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto'\] only"),
     (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
@@ -218,3 +217,20 @@ def test_layers_wider_than_the_probe_limit_take_fm_without_an_input_covariance(v
                     read_input_stats(reader, layer.name)
             else:
                 assert read_input_stats(reader, layer.name)[2] > 0
+
+
+def test_without_a_budget_each_layer_takes_the_cheapest_candidate_as_accurate_as_fm_at_the_energy(
+        vgg_digits, digits_loader):
+    common = dict(energy=0.9, speed_gate=False, progress=False)
+    _, fm = approximate(vgg_digits, digits_loader, ApproxConfig(method="fm", **common))
+    _, auto = approximate(vgg_digits, digits_loader, ApproxConfig(method="auto", **common))
+    fm_layers = {l.name: l for l in fm.layers}
+    approximated = [l for l in auto.layers if l.status == "approximated"]
+    assert approximated and auto.totals["macs_after"] < fm.totals["macs_after"]
+    for layer in approximated:
+        assert layer.macs_after <= fm_layers[layer.name].macs_after
+        predicted = float(layer.extra["why"].split("predicted error ")[1].split()[0])
+        if layer.extra["method"] == "fm":
+            assert layer.rank <= fm_layers[layer.name].rank
+        else:  # at least as accurate as fm's rank at 0.9 energy: its error is sqrt(share of energy left) <= ...
+            assert predicted <= np.sqrt(1 - 0.9) + 5e-4
