@@ -193,28 +193,23 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
                                         config.seed, activation, first_ordinal)
         else:
             data = samples(name, module, inputs, activation)
-        sharded = size > 1 and (method.solves_shards or not method.needs_inputs)
-        if sharded:
+        if size > 1 and (method.solves_shards or not method.needs_inputs):  # every rank its own rows
             data = LayerData(data.inputs, data.targets, data.heldout, data.activation, distributed_shards())
-        elif size > 1:
-            data = _gather_layer_data(data)
-        if sharded:
             built, done = _solve_on_every_rank(method, contexts[name], ranks[name], data, config.seed)
-            replacement = built.to(config.device).eval()
-            info[name] = {**done, "activation": activation}
-            replacements[name] = replacement
-            return replacement
+        else:
+            if size > 1:  # the method needs every row at once (or is not written for shards): rank 0 gets them
+                data = _gather_layer_data(data)
 
-        def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
-            done: dict = {}
-            if method.needs_inputs:
-                built = method.build(contexts[name], ranks[name], data, done)
-            else:
-                built = method.build(contexts[name], ranks[name], None, done)
-                done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
-            return (built.cpu() if size > 1 else built), done
+            def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
+                done: dict = {}
+                if method.needs_inputs:
+                    built = method.build(contexts[name], ranks[name], data, done)
+                else:
+                    built = method.build(contexts[name], ranks[name], None, done)
+                    done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
+                return (built.cpu() if size > 1 else built), done
 
-        built, done = computed_on_rank_zero(solve)
+            built, done = computed_on_rank_zero(solve)
         replacement = built.to(config.device).eval()
         info[name] = {**done, "activation": activation}
         replacements[name] = replacement
