@@ -63,7 +63,8 @@ def corrects(method: Method, config) -> bool:
 def correct_last_factor(layer: nn.Module, replacement: nn.Module, data: LayerData, seed: int = 0) -> dict:
     """Refit ``replacement``'s last factor in place (:func:`lowrank_fm.correction.refit_output_factor`) to
     ``data``'s targets from the last factor's inputs computed from ``data``'s (approximated) input patches;
-    returns what was done for the layer's report record (``kept`` says which candidate won on held-out rows)."""
+    returns what was done for the layer's report record (``kept`` says which candidate won on held-out rows).
+    With ``data.shards`` (each rank its own rows) every rank calls this in lockstep with the same ``replacement``."""
     from .correction import refit_output_factor
     from .layers import last_factor_inputs, last_factor_matrix, last_factor_refittable, set_last_factor
 
@@ -74,7 +75,7 @@ def correct_last_factor(layer: nn.Module, replacement: nn.Module, data: LayerDat
         features = last_factor_inputs(replacement.cpu(), layer, data.inputs)
     weight, bias = last_factor_matrix(replacement)
     B, c, done = refit_output_factor(features, data.targets, data.heldout, weight, bias,
-                                     activation=data.activation, seed=seed)
+                                     activation=data.activation, seed=seed, shards=data.shards)
     if done["kept"] != "original":
         set_last_factor(replacement, B, c)
     return done
@@ -165,10 +166,13 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
     ``needs_inputs`` fit these samples themselves; for the others the last factor of what they build is
     refitted to them when :func:`corrects` says so (``info[name]["correction"]``).
 
-    Under torch.distributed ``batches`` are this rank's shard (images from ``first_ordinal`` on): each rank
-    takes its rows of every layer, rank 0 gathers them in image order and solves, and the built layer (with
-    what the build did) is broadcast, so every rank goes on through its shard with the very same layer."""
-    from .distributed import computed_on_rank_zero, world
+    Under torch.distributed ``batches`` are this rank's shard (images from ``first_ordinal`` on) and each rank
+    takes its rows of every layer. Where the solver adds its row sums over the ranks (``method.solves_shards``,
+    and the correction of any method's last factor) the rows stay where they are: every rank solves on its own
+    rows in lockstep (the method's data-free build runs on rank 0 and is broadcast first). Otherwise rank 0
+    gathers every row in image order and solves alone. Either way rank 0's built layer (with what the build
+    did) is broadcast, so every rank goes on through its shard with the very same layer."""
+    from .distributed import computed_on_rank_zero, distributed_shards, world
     from .layerwise import LayerwisePass, activation_after
 
     root = _traceable_root(work, list(ranks), batches)
@@ -189,20 +193,27 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
                                         config.seed, activation, first_ordinal)
         else:
             data = samples(name, module, inputs, activation)
-        if size > 1:
-            data = _gather_layer_data(data)
-        def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
-            done: dict = {}
-            layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
-            if layer_method.needs_inputs:
-                built = method.build(contexts[name], ranks[name], data, done)
-            else:
-                built = method.build(contexts[name], ranks[name], None, done)
-                if corrects(layer_method, config):
-                    done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
-            return (built.cpu() if size > 1 else built), done
+        layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
+        corrected = not layer_method.needs_inputs and corrects(layer_method, config)
+        if size > 1 and config.sharded_solvers and (layer_method.solves_shards or corrected):
+            # every rank fits its own rows, the solvers adding their sums over the ranks
+            data = LayerData(data.inputs, data.targets, data.heldout, data.activation, distributed_shards())
+            built, done = _solve_on_every_rank(method, layer_method, contexts[name], ranks[name], data, config.seed)
+        else:
+            if size > 1:  # rank 0 gets every row: the layer is the one a single process builds, bit for bit
+                data = _gather_layer_data(data)
 
-        built, done = computed_on_rank_zero(solve)
+            def solve() -> tuple[nn.Module, dict]:  # rank 0 solves; every rank goes on with its layer
+                done: dict = {}
+                if layer_method.needs_inputs:
+                    built = method.build(contexts[name], ranks[name], data, done)
+                else:
+                    built = method.build(contexts[name], ranks[name], None, done)
+                    if corrected:
+                        done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
+                return (built.cpu() if size > 1 else built), done
+
+            built, done = computed_on_rank_zero(solve)
         replacement = built.to(config.device).eval()
         info[name] = {**done, "activation": activation}
         replacements[name] = replacement
@@ -212,6 +223,35 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
     LayerwisePass(graph_module, root_inputs, device=config.device, progress=config.progress,
                   with_reference=dense).run(local_targets, on_layer)
     return replacements, info
+
+
+def _solve_on_every_rank(method: Method, layer_method: Method, ctx: LayerContext, rank: int, data: LayerData,
+                         seed: int) -> tuple[nn.Module, dict]:
+    """Every rank fits ``data`` (its own rows, ``data.shards`` adding the sums) in lockstep; rank 0's layer and
+    record are broadcast (the ranks' results agree up to the collectives' rounding; this makes them identical).
+    A method that fits data itself builds on every rank; any other builds on rank 0 (broadcast) and every
+    rank refits its last factor (``layer_method``: the method that builds this layer, for ``auto``). An error
+    on rank 0 is raised on every rank."""
+    from .distributed import broadcast_object, computed_on_rank_zero, world
+
+    done: dict = {}
+    result, failure = None, None
+    try:
+        if layer_method.needs_inputs:
+            built = method.build(ctx, rank, data, done)
+        else:
+            built, done = computed_on_rank_zero(lambda: (method.build(ctx, rank, None, done).cpu(), done))
+            done = dict(done)
+            done["correction"] = correct_last_factor(ctx.module, built, data, seed)
+        result = (built.cpu(), done)
+    except Exception as error:  # raised on every rank below
+        failure = error
+    first = broadcast_object((result, failure) if world()[0] == 0 else None)
+    if first[1] is not None:
+        raise first[1]
+    if failure is not None:
+        raise failure
+    return first[0]
 
 
 def build_layers(work: nn.Module, method: Method, contexts: dict[str, LayerContext], ranks: dict[str, int],

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-correction", dest="correction", action="store_false", default=True,
                         help="skip the whole-model correction of the last factor for methods other than fm / fm-3d "
                              "(default: refit it to the original responses from the approximated inputs)")
+    parser.add_argument("--sharded-solvers", action="store_true", default=False,
+                        help="under torchrun: each rank fits its own rows and the solvers add their sums over the ranks "
+                             "(faster; equal to one process only up to summation order); default: rank 0 solves")
     parser.add_argument("--rank-multiple", type=_positive_int, default=1, help="round every rank to a multiple of N")
     parser.add_argument("--export", action="store_true",
                         help="also write TorchScript and ONNX forms to OUT, with a parity check and their latency")
@@ -248,7 +251,7 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
         positions_per_image=args.positions_per_image, fit_positions=args.fit_positions, covariance=args.covariance, seed=args.seed,
         device=args.device, progress=not args.quiet,
         speed_gate=args.speed_gate, speed_batch=args.latency_batch, budget=args.budget, rank_multiple=args.rank_multiple,
-        correction=args.correction,
+        correction=args.correction, sharded_solvers=args.sharded_solvers,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
     target = f"speedup {args.speedup}x" if args.speedup else f"energy {energy}"

@@ -77,6 +77,10 @@ class ApproxConfig:
         network's responses from the approximated network's inputs, each kept only when the held-out error
         drops (:mod:`lowrank_fm.correction`). Ranks and shapes are unchanged. False: the weights as the
         method computes them.
+    sharded_solvers : under torchrun, each rank fits the solvers (fm's regression and RMSProp, the correction)
+        on its own rows of the layer-wise pass and the sums are added over the ranks, instead of rank 0 solving
+        on every rank's rows. Faster with many processes; the layers then equal one process's only up to the
+        summation order, which RMSProp's choice of its best step can amplify (False: bit-identical layers).
     """
 
     method: str = "fm"
@@ -113,6 +117,7 @@ class ApproxConfig:
     budget: str = "macs"
     rank_multiple: int = 1
     correction: bool = True
+    sharded_solvers: bool = False
 
     def __post_init__(self) -> None:
         from .methods import method_class, settings_from

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .methods.shards import RowShards, shards_or_local, total
 from .methods.solvers import ACTIVATIONS, nonlinear_objective, reduced_rank_regression, rmsprop_minimise
 
 __all__ = ["CORRECTION_SOLVERS", "refit_output_factor", "affine_least_squares"]
@@ -25,7 +26,8 @@ __all__ = ["CORRECTION_SOLVERS", "refit_output_factor", "affine_least_squares"]
 CORRECTION_SOLVERS = ("rmsprop", "none")
 
 
-def affine_least_squares(Z: torch.Tensor, Y: torch.Tensor, *, ridge: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_least_squares(Z: torch.Tensor, Y: torch.Tensor, *, ridge: float = 1e-8, shards: RowShards | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine map that best predicts ``Y`` from ``Z`` in least squares: min over B, c of ||Y - Z B^T - c||_F.
 
     Parameters
@@ -34,6 +36,7 @@ def affine_least_squares(Z: torch.Tensor, Y: torch.Tensor, *, ridge: float = 1e-
     Y : Tensor of shape (n, d), the targets (the original responses)
     ridge : relative ridge lambda = ridge * tr(Zc^T Zc) / q on the regressor covariance (0: plain least
         squares where Zc^T Zc is invertible)
+    shards : RowShards or None, when ``Z``, ``Y`` are one process's rows (the moments are summed over them)
 
     Returns
     -------
@@ -50,19 +53,22 @@ def affine_least_squares(Z: torch.Tensor, Y: torch.Tensor, *, ridge: float = 1e-
     constraint is then void: B = P Q^T with P Q^T = Mhat), reused rather than written again.
     """
     Z, Y = Z.double(), Y.double()
-    P, Q, c = reduced_rank_regression(Y, Z, min(Y.shape[1], Z.shape[1]), ridge=ridge)
+    P, Q, c = reduced_rank_regression(Y, Z, min(Y.shape[1], Z.shape[1]), ridge=ridge, shards=shards)
     return P @ Q.T, c
 
 
-def _objective(Y: torch.Tensor, Z: torch.Tensor, B: torch.Tensor, c: torch.Tensor, activation: str) -> float:
-    """Mean over rows of || f(y) - f(B z + c) ||^2 (float64)."""
+def _objective(Y: torch.Tensor, Z: torch.Tensor, B: torch.Tensor, c: torch.Tensor, activation: str,
+               shards: RowShards | None) -> float:
+    """Mean over rows (of every shard) of || f(y) - f(B z + c) ||^2 (float64)."""
     eye = torch.eye(B.shape[1], dtype=torch.float64)
-    return nonlinear_objective(Y.double(), Z.double(), B.double(), eye, c.double(), activation=activation)
+    return nonlinear_objective(Y.double(), Z.double(), B.double(), eye, c.double(), activation=activation,
+                               shards=shards)
 
 
 def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None, *, activation: str = "identity", solver: str = "rmsprop",
-                        steps: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                        steps: int | None = None, seed: int = 0, shards: RowShards | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Refit a factorized layer's last factor to the original responses from the approximated inputs.
 
     Parameters
@@ -75,6 +81,8 @@ def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor,
     activation : "relu" or "identity", f
     solver : "rmsprop" (least squares, then RMSProp on the nonlinear objective) or "none" (least squares only)
     steps : RMSProp steps (None: the solver's default); seed : seeds RMSProp's mini-batches
+    shards : RowShards or None: ``Z``, ``Y``, ``heldout`` are one process's rows; the least squares' moments,
+        the objectives and RMSProp's gradients are sums over the processes (each works on its own rows only)
 
     Returns
     -------
@@ -102,19 +110,22 @@ def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor,
     if tuple(weight.shape) != (d, q):
         raise ValueError(f"weight must have shape (d, q) = {(d, q)}, got {tuple(weight.shape)}")
     heldout = heldout.bool()
-    fit, val = ~heldout, (heldout if bool(heldout.any()) else ~heldout)
-    if not bool(fit.any()):
+    every = shards_or_local(shards)
+    n_fit, n_held = total(every, float((~heldout).sum()), float(heldout.sum()))
+    fit, val = ~heldout, (heldout if n_held > 0 else ~heldout)
+    if not n_fit > 0:
         raise ValueError("refit_output_factor needs fit rows: every row is held out")
     Y = Y.double()
     B0 = weight.detach().double()
     c0 = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().double()
     fy = torch.relu(Y[val]) if activation == "relu" else Y[val]
-    scale = max(float(fy.pow(2).sum(1).mean()), 1e-30)
+    squares, count = total(every, float(fy.pow(2).sum()), fy.shape[0])
+    scale = max(squares / max(count, 1.0), 1e-30)
 
-    best = (_objective(Y[val], Z[val], B0, c0, activation), B0, c0, "original")
-    info: dict = {"error_original": best[0] / scale, "iterations": 0, "samples": int(fit.sum())}
-    B1, c1 = affine_least_squares(Z[fit], Y[fit])
-    linear = _objective(Y[val], Z[val], B1, c1, activation)
+    best = (_objective(Y[val], Z[val], B0, c0, activation, shards), B0, c0, "original")
+    info: dict = {"error_original": best[0] / scale, "iterations": 0, "samples": int(n_fit)}
+    B1, c1 = affine_least_squares(Z[fit], Y[fit], shards=shards)
+    linear = _objective(Y[val], Z[val], B1, c1, activation, shards)
     info["error_linear"] = linear / scale
     if linear < best[0]:
         best = (linear, B1, c1, "linear")
@@ -122,7 +133,7 @@ def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor,
         kwargs = {} if steps is None else {"steps": int(steps)}
         before, after, (B2, c2), _ = rmsprop_minimise([B1, c1], lambda params, z: z @ params[0].T + params[1],
                                                  Z[fit], Y[fit], Z[val], Y[val], activation=activation, seed=seed,
-                                                 **kwargs)
+                                                 shards=shards, **kwargs)
         info["iterations"] = int(kwargs.get("steps", 300))
         info["error_refined"] = after / scale
         if after < before and after < best[0]:  # rmsprop_minimise returns its start when nothing beat it

@@ -6,7 +6,8 @@ mean, scatter) in rank order, so every rank holds the statistics of all images, 
 fit up to float64 summation order. The layer-wise pass is sharded the same way: each rank runs its own
 images, :func:`gather_rows` brings every rank's fitting rows to rank 0 in image (= rank) order, rank 0 solves
 and :func:`broadcast_object` hands the built layer to every rank; :func:`all_reduce_sums` adds per-rank sums
-(held-out errors). Without an initialised process group everything here is the single-process case (rank 0
+(held-out errors). Solvers that add their row sums over the ranks instead (``Method.solves_shards``, and the
+whole-model correction) get :func:`distributed_shards`: every rank solves on its own rows in lockstep. Without an initialised process group everything here is the single-process case (rank 0
 of 1) and returns its argument.
 """
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 from .stats import StreamingCovariance
 
 __all__ = ["world", "computed_on_rank_zero", "reduce_covariance", "shard_loader", "init_from_env", "split_range", "gather_rows",
-           "broadcast_object", "all_reduce_sums"]
+           "broadcast_object", "all_reduce_sums", "all_reduce_tensor", "all_gather_rows", "distributed_shards"]
 
 
 def world() -> tuple[int, int]:
@@ -172,3 +173,43 @@ def all_reduce_sums(values: list[float]) -> list[float]:
     total = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(total)
     return [float(v) for v in total.cpu()]
+
+
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over all ranks of ``tensor`` (same shape and dtype on every rank), a new tensor on
+    ``tensor``'s device, the same on every rank."""
+    rank, size = world()
+    if size == 1:
+        return tensor
+    total = tensor.detach().to(_comm_device(), copy=True).contiguous()
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, on every rank (row counts may differ;
+    the other dimensions and the dtype agree). For few rows: each rank receives all of them."""
+    rank, size = world()
+    if size == 1:
+        return tensor
+    device = _comm_device()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[:tensor.shape[0]] = tensor.detach().to(device)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
+
+
+def distributed_shards():
+    """:class:`~lowrank_fm.methods.shards.RowShards` over the ranks of the process group (sum: all-reduce, cat:
+    all-gather in rank order); the single-process :data:`~lowrank_fm.methods.shards.LOCAL` without one."""
+    from .methods.shards import LOCAL, RowShards
+
+    rank, size = world()
+    if size == 1:
+        return LOCAL
+    return RowShards(sum=all_reduce_tensor, cat=all_gather_rows, index=rank, count=size)

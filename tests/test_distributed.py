@@ -167,6 +167,11 @@ def test_shard_range_and_bad_arguments() -> None:
 # --- the layer-wise pass sharded across ranks (issue 20) -------------------------------------------------------
 
 SETTINGS = {"maps": {"fit_positions": 5}, "store": {"fit_positions": None}}  # drawn from whole maps / the store
+# fm fits the rows itself; tucker2 builds from the weights alone and the whole-model correction refits its last
+# factor to the rows (lowrank_fm.correction). By default rank 0 gathers every rank's rows and solves alone; with
+# sharded_solvers both add their row sums over the ranks (fm-3d is not written for shards: it always gathers)
+RUNS = {("fm", "maps", "none", True), ("fm", "store", "rmsprop", True), ("tucker2", "maps", "rmsprop", True),
+        ("fm-3d", "maps", "rmsprop", True), ("fm", "maps", "rmsprop", False)}
 
 
 def test_a_shard_draws_the_positions_of_one_process_for_its_images() -> None:
@@ -188,25 +193,29 @@ def test_a_shard_draws_the_positions_of_one_process_for_its_images() -> None:
 
 
 def test_split_range_and_collectives_without_a_process_group() -> None:
-    from lowrank_fm.distributed import all_reduce_sums, broadcast_object, gather_rows, split_range
+    from lowrank_fm.distributed import (all_gather_rows, all_reduce_sums, all_reduce_tensor, broadcast_object,
+                                        distributed_shards, gather_rows, split_range)
 
     assert [split_range(81, 90, r, 2) for r in range(2)] == [(81, 86), (86, 90)]
     assert [split_range(5, 6, r, 3) for r in range(3)] == [(5, 6), (6, 6), (6, 6)]  # empty parts allowed
     rows = torch.arange(6.0).reshape(3, 2)
     assert gather_rows(rows) is rows and broadcast_object("x") == "x" and all_reduce_sums([1.5, 2.0]) == [1.5, 2.0]
+    assert all_reduce_tensor(rows) is rows and all_gather_rows(rows) is rows and distributed_shards().local
 
 
-def run_sharded_pass(settings: dict) -> dict:
+def run_sharded_pass(settings: dict, method: str = "fm", solver: str = "rmsprop", sharded: bool = False) -> dict:
     """approximate() on the tiny model, recording what this rank's layer-wise pass and held-out pass saw and
-    the rows each solver was given (rank 0 under torchrun: the rows gathered from every rank)."""
+    the rows each solver was given (each rank's own rows: the solvers add their sums over the ranks)."""
     import lowrank_fm.api as api
+    import lowrank_fm.building as building
     from lowrank_fm import approximate
     from lowrank_fm.batches import batch_size_of
     from lowrank_fm.layerwise import LayerwisePass
-    from lowrank_fm.methods.fm_nonlinear import FeatureMap
 
     seen = {"pass_images": [], "heldout_images": 0, "rows": {}}
-    run, build, heldout = LayerwisePass.run, FeatureMap.build, api.heldout_errors
+    run, correct, heldout = LayerwisePass.run, building.correct_last_factor, api.heldout_errors
+    from lowrank_fm.methods.fm_nonlinear import FeatureMap
+    build = FeatureMap.build
 
     def counting_run(self, targets, on_layer):
         seen["pass_images"].append(sum(batch_size_of(b) for b in self.batches))
@@ -217,6 +226,12 @@ def run_sharded_pass(settings: dict) -> dict:
             seen["rows"][ctx.name] = (data.inputs, data.targets, data.heldout)
         return build(self, ctx, rank, data, info)
 
+    def recording_correct(layer, replacement, data, seed=0):
+        name = next(n for n, m in tiny_model().named_modules() if type(m) is type(layer)
+                    and m.weight.shape == layer.weight.shape)
+        seen["rows"][name] = (data.inputs, data.targets, data.heldout)
+        return correct(layer, replacement, data, seed)
+
     def counting_heldout(reference, replacements, inputs, reduce=False):
         def counted():
             for batch in inputs:
@@ -224,13 +239,16 @@ def run_sharded_pass(settings: dict) -> dict:
                 yield batch
         return heldout(reference, replacements, counted(), reduce)
 
-    LayerwisePass.run, FeatureMap.build, api.heldout_errors = counting_run, recording_build, counting_heldout
+    LayerwisePass.run, api.heldout_errors = counting_run, counting_heldout
+    FeatureMap.build, building.correct_last_factor = recording_build, recording_correct
     try:
         model, report = approximate(tiny_model(), loader(), calib_file=settings["calib_file"], energy=0.9,
                                     progress=False, seed=1, fit_positions=settings["fit_positions"],
-                                    speed_gate=False)  # (timings would decide which layers are replaced)
+                                    method=method, speed_gate=False, sharded_solvers=sharded,  # (no timings)
+                                    **({"solver": solver} if method.startswith("fm") else {}))
     finally:
-        LayerwisePass.run, FeatureMap.build, api.heldout_errors = run, build, heldout
+        LayerwisePass.run, api.heldout_errors = run, heldout
+        FeatureMap.build, building.correct_last_factor = build, correct
     seen.update(state=model.state_dict(), ranks=[r.rank for r in report.layers],
                 errors=[r.rel_error for r in report.layers], extra=[r.extra for r in report.layers])
     return seen
@@ -240,42 +258,82 @@ def _sharded_worker(rank: int, init_file: str, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        for key, settings in SETTINGS.items():
-            result = run_sharded_pass({**settings, "calib_file": Path(folder) / f"two-{key}.h5"})
-            torch.save(result, Path(folder) / f"{key}.{rank}")
+        for method, key, solver, sharded in sorted(RUNS):
+            result = run_sharded_pass({**SETTINGS[key], "calib_file": Path(folder) / f"two-{method}-{key}-{sharded}.h5"},
+                                      method, solver, sharded)
+            torch.save(result, Path(folder) / f"{method}-{key}-{solver}-{sharded}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
+def _without_floats(extra: dict) -> dict:
+    """A layer's record without its float measurements (held-out objectives): the decisions it holds."""
+    if isinstance(extra, dict):
+        return {k: _without_floats(v) for k, v in extra.items() if not isinstance(v, float)}
+    return extra
+
+
 def test_two_gloo_processes_share_the_layerwise_pass_and_give_the_single_process_layers(tmp_path: Path) -> None:
     """Each rank runs the layer-wise pass over its shard of whole batches only (48 and 42 of 90 images) and its
-    part of the held-out images (5 and 4 of 9); rank 0 solves on the rows gathered from both ranks, which are
-    the single-process rows in the same order, bit for bit (each batch is computed as one process computes it,
-    with one thread); so the factors are the single-process factors exactly (largest difference measured: 0.0),
-    on every rank. Only the held-out errors are sums over ranks, of batches cut differently (81-89 in one
-batch against 81-85 and 86-89): float32 rounding and summation order, 2.6e-8 relative measured."""
+    part of the held-out images (5 and 4 of 9), and keeps its rows of every layer (rank 0's rows followed by rank
+    1's are the single-process rows, bit for bit, wherever the layers before are equal). Rank 0's layer is
+    broadcast, so both ranks hold the same model exactly.
+
+    - by default (fm with RMSProp) rank 0 gathers the rows and solves alone: the single-process factors exactly
+      (largest difference measured 0.0).
+
+    With ``sharded_solvers`` the solvers add their row sums over the ranks:
+
+    - fm without refinement (float64 regression only): the single-process factors, largest difference measured
+      0.0 (asserted < 1e-9), the same decisions, held-out errors within 1e-7 relative.
+    - fm and tucker2 (whole-model correction) with RMSProp: 300 float32 steps amplify the float32 summation
+      order of the gradient sums (a 1e-7 perturbation of one process's inputs moves the factors as much:
+      test_two_shards_of_rmsprop_differ_as_little_as_float32_rounding_of_one_process). Measured largest factor
+      differences 0.04 (fm) and 6e-8 (tucker2, asserted < 1e-5) on factors up to 0.75; asserted: the same
+      ranks and held-out errors within 5% relative.
+    - fm-3d (not written for shards): rank 0 gathers every rank's rows, the single-process rows in the same order,
+      and solves alone: the single-process factors exactly (largest difference measured 0.0)."""
     mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for key, settings in SETTINGS.items():
-        one = run_sharded_pass({**settings, "calib_file": tmp_path / f"one-{key}.h5"})
-        two = [torch.load(tmp_path / f"{key}.{r}", weights_only=False) for r in (0, 1)]
+    for method, key, solver, sharded in sorted(RUNS):
+        one = run_sharded_pass({**SETTINGS[key], "calib_file": tmp_path / f"one-{method}-{key}-{solver}.h5"}, method,
+                               solver)
+        two = [torch.load(tmp_path / f"{method}-{key}-{solver}-{sharded}.{r}", weights_only=False) for r in (0, 1)]
+        exact, gathered = solver == "none", method == "fm-3d" or not sharded
         assert one["pass_images"] == [N_IMAGES] and one["heldout_images"] == 9
         assert [t["pass_images"] for t in two] == [[48], [42]]  # 3 whole batches of 16 each, the last one of 10
         assert [t["heldout_images"] for t in two] == [5, 4]
-        assert set(one["rows"]) == set(two[0]["rows"]) == {"2", "4", "8"}
-        assert two[1]["rows"] == {}  # only rank 0 solves
-        for name, rows in one["rows"].items():  # the same rows (images, positions, values), in image order
-            assert all(torch.equal(got, want) for got, want in zip(two[0]["rows"][name], rows)), name
+        if gathered:
+            assert set(one["rows"]) == set(two[0]["rows"]) and two[1]["rows"] == {}  # only rank 0 solves
+        else:
+            assert set(one["rows"]) == set(two[0]["rows"]) == set(two[1]["rows"]) >= {"2"}
+        for name in (sorted(one["rows"]) if exact else [] if gathered else ["2"]):  # each rank its own rows: together all of them
+            for field, want in enumerate(one["rows"][name]):
+                got = torch.cat([two[0]["rows"][name][field], two[1]["rows"][name][field]])
+                assert torch.equal(got, want), (method, key, name, field)
+            assert 0 < len(two[1]["rows"][name][0]) < len(one["rows"][name][0])
         for result in two:
-            assert result["ranks"] == one["ranks"] and result["extra"] == one["extra"]
-            assert result["extra"][1]["solver"] == "rmsprop"
+            assert result["ranks"] == one["ranks"]
             assert result["state"].keys() == one["state"].keys()
             difference = max(float((result["state"][n] - v).abs().max()) for n, v in one["state"].items())
-            print(f"{key}: largest factor difference, 2 processes vs 1: {difference:.3g}")
-            assert difference == 0.0
+            print(f"{method} {key} {solver}: largest factor difference, 2 processes vs 1: {difference:.3g}")
             assert [e is None for e in result["errors"]] == [e is None for e in one["errors"]]
-            np.testing.assert_allclose([e for e in result["errors"] if e is not None],
-                                       [e for e in one["errors"] if e is not None], rtol=1e-6)
+            errors = ([e for e in result["errors"] if e is not None], [e for e in one["errors"] if e is not None])
+            if gathered:
+                assert difference == 0.0
+                assert result["extra"] == one["extra"]
+            elif exact:
+                assert difference < 1e-9
+                assert [_without_floats(e) for e in result["extra"]] == [_without_floats(e) for e in one["extra"]]
+                np.testing.assert_allclose(*errors, rtol=1e-7)
+            else:
+                np.testing.assert_allclose(*errors, rtol=0.05)
+                assert method != "tucker2" or difference < 1e-5
+        assert all(torch.equal(two[0]["state"][n], two[1]["state"][n]) for n in one["state"])  # rank 0's, broadcast
         assert two[0]["errors"] == two[1]["errors"]  # the reduced sums: the same on every rank
+        assert two[0]["extra"] == two[1]["extra"]
+        if method == "tucker2":
+            corrected = [e["correction"] for e in two[0]["extra"] if "correction" in e]
+            assert corrected and all(c["samples"] == 81 * 5 for c in corrected)  # fit rows, counted over the ranks
 
 
 def _failing_worker(rank: int, init_file: str, folder: str) -> None:

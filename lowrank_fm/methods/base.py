@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .shards import RowShards, shards_or_local, total
+
 __all__ = ["ResponseStats", "InputStats", "LayerContext", "LayerData", "Method", "NoSettings", "settings_from",
            "original_macs_per_position", "unfold_weight", "unfolded_shape"]
 
@@ -91,17 +93,23 @@ class LayerData:
     targets : (n, d) the original network's responses y at the same positions
     heldout : (n,) bool, rows of held-out calibration images (for choosing between solutions)
     activation : "relu" or "identity", the nonlinearity that follows the layer in the model
+    shards : None when these rows are all the layer's rows; else these are one process's share and
+        :class:`~lowrank_fm.methods.shards.RowShards` adds partial sums over the processes (solvers that
+        support it: ``Method.solves_shards``)
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     heldout: torch.Tensor
     activation: str = "identity"
+    shards: RowShards | None = None
 
     def fit_and_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean row masks (fit, validation): the held-out rows validate; without any, the fit rows do."""
+        """Boolean row masks (fit, validation): the held-out rows validate; without any (on every shard), the
+        fit rows do."""
         fit, val = ~self.heldout, self.heldout
-        return fit, (val if bool(val.any()) else fit)
+        held = total(shards_or_local(self.shards), float(val.sum()))[0]
+        return fit, (val if held > 0 else fit)
 
 
 def original_macs_per_position(module: nn.Module) -> int:
@@ -165,6 +173,9 @@ class Method:
     # True: unless the method fits data itself (needs_inputs), the layer-wise pass refits the last factor of what
     # it builds to the original responses from the approximated inputs (lowrank_fm.correction; ApproxConfig.correction)
     output_correction: bool = True
+    # True: build() fits LayerData whose rows are one process's share (data.shards), adding partial sums over the
+    # processes; False: the layer-wise pass gathers every row to rank 0, which builds alone
+    solves_shards: bool = False
     allocations: tuple[str, ...] = ("uniform", "energy", "error", "output")  # budget strategies it honours
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:

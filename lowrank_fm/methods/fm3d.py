@@ -112,6 +112,9 @@ class FeatureMap3D(FeatureMap):
     """``fm-3d``: (kh x 1, K) -> (1 x kw, d') -> (1 x 1, d), asymmetric and refined against f(y)."""
 
     name = "fm-3d"
+    # its vertical-filter fit and joint refinement do not add their sums over the ranks (yet): under torchrun the
+    # layer-wise pass gathers the rows to rank 0, which solves alone
+    solves_shards = False
 
     @staticmethod
     def _separable(module: nn.Module) -> bool:

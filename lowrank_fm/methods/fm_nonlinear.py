@@ -21,6 +21,7 @@ from torch import nn
 from ..layers import two_factor_chain
 from .base import LayerContext, LayerData, unfold_weight
 from .fm import FeatureMapLinear
+from .shards import shards_or_local, total
 from .solvers import closed_form_nonlinear, nonlinear_objective, reduced_rank_regression, rmsprop_refine, to_layer_factors
 
 __all__ = ["FeatureMap", "fit_two_factors", "SOLVERS"]
@@ -36,7 +37,9 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
     ----------
     weight : (d, p) the layer's weight unfolded along its output mode; bias : (d,) or None
     data : LayerData whose ``inputs`` (n, p) are the regressor patches x (so yhat = W x + b) and ``targets``
-        (n, d) the original network's responses y
+        (n, d) the original network's responses y; with ``data.shards`` they are one process's rows, and every
+        sum over rows (regression moments, objectives, RMSProp gradients) is added over the processes, so each
+        computes yhat and its sums on its own rows only (the result equals one process's up to summation order)
     rank : r; solver : "rmsprop", "closed-form" or "none"; steps : RMSProp steps (None: the default)
 
     Returns
@@ -47,26 +50,30 @@ def fit_two_factors(weight: torch.Tensor, bias: torch.Tensor | None, data: Layer
     """
     X, Y = data.inputs, data.targets.double()  # X stays in its own precision: it is the largest array
     fit, val = data.fit_and_validation()
+    shards = data.shards
     # yhat = W xhat + b: the product in float32 (n x p x d multiply-adds, the bulk of the cost), then float64
     # for the regression's covariances
     yhat = (X.float() @ weight.float().T).double() + (0.0 if bias is None else bias)
-    P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank)
+    P, Q, c = reduced_rank_regression(Y[fit], yhat[fit], rank, shards=shards)
     act = data.activation
-    linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act)
-    scale = float(torch.relu(Y[val]).pow(2).sum(1).mean()) if act == "relu" else float(Y[val].pow(2).sum(1).mean())
+    linear_val = nonlinear_objective(Y[val], yhat[val], P, Q, c, activation=act, shards=shards)
+    fy_val = torch.relu(Y[val]) if act == "relu" else Y[val]
+    squares, count = total(shards_or_local(shards), float(fy_val.pow(2).sum()), fy_val.shape[0])
+    scale = squares / max(count, 1.0)
     info = {"solver": solver, "iterations": 0, "error_before": linear_val / max(scale, 1e-30)}
     factors = to_layer_factors(weight, bias, P, Q, c)
     after = linear_val
     if solver == "closed-form":
-        result = closed_form_nonlinear(Y[fit], yhat[fit], rank, init=(P, Q, c), activation=act)
-        refined_val = nonlinear_objective(Y[val], yhat[val], result.P, result.Q, result.c, activation=act)
+        result = closed_form_nonlinear(Y[fit], yhat[fit], rank, init=(P, Q, c), activation=act, shards=shards)
+        refined_val = nonlinear_objective(Y[val], yhat[val], result.P, result.Q, result.c, activation=act,
+                                          shards=shards)
         info["iterations"] = result.iterations
         if refined_val < linear_val:
             factors, after = to_layer_factors(weight, bias, result.P, result.Q, result.c), refined_val
     elif solver == "rmsprop":
         kwargs = {} if steps is None else {"steps": int(steps)}
         result = rmsprop_refine(X[fit], Y[fit], weight, bias, P, Q, c, activation=act, seed=seed,
-                                X_val=X[val], Y_val=Y[val], **kwargs)
+                                X_val=X[val], Y_val=Y[val], shards=shards, **kwargs)
         info["iterations"] = result.iterations
         if result.objective_after < linear_val:  # float64 on the same held-out rows, as linear_val
             factors = (result.first_weight, result.first_bias, result.second_weight, result.second_bias)
@@ -98,6 +105,7 @@ class FeatureMap(FeatureMapLinear):
 
     name = "fm"
     needs_inputs = True
+    solves_shards = True  # fit_two_factors adds its sums over the processes (every solver)
     Settings = FeatureMapSettings
 
     def solver_settings(self) -> dict:

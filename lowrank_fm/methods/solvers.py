@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .shards import RowShards, row_offset, shards_or_local, total
+
 __all__ = [
     "ACTIVATIONS",
     "SolverResult",
@@ -132,13 +134,22 @@ def _check_rank(rank: int, d: int) -> int:
     return rank
 
 
-def _check_pair(Y: torch.Tensor, Yhat: torch.Tensor, y_name: str = "Y") -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(Y: torch.Tensor, Yhat: torch.Tensor, y_name: str = "Y", shards: RowShards | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     Y, Yhat = _matrix(y_name, Y), _matrix("Yhat", Yhat)
     if Y.shape[0] != Yhat.shape[0]:
         raise ValueError(f"{y_name} and Yhat must hold the same samples (rows), got {Y.shape[0]} and {Yhat.shape[0]}")
-    if Y.shape[0] < 1:
+    if (Y.shape[0] if shards is None else total(shards, Y.shape[0])[0]) < 1:  # a shard alone may hold none
         raise ValueError(f"{y_name} holds no samples")
     return Y, Yhat
+
+
+def _fix_signs(top: torch.Tensor) -> torch.Tensor:
+    """Columns sign-fixed so that each column's largest-magnitude entry is positive (deterministic output)."""
+    pivot = top.abs().argmax(dim=0)
+    signs = torch.sign(top[pivot, torch.arange(top.shape[1])])
+    signs[signs == 0] = 1.0
+    return top * signs
 
 
 def _top_eigenvectors(sym: torch.Tensor, rank: int) -> torch.Tensor:
@@ -146,18 +157,60 @@ def _top_eigenvectors(sym: torch.Tensor, rank: int) -> torch.Tensor:
     each column's largest-magnitude entry is positive (deterministic output)."""
     values, vectors = torch.linalg.eigh(0.5 * (sym + sym.T))
     order = torch.argsort(values, descending=True)[:rank]
-    top = vectors[:, order]
-    pivot = top.abs().argmax(dim=0)
-    signs = torch.sign(top[pivot, torch.arange(rank)])
-    signs[signs == 0] = 1.0
-    return top * signs
+    return _fix_signs(vectors[:, order])
+
+
+#: The sample-space solution is used only when the r-th singular value of the fit is clearly nonzero: its
+#: square (an eigenvalue of the n x n Gram) above this fraction of the largest.
+_SAMPLE_SPACE_RELATIVE_FLOOR = 1e-10
+
+
+def sample_space_regression(Zc: torch.Tensor, Yc: torch.Tensor, rank: int, reg: float
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """P, Q of :func:`reduced_rank_regression` from centred rows, computed in sample space (n x n matrices).
+
+    Parameters
+    ----------
+    Zc : Tensor of shape (n, e), centred targets; Yc : Tensor of shape (n, d), centred regressors (all rows)
+    rank : r; reg : lambda > 0, the ridge
+
+    Returns
+    -------
+    P (e, r), Q (d, r), or None when the fit has fewer than r clearly nonzero singular values (then the top-r
+    eigenvectors are not determined by the fit, and the caller solves in regressor space).
+
+    Notes
+    -----
+    With G = Yc Yc^T (n x n), the push-through identity (S + lambda I)^-1 Yc^T = Yc^T (G + lambda I)^-1 for
+    S = Yc^T Yc (d x d) gives the same ridge solution with n x n systems instead of d x d ones:
+
+        Mhat^T = (S + lambda I)^-1 Yc^T Zc = Yc^T A,        A = (G + lambda I)^-1 Zc          (n, e)
+        F = Yc Mhat^T = G A                                  the centred least-squares fit    (n, e)
+        F^T F = Mhat S Mhat^T:  its top-r eigenvectors are the top-r right singular vectors of F,
+        P = F^T V_r diag(s_r)^-1/2  from  F F^T = V diag(s) V^T   (n x n eigendecomposition)
+        Q = Mhat^T P = Yc^T (A P).
+
+    Cost O(n^2 (d + e) + n^3) instead of O(d^3 + n d^2): the classifier Linear layers (d = 4096) with a few
+    hundred calibration rows.
+    """
+    n = Yc.shape[0]
+    G = Yc @ Yc.T
+    A = torch.linalg.solve(G + reg * torch.eye(n, dtype=G.dtype), Zc)
+    F = G @ A
+    values, vectors = torch.linalg.eigh(0.5 * (F @ F.T + (F @ F.T).T))
+    order = torch.argsort(values, descending=True)[:rank]
+    values, vectors = values[order], vectors[:, order]
+    if not float(values[-1]) > _SAMPLE_SPACE_RELATIVE_FLOOR * max(float(values[0]), 0.0):
+        return None
+    P = _fix_signs((F.T @ vectors) / values.sqrt())
+    return P, Yc.T @ (A @ P)
 
 
 # ----------------------------------------------------------------------------------------------- linear
 
 
 def reduced_rank_regression(
-    Y: torch.Tensor, Yhat: torch.Tensor, rank: int, *, ridge: float = 1e-8
+    Y: torch.Tensor, Yhat: torch.Tensor, rank: int, *, ridge: float = 1e-8, shards: RowShards | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` affine map from ``Yhat`` to the target: min over rank(M) <= r, c of ||Z - Yhat M^T - c||_F.
 
@@ -173,6 +226,9 @@ def reduced_rank_regression(
     ridge : float, default 1e-8
         Relative ridge on the regressor covariance: lambda = ridge * tr(Yc^T Yc) / d. Guards singular
         covariances; 0 gives the exact least-squares solution when Yc^T Yc is invertible.
+    shards : RowShards or None
+        When ``Y``, ``Yhat`` are one process's rows: the means, S and Zc^T Yc are sums of per-shard parts
+        (``shards.sum``); with fewer rows than regressors (n < d) the rows are concatenated instead (few: n d).
 
     Returns
     -------
@@ -192,28 +248,41 @@ def reduced_rank_regression(
         M = U_r U_r^T Mhat,  c = zbar - M yhatbar.
 
     When Yhat = Z (symmetric case) Mhat = I (up to the ridge) and M = U_r U_r^T, the PCA projection.
+    Mhat S Mhat^T = (Yc Mhat^T)^T (Yc Mhat^T) is formed from S (no pass over the rows). With n < d rows and a
+    ridge, the same P, Q come from n x n matrices (:func:`sample_space_regression`).
     """
-    Z, Yhat = _check_pair(Y, Yhat, "Y")
-    d = Yhat.shape[1]
-    rank = _check_rank(rank, min(d, Z.shape[1]))
+    Z, Yhat = _check_pair(Y, Yhat, "Y", shards)
+    shards = shards_or_local(shards)
+    d, e = Yhat.shape[1], Z.shape[1]
+    rank = _check_rank(rank, min(d, e))
     if not ridge >= 0.0:
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
-    zbar, ybar = Z.mean(dim=0), Yhat.mean(dim=0)
+    sums = shards.sum(torch.cat([Z.sum(dim=0), Yhat.sum(dim=0),
+                                 torch.tensor([float(Z.shape[0])], dtype=torch.float64)]))
+    n = int(round(float(sums[-1])))
+    zbar, ybar = sums[:e] / n, sums[e:e + d] / n
     Zc, Yc = Z - zbar, Yhat - ybar
-    S = Yc.T @ Yc
+    if ridge > 0.0 and n < d:  # dimension-bound: solve in sample space (the rows are few)
+        Yc_all = shards.cat(Yc)
+        reg = ridge * float(Yc_all.pow(2).sum()) / d  # tr(S) = tr(G) = ||Yc||_F^2
+        if reg > 0.0:
+            solved = sample_space_regression(shards.cat(Zc), Yc_all, rank, reg)
+            if solved is not None:
+                P, Q = solved
+                return P, Q, zbar - P @ (Q.T @ ybar)
+    S = shards.sum(Yc.T @ Yc)
     reg = ridge * float(torch.trace(S)) / d
     if reg > 0.0:
         S_reg = S + reg * torch.eye(d, dtype=S.dtype)
     else:
         S_reg = S
-    cross = Zc.T @ Yc  # (e, d)
+    cross = shards.sum(Zc.T @ Yc)  # (e, d)
     try:
         Mhat = torch.linalg.solve(S_reg, cross.T).T  # S_reg symmetric: (S_reg^-1 cross^T)^T = cross S_reg^-1
     except RuntimeError:
         logger.warning("regressor covariance is singular (ridge=%g); using the pseudo-inverse", ridge)
         Mhat = cross @ torch.linalg.pinv(S_reg, hermitian=True)
-    fitted = Yc @ Mhat.T  # (n, e): the centred least-squares fit; its Gram is Mhat S Mhat^T
-    P = _top_eigenvectors(fitted.T @ fitted, rank)
+    P = _top_eigenvectors(Mhat @ S @ Mhat.T, rank)  # the Gram of the centred fit Yc Mhat^T
     Q = Mhat.T @ P
     c = zbar - P @ (Q.T @ ybar)
     return P, Q, c
@@ -254,8 +323,9 @@ def nonlinear_objective(
     Q: torch.Tensor,
     c: torch.Tensor,
     activation: str = "relu",
+    shards: RowShards | None = None,
 ) -> float:
-    """Mean over samples of || f(y) - f(P Q^T yhat + c) ||^2.
+    """Mean over samples of || f(y) - f(P Q^T yhat + c) ||^2 (over every shard's rows with ``shards``).
 
     Parameters
     ----------
@@ -270,9 +340,13 @@ def nonlinear_objective(
         (1/n) sum_i sum_j (f(y_ij) - f(y'_ij))^2 with y' = Yhat Q P^T + c.
     """
     _check_activation(activation)
-    Y, Yhat = _check_pair(Y, Yhat)
+    Y, Yhat = _check_pair(Y, Yhat, shards=shards)
     approx = (Yhat @ Q.double()) @ P.double().T + c.double()
-    return float((_act(Y, activation) - _act(approx, activation)).pow(2).sum() / Y.shape[0])
+    squares = (_act(Y, activation) - _act(approx, activation)).pow(2).sum()
+    if shards is None:
+        return float(squares / Y.shape[0])
+    summed, n = total(shards, float(squares), Y.shape[0])
+    return summed / n
 
 
 def _z_step(ry: torch.Tensor, approx: torch.Tensor, lam: float) -> torch.Tensor:
@@ -284,9 +358,13 @@ def _z_step(ry: torch.Tensor, approx: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.where(cost1 < cost0, z1, z0)
 
 
-def _relaxed_objective(ry: torch.Tensor, z: torch.Tensor, approx: torch.Tensor, lam: float) -> float:
-    n = ry.shape[0]
-    return float(((ry - z.clamp_min(0.0)).pow(2).sum() + lam * (z - approx).pow(2).sum()) / n)
+def _relaxed_and_true(ry: torch.Tensor, z: torch.Tensor, approx: torch.Tensor, lam: float, shards: RowShards
+                      ) -> tuple[float, float]:
+    """(relaxed objective, true objective), means over every shard's rows."""
+    relaxed = (ry - z.clamp_min(0.0)).pow(2).sum() + lam * (z - approx).pow(2).sum()
+    true = (ry - approx.clamp_min(0.0)).pow(2).sum()
+    relaxed, true, n = total(shards, float(relaxed), float(true), ry.shape[0])
+    return relaxed / n, true / n
 
 
 def closed_form_nonlinear(
@@ -298,6 +376,7 @@ def closed_form_nonlinear(
     schedule: tuple[tuple[float, int], ...] = DEFAULT_SCHEDULE,
     activation: str = "relu",
     ridge: float = 1e-8,
+    shards: RowShards | None = None,
 ) -> SolverResult:
     """The paper's alternating solver of min over rank(M) <= r, c of sum_i || r(y_i) - r(M yhat_i + c) ||^2.
 
@@ -318,6 +397,9 @@ def closed_form_nonlinear(
         returned (no iterations).
     ridge : float, default 1e-8
         Passed to :func:`reduced_rank_regression` in every M step.
+    shards : RowShards or None
+        When the rows are one process's share: the z step is row-wise (local), the M step and the objectives
+        add per-shard sums (:func:`reduced_rank_regression`).
 
     Returns
     -------
@@ -343,7 +425,7 @@ def closed_form_nonlinear(
     Each iteration is a z step then an M step, starting from ``init``.
     """
     _check_activation(activation)
-    Y, Yhat = _check_pair(Y, Yhat)
+    Y, Yhat = _check_pair(Y, Yhat, shards=shards)
     if Y.shape[1] != Yhat.shape[1]:
         raise ValueError(f"Y and Yhat must have the same channels, got {Y.shape[1]} and {Yhat.shape[1]}")
     rank = _check_rank(rank, Y.shape[1])
@@ -352,7 +434,7 @@ def closed_form_nonlinear(
         if not (lam > 0.0 and math.isfinite(lam)) or not isinstance(iters, int) or iters < 0:
             raise ValueError(f"schedule entries must be (lambda > 0, iterations >= 0), got {entry!r}")
     if init is None:
-        P, Q, c = reduced_rank_regression(Y, Yhat, rank, ridge=ridge)
+        P, Q, c = reduced_rank_regression(Y, Yhat, rank, ridge=ridge, shards=shards)
     else:
         P, Q, c = (t.detach().double().clone() for t in init)
         if P.shape != (Y.shape[1], rank) or Q.shape != (Yhat.shape[1], rank) or c.shape != (Y.shape[1],):
@@ -360,11 +442,11 @@ def closed_form_nonlinear(
                 f"init must be (P (d, r), Q (d, r), c (d,)) with d={Y.shape[1]}, r={rank}; "
                 f"got {tuple(P.shape)}, {tuple(Q.shape)}, {tuple(c.shape)}"
             )
-    before = nonlinear_objective(Y, Yhat, P, Q, c, activation)
+    before = nonlinear_objective(Y, Yhat, P, Q, c, activation, shards)
 
     if activation == "identity":
-        P_lin, Q_lin, c_lin = reduced_rank_regression(Y, Yhat, rank, ridge=ridge)
-        after = nonlinear_objective(Y, Yhat, P_lin, Q_lin, c_lin, activation)
+        P_lin, Q_lin, c_lin = reduced_rank_regression(Y, Yhat, rank, ridge=ridge, shards=shards)
+        after = nonlinear_objective(Y, Yhat, P_lin, Q_lin, c_lin, activation, shards)
         if after <= before:
             P, Q, c = P_lin, Q_lin, c_lin
         else:
@@ -383,10 +465,10 @@ def closed_form_nonlinear(
         for _ in range(iters):
             approx = (Yhat @ Q) @ P.T + c
             Z = _z_step(ry, approx, lam)
-            P, Q, c = reduced_rank_regression(Z, Yhat, rank, ridge=ridge)
+            P, Q, c = reduced_rank_regression(Z, Yhat, rank, ridge=ridge, shards=shards)
             approx = (Yhat @ Q) @ P.T + c
-            relaxed.append((float(lam), _relaxed_objective(ry, Z, approx, lam)))
-            true = float((ry - approx.clamp_min(0.0)).pow(2).sum() / Y.shape[0])
+            relaxed_value, true = _relaxed_and_true(ry, Z, approx, lam, shards_or_local(shards))
+            relaxed.append((float(lam), relaxed_value))
             history.append(true)
             iterations += 1
             if true < best[0]:
@@ -421,6 +503,7 @@ def rmsprop_minimise(
     seed: int = 0,
     eval_every: int = 50,
     dtype: torch.dtype = torch.float32,
+    shards: RowShards | None = None,
 ) -> tuple[float, float, list[torch.Tensor], tuple[float, ...]]:
     """Stochastic RMSProp on min (1/n) sum_i || f(y_i) - f(forward(params, x_i)) ||^2 over ``params``.
 
@@ -434,29 +517,44 @@ def rmsprop_minimise(
         step (drawn without replacement from a fresh seeded permutation each pass), seed
     dtype : the precision of the iterations (float32 by default: a stochastic refinement's steps are far
         coarser than float32's rounding, and it halves the time); validation and the result are float64
+    shards : RowShards or None
+        When ``X``, ``Y`` (and ``X_val``, ``Y_val``) are one process's rows, rows ``[o, o + n_s)`` of all n rows
+        in shard order: every shard draws the same mini-batch indices over all n rows, takes the loss of its
+        own rows of the batch, and the gradients are summed over the shards before the (identical) step;
+        validation objectives are sums over the shards. Equal to one process up to float32 summation order.
 
     Returns
     -------
     (validation objective of ``init``, of the best iterate, the best iterate's parameters, the history of
     validation objectives)
+
+    Notes
+    -----
+    The mini-batch loss (1/|B|) sum_{i in B} ||f(y_i) - f(forward(params, x_i))||^2 is a sum over rows, so its
+    gradient is sum_s (1/|B|) sum_{i in B, i on shard s} grad_i: each shard's part, added.
     """
-    n = X.shape[0]
+    shards = shards_or_local(shards)
+    first, n = row_offset(shards, X.shape[0])
+    local_rows = X.shape[0]
+    n_val = max(total(shards, X_val.shape[0])[0], 1.0)
     params = [t.detach().to(dtype).clone().requires_grad_(True) for t in init]
     X = X.to(dtype)
     fy = _act(Y.to(dtype), activation)
     X_val64, fy_val64 = X_val.double(), _act(Y_val.double(), activation)
     X_val, fy_val = X_val.to(dtype), fy_val64.to(dtype)
 
-    def objective(x, fy_, ps) -> torch.Tensor:
-        return (fy_ - _act(forward(ps, x), activation)).pow(2).sum() / x.shape[0]
+    def squares(x, fy_, ps) -> torch.Tensor:
+        return (fy_ - _act(forward(ps, x), activation)).pow(2).sum()
 
     def validate(ps) -> float:  # iterates are ranked in the working precision
         with torch.no_grad():
-            return float(objective(X_val, fy_val, ps))
+            if shards.local:
+                return float(squares(X_val, fy_val, ps) / X_val.shape[0])
+            return total(shards, float(squares(X_val, fy_val, ps)))[0] / n_val
 
     def validate64(ps) -> float:  # the objectives returned (init and chosen iterate) in float64
         with torch.no_grad():
-            return float(objective(X_val64, fy_val64, [t.double() for t in ps]))
+            return total(shards, float(squares(X_val64, fy_val64, [t.double() for t in ps])))[0] / n_val
 
     start = [t.detach().double() for t in init]
     before = validate64(start)
@@ -473,7 +571,15 @@ def rmsprop_minimise(
         idx = order[cursor:cursor + batch]
         cursor += batch
         optimiser.zero_grad(set_to_none=True)
-        objective(X[idx], fy[idx], params).backward()
+        if shards.local:
+            (squares(X[idx], fy[idx], params) / idx.shape[0]).backward()
+        else:
+            mine = idx[(idx >= first) & (idx < first + local_rows)] - first
+            (squares(X[mine], fy[mine], params) / idx.shape[0]).backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            summed = shards.sum(torch.cat([g.reshape(-1) for g in grads]))
+            for p, part in zip(params, summed.split([p.numel() for p in params])):
+                p.grad = part.view_as(p).clone()
         optimiser.step()
         if step % eval_every == 0 or step == steps:
             value = validate(params)
@@ -505,6 +611,7 @@ def rmsprop_refine(
     eval_every: int = 50,
     X_val: torch.Tensor | None = None,
     Y_val: torch.Tensor | None = None,
+    shards: RowShards | None = None,
 ) -> SolverResult:
     """Refine the factors of y' = U (V x + b1) + c by stochastic RMSProp on min || f(y) - f(y') ||^2.
 
@@ -538,6 +645,8 @@ def rmsprop_refine(
     Y_val : Tensor of shape (m, d), optional
         Held-out samples for the validation objective and the choice of the best iterate; both or neither.
         Default: the training samples.
+    shards : RowShards or None
+        When the rows are one process's share (see :func:`rmsprop_minimise`).
 
     Returns
     -------
@@ -589,7 +698,7 @@ def rmsprop_refine(
 
     before, after, (V, b1, U, cc), history = rmsprop_minimise(
         [V0, b10, U0, c0], forward, X, Y, X_val, Y_val, activation=activation, steps=steps, lr=lr, alpha=alpha,
-        batch_size=batch_size, seed=seed, eval_every=eval_every)
+        batch_size=batch_size, seed=seed, eval_every=eval_every, shards=shards)
     logger.info("rmsprop refine: validation objective %.6g -> %.6g in %d steps", before, after, steps)
     return SolverResult(
         solver="rmsprop", objective_before=before, objective_after=after, iterations=steps,
