@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ..api import approximate
 from ..config import ApproxConfig
-from ..zoo.data import load_dataset
 from ..zoo.evaluate import accuracy
-from ..zoo.models import bundled_spec, create_model
+from ..zoo.models import bundled_spec, create_model, model_data
 from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
 __all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "run_config", "markdown_table", "DEFAULT_GRID", "cell_key"]
@@ -132,7 +131,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
 
     code_state()
     spec = bundled_spec(model_name)
-    data = load_dataset(spec.dataset, data_dir)
+    data = model_data(spec, data_dir)
     model = create_model(model_name)
     indices = calibration_indices(len(data.train), calib_fraction, None, seed)
     loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)

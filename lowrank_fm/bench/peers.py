@@ -397,11 +397,10 @@ def run_bundled(model_name: str, out_path: str | Path | None, *, calib_fraction:
     """:func:`run_peers` on a bundled model (``vgg-fmnist``, ``resnet-fmnist``, ...) with its data set: the
     calibration images of a CLI run (``calib_fraction`` of the training split, seeded) and the whole test split."""
     from ..cli import calibration_indices
-    from ..zoo.data import load_dataset
-    from ..zoo.models import bundled_spec, create_model
+    from ..zoo.models import bundled_spec, create_model, model_data
 
     spec = bundled_spec(model_name)
-    data = load_dataset(spec.dataset, data_dir)
+    data = model_data(spec, data_dir)
     indices = calibration_indices(len(data.train), calib_fraction, None, seed)
     return run_peers(create_model(model_name), Subset(data.train, indices.tolist()), data.test, out_path,
                      model_name=model_name, dataset_name=spec.dataset, indices=indices, seed=seed, **kwargs)

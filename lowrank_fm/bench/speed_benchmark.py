@@ -92,10 +92,10 @@ def _speed_only_data(model_name: str, images: int, seed: int):
 
 def _accuracy_data(model_name: str, calib_fraction: float, seed: int, data_dir: str | None):
     from ..cli import calibration_indices
-    from ..zoo.data import load_dataset
+    from ..zoo.models import model_data
 
     spec = bundled_spec(model_name)
-    data = load_dataset(spec.dataset, data_dir)
+    data = model_data(spec, data_dir)
     model = create_model(model_name)
     indices = calibration_indices(len(data.train), calib_fraction, None, seed)
     loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)

@@ -182,8 +182,7 @@ def run_torchvision_table(
 ) -> list[dict]:
     """Every cell on every architecture of ``models`` whose checkpoint is cached, appended to ``out_path``;
     for one without a checkpoint, ``say`` gets one line naming the command that makes it, and no row."""
-    from ..zoo.data import load_dataset
-    from ..zoo.models import bundled_spec, create_model
+    from ..zoo.models import bundled_spec, create_model, model_data
     from .provenance import append_row, code_state
 
     code_state()
@@ -194,7 +193,7 @@ def run_torchvision_table(
             say(line)
             continue
         spec = bundled_spec(name)
-        data = load_dataset(spec.dataset, data_dir, image_size=spec.input_size or 32)
+        data = model_data(spec, data_dir)
         model = create_model(name)
         rows += run_table_cells(name, model, data, cells, on_row=lambda row: append_row(out_path, row),
                                 dataset_name=spec.dataset, **settings)

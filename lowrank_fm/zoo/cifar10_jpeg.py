@@ -11,6 +11,7 @@ reading of the extracted archive.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -102,9 +103,15 @@ def read_cifar10_jpeg(data_dir: str | os.PathLike | None = None, cache: str | os
     from .models import cache_dir
 
     source = find_archive(data_dir)
-    stat = source.stat()
     folder = Path(cache) if cache else cache_dir()
-    cached = folder / f"cifar10-jpeg-{stat.st_size}-{int(stat.st_mtime)}.npz"
+    # an archive is keyed by its content (a fresh copy gets a new mtime: keying by it decoded and stored 185 MB
+    # again each time), an extracted folder by its size and time
+    if source.is_file():
+        key = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    else:
+        stat = source.stat()
+        key = f"{stat.st_size}-{int(stat.st_mtime)}"
+    cached = folder / f"cifar10-jpeg-{key}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as stored:
             return {key: stored[key] for key in stored.files}

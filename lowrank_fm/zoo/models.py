@@ -33,6 +33,7 @@ from torch import nn
 from .networks import ResNetCifar, ResNetSmall, VGGSmall
 
 __all__ = [
+    "model_data",
     "ModelSpec",
     "register_model",
     "list_models",
@@ -65,6 +66,14 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+
+
+def model_data(spec: ModelSpec, data_dir: str | os.PathLike | None = None):
+    """The bundled model's data set (:func:`lowrank_fm.zoo.data.load_dataset`) at the image size it was trained
+    on (CIFAR-10 JPEGs decoded at 32 px, not at the 224 px default)."""
+    from .data import load_dataset
+
+    return load_dataset(spec.dataset, data_dir, image_size=spec.input_size or 224)
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
