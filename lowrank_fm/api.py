@@ -139,7 +139,7 @@ def approximate(
     from .layer_stats import read_layer_stats
 
     config = (config or ApproxConfig()).replace(**settings) if settings else (config or ApproxConfig())
-    method = get_method(config.method, config.method_settings, seed=config.seed)
+    method = get_method(config.method_name, config.method_settings, seed=config.seed)
     to_input = to_input or default_to_input
     check_reiterable(data)
     total_images = count_images(data, n_images)
@@ -239,7 +239,7 @@ def approximate(
                 records[name].macs_after = sum(c.macs for n, c in after.items() if n.startswith(name + "."))
 
     report = Report(
-        model=model_name or type(model).__name__, dataset=dataset_name, method=config.method, config=config.to_dict(),
+        model=model_name or type(model).__name__, dataset=dataset_name, method=config.method_name, config=config.to_dict(),
         layers=list(records.values()), timing=timing,
         calibration={"images": total_images, "fit_images": n_fit, "heldout_images": n_heldout,
                      "positions_per_image": config.positions_per_image,

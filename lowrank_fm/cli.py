@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .config import default_method
 from .allocator import ALLOCATORS, use_allocator
 from .planner import ALLOCATIONS
 
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--energy", type=_energy, default=None, help="energy kept per layer, 0 < E <= 1 (default 0.95)")
     target.add_argument("--speedup", type=_speedup, default=None, help="whole-model MAC reduction target S >= 1")
-    parser.add_argument("--method", default="fm", choices=list_methods(),
-                        help="fm (default: asymmetric + nonlinear + output matching), fm-linear (symmetric, linear)")
+    parser.add_argument("--method", default=None, choices=list_methods(),
+                        help="default: auto with --speedup (each layer's decomposition chosen under the budget), fm "
+                             "otherwise (the output-feature-map method: asymmetric + nonlinear); fm-linear: symmetric")
     parser.add_argument("--solver", choices=["rmsprop", "closed-form", "none"], default=None,
                         help="nonlinear refinement of methods fm and fm-3d (default rmsprop); the same as "
                              "--method-setting solver=NAME")
@@ -206,7 +208,9 @@ def _run(args: argparse.Namespace) -> int:
     rank, world_size, args.device = init_from_env(args.device)  # under torchrun: one calibration shard per rank
     if args.workers is None:
         args.workers = min(4, os.cpu_count() or 1) if dataset_name in ("imagefolder", "cifar10") else 0
-    out = Path(args.out or f"runs/{args.model}-{args.method}")
+    method = args.method or default_method(args.speedup, args.budget, args.allocation, args.ranks,  # as ApproxConfig
+                                           {**dict(args.method_settings), **({"solver": args.solver} if args.solver else {})})
+    out = Path(args.out or f"runs/{args.model}-{method}")
     out.mkdir(parents=True, exist_ok=True)
     if args.data_dir is not None and dataset_name in ("digits", "fashion-mnist-sample"):
         log.warning("--data-dir %s is ignored: dataset %s is embedded and reads no files", args.data_dir, dataset_name)
@@ -255,7 +259,8 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
     target = f"speedup {args.speedup}x" if args.speedup else f"energy {energy}"
-    log.info("%s on %s: %d calibration images, method %s, %s", args.model, dataset_name, len(indices), args.method, target)
+    log.info("%s on %s: %d calibration images, method %s, %s", args.model, dataset_name, len(indices), config.method_name,
+             target)
     new_model, report = approximate(model, loader, config, n_images=len(indices), calib_file=calib_file,
                                     image_ids=indices, model_name=args.model, dataset_name=dataset_name)
     if rank != 0:  # every rank holds the same model; rank 0 evaluates and writes it

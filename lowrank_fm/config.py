@@ -10,10 +10,29 @@ from dataclasses import dataclass, field
 
 from .ranks import check_energy
 
-__all__ = ["ApproxConfig"]
+__all__ = ["ApproxConfig", "default_method"]
 
 _COVARIANCE_BACKENDS = ("streaming", "ipca")
 _BUDGETS = ("macs", "latency")
+
+
+def default_method(speedup: float | None, budget: str = "macs", allocation: str | None = None, ranks: str = "energy",
+                   method_settings: Mapping | None = None) -> str:
+    """The method a run gets when it names none: ``"auto"`` (each layer's decomposition chosen under the budget)
+    for a ``speedup`` MAC budget it can plan with these settings, else ``"fm"`` (an ``energy`` run, as the
+    design card prescribes; ``budget="latency"``, ``ranks="vbmf"``, another ``allocation``, or settings of fm)."""
+    from .methods import method_class, settings_from
+    from .planner import check_policy
+
+    if speedup is None:
+        return "fm"
+    auto = method_class("auto")
+    try:
+        settings_from(auto.Settings, method_settings)
+        check_policy(auto, allocation, budget, ranks, speedup)
+    except ValueError:
+        return "fm"
+    return "auto"
 
 
 @dataclass(frozen=True)
@@ -22,7 +41,9 @@ class ApproxConfig:
 
     Parameters
     ----------
-    method : registered method name (``lowrank_fm.methods.list_methods()``).
+    method : registered method name (``lowrank_fm.methods.list_methods()``); None (the default): the run's
+        :func:`default_method` (:attr:`method_name`), ``"auto"`` for a ``speedup`` budget on MACs and ``"fm"``
+        otherwise, chosen again whenever the settings change.
     method_settings : the method's own settings by name (fields of its ``Settings`` dataclass, e.g.
         ``{"solver": "none"}`` for ``fm``, ``{"restarts": 5}`` for ``cp``); unknown names are refused.
     energy : per-layer energy kept, 0 < energy <= 1 (ignored when ``speedup`` is set).
@@ -83,7 +104,7 @@ class ApproxConfig:
         summation order, which RMSProp's choice of its best step can amplify (False: bit-identical layers).
     """
 
-    method: str = "fm"
+    method: str | None = None
     method_settings: Mapping[str, object] = field(default_factory=dict)
     energy: float = 0.95
     speedup: float | None = None
@@ -123,7 +144,7 @@ class ApproxConfig:
         from .methods import method_class, settings_from
         from .planner import check_policy
 
-        method = method_class(self.method)
+        method = method_class(self.method_name)
         settings_from(method.Settings, self.method_settings)  # refuses unknown names and bad values
         object.__setattr__(self, "method_settings", dict(self.method_settings))
         check_energy(self.energy)
@@ -160,6 +181,11 @@ class ApproxConfig:
             object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
+    @property
+    def method_name(self) -> str:
+        """The method the run uses: ``method``, or when None the :func:`default_method` of these settings."""
+        return self.method or default_method(self.speedup, self.budget, self.allocation, self.ranks, self.method_settings)
+
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of every setting."""
         data = dataclasses.asdict(self)
@@ -188,7 +214,10 @@ class ApproxConfig:
         own = {k: v for k, v in changes.items() if k in fields}
         rest = {k: v for k, v in changes.items() if k not in fields}
         if rest:
-            method = method_class(own.get("method", self.method))
+            merged = {**dict(own.get("method_settings", self.method_settings)), **rest}
+            name = own.get("method", self.method) or default_method(
+                *(own.get(k, getattr(self, k)) for k in ("speedup", "budget", "allocation", "ranks")), merged)
+            method = method_class(name)
             known = {f.name for f in dataclasses.fields(method.Settings)}
             unknown = sorted(set(rest) - known)
             if unknown:

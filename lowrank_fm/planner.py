@@ -59,6 +59,9 @@ def check_policy(method: type[Method] | Method, allocation: str | None, budget: 
                          f"not apply to it: use --budget macs (the speed gate still times every layer)")
     if ranks == "vbmf" and not hasattr(method, "vbmf_rank"):
         raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
+    if chosen == "auto" and speedup is None:
+        raise ValueError(f"method {method.name!r} chooses each layer's decomposition under a --speedup budget: pass "
+                         f"--speedup, or name a method (e.g. --method fm) to keep --energy")
     if ranks == "vbmf" and speedup is not None:
         raise ValueError("ranks='vbmf' (--ranks vbmf) chooses every rank from the layer's own spectrum and cannot "
                          "honour a --speedup target: pass one of them")
@@ -273,29 +276,6 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     return ranks, options, selection
 
 
-def _auto_at_energy(method, free, macs, config, progress=None):
-    """``auto`` without a budget: per layer, the cheapest candidate predicted at least as accurate as the first
-    candidate (``fm``) at the layer's energy (its rank there, where no candidate is cheaper and as accurate)."""
-    start = time.perf_counter()
-    progress = progress or (lambda items, desc: items)
-    ranks, options, notes, counts = {}, {}, {}, {}
-    for name in progress(list(free), "auto: candidate curves"):
-        ctx = free[name]
-        values = np.asarray(method.spectrum(ctx), dtype=np.float64)  # the first candidate's, fm's
-        ranks[name] = min(rank_for_energy(values, config.layer_energy.get(name, config.energy)), method.full_rank(ctx))
-        points = method.candidate_points(ctx, macs[name])
-        first = [p for p in points if p.method == method.settings.candidates[0] and p.rank == ranks[name]]
-        bound = first[0].error if first else float(tail_error(values, ctx.stats.mean)[ranks[name]])
-        accurate = [p for p in points if p.error <= bound * (1 + 1e-9)]
-        if accurate:
-            best = min(accurate, key=lambda p: p.macs)  # the first listed among equal MACs
-            ranks[name], options[name], notes[name] = best.rank, {"method": best.method}, _auto_note(best, points)
-            counts[best.method] = counts.get(best.method, 0) + 1
-    selection = {"allocation": "auto", "auto": {"candidates": list(method.settings.candidates), "methods": counts,
-                                                "curves_s": time.perf_counter() - start, "notes": notes}}
-    return ranks, options, selection
-
-
 def _auto_note(point, points: list) -> str:
     """Why a layer got its (method, rank): its predicted error, and each other candidate method's at the
     most MACs it can have without costing more."""
@@ -321,8 +301,6 @@ def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, i
     if config.ranks == "vbmf":
         chosen = {n: max(1, min(method.vbmf_rank(c), method.full_rank(c))) for n, c in free.items()}
         selection = {"ranks": "vbmf"}
-    elif config.speedup is None and (config.allocation or default_allocation(method)) == "auto":
-        chosen, options, selection = _auto_at_energy(method, free, macs, config, progress)
     elif config.speedup is None:
         chosen = {n: min(rank_for_energy(spectrum(c), config.layer_energy.get(n, config.energy)),
                          method.full_rank(c)) for n, c in free.items()}

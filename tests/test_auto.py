@@ -173,6 +173,7 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
 
 
 @pytest.mark.parametrize("settings, message", [
+    (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
     (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
     (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto'\] only"),
     (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
@@ -219,18 +220,13 @@ def test_layers_wider_than_the_probe_limit_take_fm_without_an_input_covariance(v
                 assert read_input_stats(reader, layer.name)[2] > 0
 
 
-def test_without_a_budget_each_layer_takes_the_cheapest_candidate_as_accurate_as_fm_at_the_energy(
-        vgg_digits, digits_loader):
-    common = dict(energy=0.9, speed_gate=False, progress=False)
-    _, fm = approximate(vgg_digits, digits_loader, ApproxConfig(method="fm", **common))
-    _, auto = approximate(vgg_digits, digits_loader, ApproxConfig(method="auto", **common))
-    fm_layers = {l.name: l for l in fm.layers}
-    approximated = [l for l in auto.layers if l.status == "approximated"]
-    assert approximated and auto.totals["macs_after"] < fm.totals["macs_after"]
-    for layer in approximated:
-        assert layer.macs_after <= fm_layers[layer.name].macs_after
-        predicted = float(layer.extra["why"].split("predicted error ")[1].split()[0])
-        if layer.extra["method"] == "fm":
-            assert layer.rank <= fm_layers[layer.name].rank
-        else:  # at least as accurate as fm's rank at 0.9 energy: its error is sqrt(share of energy left) <= ...
-            assert predicted <= np.sqrt(1 - 0.9) + 5e-4
+def test_the_default_method_is_auto_for_a_mac_budget_and_fm_otherwise():
+    assert ApproxConfig().method_name == "fm"  # an --energy run, as the design card prescribes
+    assert ApproxConfig(speedup=3.0).method_name == "auto"
+    assert ApproxConfig(speedup=3.0, budget="latency").method_name == "fm"  # auto plans MACs only
+    assert ApproxConfig(speedup=3.0, allocation="output").method_name == "fm"
+    assert ApproxConfig(speedup=3.0).replace(solver="none").method_name == "fm"  # a setting of fm names fm
+    assert ApproxConfig().replace(speedup=3.0).method_name == "auto"  # chosen again when the settings change
+    assert ApproxConfig(method="fm", speedup=3.0).method_name == "fm"  # fm stays available by name
+    config = ApproxConfig(speedup=3.0)
+    assert config.method is None and ApproxConfig.from_dict(config.to_dict()) == config

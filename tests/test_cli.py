@@ -151,7 +151,7 @@ def test_default_run_succeeds_and_writes_outputs(default_run):
         assert (out / name).is_file(), name
     assert report["model"] == "vgg-digits"
     assert report["dataset"] == "digits"
-    assert report["method"] == ApproxConfig().method == report["config"]["method"]
+    assert report["method"] == ApproxConfig().method_name == "fm" and report["config"]["method"] is None  # the default
 
 
 def test_report_has_contract_fields(default_run):
