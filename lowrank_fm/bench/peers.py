@@ -16,7 +16,8 @@ installed, cannot reach a target or fails on a layer kind gives a row with its e
   reconstruction from the calibration loader), auto mode with the greedy per-layer ratio search at
   ``target_comp_ratio = 1 / S`` of the MACs, ``CostMetric.mac``; the evaluation callback is top-1 on the
   calibration images; the first conv ignored.
-- lowrank-fm: ``approximate(model, calibration loader, ApproxConfig(speedup=S))``, every other setting its default.
+- lowrank-fm: ``approximate(model, calibration loader, ApproxConfig(speedup=S))``, every other setting its default
+  (method ``auto``); the rows of the former default are labelled "lowrank-fm default (fm)" (``method="fm"``).
 
 Every peer starts from the same BatchNorm-folded original (the model lowrank-fm folds internally and the
 latency baseline of :func:`lowrank_fm.latency.measure_speed`). MACs and parameters of every result are
@@ -276,18 +277,24 @@ def _aimet(scheme: str) -> Callable:
     return compress
 
 
-def _lowrank_fm(model: nn.Module, ctx: PeerContext, target_macs: int) -> nn.Module:
-    from ..api import approximate
-    from ..config import ApproxConfig
+def _lowrank_fm(method: str | None):
+    """lowrank-fm at the target: ``ApproxConfig(speedup=S)`` with every other setting its default (``method=None``:
+    the default method, ``auto`` under a MAC budget; ``"fm"``: the default before ``auto``, for the older rows)."""
+    def compress(model: nn.Module, ctx: PeerContext, target_macs: int) -> nn.Module:
+        from ..api import approximate
+        from ..config import ApproxConfig
 
-    new_model, _report = approximate(model, ctx.loader, ApproxConfig(speedup=ctx.speedup, seed=ctx.seed),
-                                     n_images=len(ctx.indices), image_ids=ctx.indices, model_name=ctx.model_name,
-                                     dataset_name=ctx.dataset_name)
-    return new_model
+        config = ApproxConfig(method=method, speedup=ctx.speedup, seed=ctx.seed)
+        new_model, _report = approximate(model, ctx.loader, config, n_images=len(ctx.indices), image_ids=ctx.indices,
+                                         model_name=ctx.model_name, dataset_name=ctx.dataset_name)
+        return new_model
+
+    return compress
 
 
 PEER_METHODS: list[PeerMethod] = [
-    PeerMethod("lowrank-fm", "lowrank-fm default (fm)", _lowrank_fm),
+    PeerMethod("lowrank-fm", "lowrank-fm default (auto)", _lowrank_fm(None)),
+    PeerMethod("lowrank-fm", "lowrank-fm default (fm)", _lowrank_fm("fm")),
     PeerMethod("aimet-torch", "AIMET spatial SVD", _aimet("spatial svd")),
     PeerMethod("aimet-torch", "AIMET channel pruning", _aimet("channel pruning")),
     PeerMethod("torch-pruning", "Torch-Pruning magnitude (L2)", _torch_pruning("magnitude")),
