@@ -54,12 +54,12 @@ def check_policy(method: type[Method] | Method, allocation: str | None, budget: 
         raise ValueError(f"method {method.name!r} plans its budget with {list(method.allocations)} only; "
                          f"allocation {allocation!r} (--allocation) does not apply to it: leave it out")
     chosen = allocation or default_allocation(method)
-    if budget == "latency" and chosen in _MACS_ONLY:
+    if budget == "latency" and (chosen in _MACS_ONLY or "auto" in method.allocations):
         raise ValueError(f"method {method.name!r} plans its {chosen!r} budget on MACs only; --budget latency does "
                          f"not apply to it: use --budget macs (the speed gate still times every layer)")
     if ranks == "vbmf" and not hasattr(method, "vbmf_rank"):
         raise ValueError(f"ranks='vbmf' (--ranks vbmf) applies to tucker2 and tucker1, not to {method.name}")
-    if chosen == "auto" and speedup is None:
+    if "auto" in method.allocations and speedup is None:
         raise ValueError(f"method {method.name!r} chooses each layer's decomposition under a --speedup budget: pass "
                          f"--speedup, or name a method (e.g. --method fm) to keep --energy")
     if ranks == "vbmf" and speedup is not None:
@@ -244,12 +244,21 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     """``auto``: one (method, rank) per layer. Each layer's candidates (:meth:`~lowrank_fm.methods.auto.Auto.
     candidate_points`, predicted error against MACs) are reduced to their Pareto envelope, which is a cost
     curve like a single method's ranks; the ``error`` greedy of :func:`~lowrank_fm.ranks.select_ranks_for_speedup`
-    then minimises the sum of squared predicted errors under the MAC budget."""
+    then minimises the sum of squared predicted errors under the MAC budget.
+
+    With ``allocation="output"`` (``output_errors``: the network's output error e_out(r) when the layer's
+    responses are projected on r principal directions, :mod:`lowrank_fm.sensitivity`) each layer's predicted
+    errors are scaled by its sensitivity s_l = median over the measured ranks of e_out(r) / e(r), e(r) the
+    layer's own error there (:func:`~lowrank_fm.predicted_error.tail_error`): the sum minimised is then
+    sum_l s_l^2 e_l^2, the layers' errors as the network's output sees them."""
     start = time.perf_counter()
     progress = progress or (lambda items, desc: items)
-    points, envelopes, budget_layers = {}, {}, []
+    points, envelopes, budget_layers, sensitivity = {}, {}, [], {}
     for name in progress(list(free), "auto: candidate curves"):
         points[name] = method.candidate_points(free[name], macs[name])
+        if output_errors is not None and name in output_errors:
+            sensitivity[name] = _sensitivity(output_errors[name], free[name])
+            points[name] = [dataclasses.replace(p, error=p.error * sensitivity[name]) for p in points[name]]
         envelope = pareto_envelope(points[name], macs[name])
         envelopes[name] = envelope
         if envelope:
@@ -272,8 +281,16 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
                  "reachable": result.reachable, "allocation": "auto", "budget": "macs",
                  "auto": {"candidates": list(method.settings.candidates), "methods": counts, "curves_s": curves_s,
+                          **({"sensitivity": sensitivity} if sensitivity else {}),
                           "notes": {name: _auto_note(point, points[name]) for name, point in chosen_points.items()}}}
     return ranks, options, selection
+
+
+def _sensitivity(output_curve: np.ndarray, ctx: LayerContext) -> float:
+    """s_l = median over ranks of e_out(r) / e(r): how much of a layer's relative error reaches the output."""
+    own = tail_error(ctx.stats.eigenvalues, ctx.stats.mean)[: len(output_curve)]
+    ranks = [r for r in range(1, len(own)) if own[r] > 1e-9 and np.isfinite(output_curve[r])]
+    return float(np.median([output_curve[r] / own[r] for r in ranks])) if ranks else 1.0
 
 
 def _auto_note(point, points: list) -> str:
@@ -311,7 +328,7 @@ def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, i
                 macs[n] - method.macs(contexts[n], r) for n, r in overrides.items())
         else:
             fixed = int(1e6 * latency[1])
-        strategy = _STRATEGIES[config.allocation or default_allocation(method)]
+        strategy = _STRATEGIES["auto" if "auto" in method.allocations else config.allocation or default_allocation(method)]
         chosen, options, selection = strategy(method, free, macs, config, fixed=fixed, spectrum=spectrum,
                                               latency=latency, output_errors=output_errors, progress=progress)
     chosen = {**chosen, **overrides}

@@ -175,7 +175,8 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
 @pytest.mark.parametrize("settings, message", [
     (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
     (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
-    (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto'\] only"),
+    (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto', 'output'\] only"),
+    (dict(method="auto", speedup=2.0, allocation="output", budget="latency"), r"on MACs only"),
     (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
     (dict(method="auto", speedup=2.0, method_settings={"candidates": ("auto",)}), r"other than 'auto'"),
 ])
@@ -224,9 +225,27 @@ def test_the_default_method_is_auto_for_a_mac_budget_and_fm_otherwise():
     assert ApproxConfig().method_name == "fm"  # an --energy run, as the design card prescribes
     assert ApproxConfig(speedup=3.0).method_name == "auto"
     assert ApproxConfig(speedup=3.0, budget="latency").method_name == "fm"  # auto plans MACs only
-    assert ApproxConfig(speedup=3.0, allocation="output").method_name == "fm"
+    assert ApproxConfig(speedup=3.0, allocation="output").method_name == "auto"  # weighted by output sensitivity
+    assert ApproxConfig(speedup=3.0, allocation="energy").method_name == "fm"
     assert ApproxConfig(speedup=3.0).replace(solver="none").method_name == "fm"  # a setting of fm names fm
     assert ApproxConfig().replace(speedup=3.0).method_name == "auto"  # chosen again when the settings change
     assert ApproxConfig(method="fm", speedup=3.0).method_name == "fm"  # fm stays available by name
     config = ApproxConfig(speedup=3.0)
     assert config.method is None and ApproxConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_output_allocation_weighs_each_layer_by_how_much_of_its_error_reaches_the_output(vgg_digits, digits_loader):
+    from lowrank_fm.planner import _sensitivity
+
+    values, mean = np.array([4.0, 2.0, 1.0, 0.5]), np.array([1.0, 0.0, 0.0, 0.0])
+    ctx = type("Ctx", (), {"stats": ResponseStats(mean, values, np.eye(4), 100)})()
+    own = tail_error(values, mean)
+    curve = np.concatenate([[0.0], 3.0 * own[1:]])
+    assert _sensitivity(curve, ctx) == pytest.approx(3.0)  # rank 4 (no error left) is not counted
+    config = ApproxConfig(speedup=2.0, allocation="output", speed_gate=False, progress=False)
+    assert config.method_name == "auto"
+    _, report = approximate(vgg_digits, digits_loader, config)
+    auto = report.selection["auto"]
+    approximated = {l.name for l in report.layers if l.status == "approximated"}
+    assert approximated and set(auto["sensitivity"]) >= approximated and all(v > 0 for v in auto["sensitivity"].values())
+    assert report.selection["allocation_signal"].startswith("output error on")

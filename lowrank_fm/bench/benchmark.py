@@ -60,7 +60,10 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
         runs += [BenchmarkRun(label, s, {"method": method, "correction": False}) for label, method in _CORRECTED[5:]]
         runs += [BenchmarkRun(f"{method} + correction", s, {"method": method}) for _, method in _CORRECTED]
         runs += [BenchmarkRun("auto", s, {"method": "auto"}),
-                 BenchmarkRun("auto + output matching", s, {"method": "auto", "output_matching": True})]
+                 BenchmarkRun("auto + output matching", s, {"method": "auto", "output_matching": True}),
+                 BenchmarkRun("auto, allocation output", s, {"method": "auto", "allocation": "output"}),
+                 BenchmarkRun("auto, allocation output + output matching", s,
+                              {"method": "auto", "allocation": "output", "output_matching": True})]
     return runs
 
 
