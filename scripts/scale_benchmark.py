@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-dir", type=Path, default=None, help="where the calibration store goes (every rank sees it)")
     parser.add_argument("--out", default="results/scale.jsonl")
     parser.add_argument("--note", default=None)
+    parser.add_argument("--sharded-solvers", action="store_true",
+                        help="each rank fits the solvers on its own rows, the sums added over the ranks (default: rank 0 "
+                             "solves on the gathered rows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     _, report = approximate(model, loader, n_images=args.images, calib_file=calib_file, method="fm",
                             energy=args.energy, speed_gate=args.speed_gate, seed=args.seed, device=device,
+                            sharded_solvers=args.sharded_solvers,
                             progress=False, model_name=args.model, dataset_name="imagefolder")
     approximate_wall_s = time.perf_counter() - begin
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         pass_s = timing.get("build_s", 0.0)
         row = {"kind": "scale", "model": args.model, "image_size": args.image_size, "images": args.images,
                "batch_size": args.batch_size, "processes": size, "threads": 1, "device": device,
-               "energy": args.energy, "speed_gate": args.speed_gate, "method": "fm",
+               "energy": args.energy, "speed_gate": args.speed_gate, "method": "fm", "sharded_solvers": args.sharded_solvers,
                "fit_positions": report.config.get("fit_positions"),
                "replaced_layers": sum(1 for r in report.layers if r.status == "approximated"),
                "timing": timing, "approximate_wall_s": round(approximate_wall_s, 3),
