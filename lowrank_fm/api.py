@@ -25,7 +25,7 @@ from .cost import measure_costs, module_params
 from .distributed import split_range
 from .inputs import check_reiterable, count_images, default_to_input, iter_inputs, pass_shard, shard_inputs
 from .methods import LayerContext, get_method
-from .planner import Plan, highest_cheaper_rank, keep_reasons, plan_ranks
+from .planner import Plan, default_allocation, highest_cheaper_rank, keep_reasons, plan_ranks
 from .report import LayerRecord, Report
 from .surgery import check_finite_weights, find_layers, fold_batchnorm, set_module
 
@@ -68,7 +68,7 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     macs = {n: c.macs for n, c in costs.items()}
     progress = _progress(config)
     output_errors = None
-    if config.speedup is not None and config.allocation == "output" and contexts:
+    if config.speedup is not None and (config.allocation or default_allocation(method)) == "output" and contexts:
         sample = list(iter_inputs(data, to_input, 0, min(n_fit, config.sensitivity_images), config.device))
         output_errors = output_errors_for(method, work, contexts, macs, sample, config)
     layout = _timed(timing, "layout", timing_layout)(work, example, config) if contexts else {"layout": "nchw"}

@@ -41,7 +41,8 @@ _MACS_ONLY = ("alds-minmax", "auto")  # strategies that cannot plan a latency bu
 
 
 def default_allocation(method: type[Method] | Method) -> str:
-    """The strategy used when ``allocation`` is None: ``"error"``, else the method's only one."""
+    """The strategy used when ``allocation`` is None: ``"error"``, else the first the method lists (``alds``:
+    ``"alds-minmax"``; ``auto``: ``"output"``)."""
     return "error" if "error" in method.allocations else method.allocations[0]
 
 

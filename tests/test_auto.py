@@ -121,7 +121,7 @@ def test_auto_with_fm_alone_plans_what_fm_plans(vgg_digits, digits_loader):
     common = dict(speedup=2.0, speed_gate=False, progress=False)
     _, fm = approximate(vgg_digits, digits_loader, ApproxConfig(method="fm", **common))
     _, auto = approximate(vgg_digits, digits_loader, ApproxConfig(method="auto", method_settings={"candidates": ("fm",)},
-                                                                  **common))
+                                                                  allocation="auto", **common))  # unweighted
     assert {l.name: l.rank for l in auto.layers} == {l.name: l.rank for l in fm.layers}
     approximated = [l for l in auto.layers if l.status == "approximated"]
     assert approximated and all(l.extra["method"] == "fm" for l in approximated)
@@ -175,7 +175,7 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
 @pytest.mark.parametrize("settings, message", [
     (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
     (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
-    (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['auto', 'output'\] only"),
+    (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['output', 'auto'\] only"),
     (dict(method="auto", speedup=2.0, allocation="output", budget="latency"), r"on MACs only"),
     (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
     (dict(method="auto", speedup=2.0, method_settings={"candidates": ("auto",)}), r"other than 'auto'"),

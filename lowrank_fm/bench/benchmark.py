@@ -59,8 +59,10 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
         ]
         runs += [BenchmarkRun(label, s, {"method": method, "correction": False}) for label, method in _CORRECTED[5:]]
         runs += [BenchmarkRun(f"{method} + correction", s, {"method": method}) for _, method in _CORRECTED]
-        runs += [BenchmarkRun("auto", s, {"method": "auto"}),
-                 BenchmarkRun("auto + output matching", s, {"method": "auto", "output_matching": True}),
+        # "auto" and "auto + output matching": the unweighted predicted errors (allocation "auto"), the default of
+        # the first auto rows; "auto, allocation output" is the default since
+        runs += [BenchmarkRun("auto", s, {"method": "auto", "allocation": "auto"}),
+                 BenchmarkRun("auto + output matching", s, {"method": "auto", "allocation": "auto", "output_matching": True}),
                  BenchmarkRun("auto, allocation output", s, {"method": "auto", "allocation": "output"}),
                  BenchmarkRun("auto, allocation output + output matching", s,
                               {"method": "auto", "allocation": "output", "output_matching": True})]

@@ -75,7 +75,8 @@ class Auto(Method):
     needs_responses = True
     needs_inputs = True  # the layer-wise pass runs; each layer is then built as its own method says
     needs_input_covariance = True
-    allocations = ("auto", "output")  # "output": the predicted errors weighted by each layer's output sensitivity
+    # "output" (the default): the predicted errors weighted by each layer's output sensitivity; "auto": unweighted
+    allocations = ("output", "auto")
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:
         super().__init__(settings, seed=seed)
