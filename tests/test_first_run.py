@@ -58,7 +58,7 @@ def test_default_run_shows_the_method_on_real_data(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert (report["model"], report["dataset"]) == (DEFAULT_MODEL, DEFAULT_DATASET)
-    assert report["config"]["method"] == "fm" and report["config"]["energy"] == 0.95
+    assert report["method"] == "fm" and report["config"]["method"] is None and report["config"]["energy"] == 0.95
     with h5py.File(out / "calibration.h5", "r") as store:
         np.testing.assert_array_equal(store["image_ids"][()], calibration_indices(60000, 0.01, None, 0))
     accuracy = report["accuracy"]
