@@ -60,7 +60,7 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
         runs += [BenchmarkRun(label, s, {"method": method, "correction": False}) for label, method in _CORRECTED[5:]]
         runs += [BenchmarkRun(f"{method} + correction", s, {"method": method}) for _, method in _CORRECTED]
         # "auto" and "auto + output matching": the unweighted predicted errors (allocation "auto"), the default of
-        # the first auto rows; "auto, allocation output" is the default since
+        # the first auto rows; "auto, allocation output" is what the default has been since commit 52d6415
         runs += [BenchmarkRun("auto", s, {"method": "auto", "allocation": "auto"}),
                  BenchmarkRun("auto + output matching", s, {"method": "auto", "allocation": "auto", "output_matching": True}),
                  BenchmarkRun("auto, allocation output", s, {"method": "auto", "allocation": "output"}),
