@@ -111,9 +111,7 @@ class Auto(Method):
 
     def build(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None
               ) -> nn.Module:
-        layer_method = self.for_layer(ctx)
-        if info is not None:
-            info["method"] = layer_method.name
+        layer_method = self.for_layer(ctx)  # (the layer's record names it: the plan's options)
         return layer_method.build(ctx, rank, data if layer_method.needs_inputs else None, info)
 
     def candidate_points(self, ctx: LayerContext, original_macs: int) -> list[CandidatePoint]:
@@ -150,7 +148,9 @@ class Auto(Method):
     def _probed_curve(self, method: Method, ctx: LayerContext, top: int, moments: LayerMoments) -> dict[int, float]:
         """Predicted relative error at the ranks from 1 to ``top``: probed at ``grid_points`` ranks, geometric
         from 1 to ``top``, and log e^2 interpolated linearly in the rank between them."""
-        grid = sorted({int(round(v)) for v in np.geomspace(1, top, self.settings.grid_points)})
+        from ..sensitivity import rank_grid
+
+        grid = rank_grid(top, self.settings.grid_points)
         measured = {r: probe_error(method, ctx, r, moments) for r in grid}
         ranks = np.arange(grid[0], top + 1)
         logs = np.interp(ranks, grid, [math.log(max(measured[r], 1e-12) ** 2) for r in grid])
