@@ -71,6 +71,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fit_positions(text: str) -> int | None:
+    """``--fit-positions``: a positive count, or ``store`` (None: replay the calibration store's samples)."""
+    return None if text == "store" else _positive_int(text)
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -144,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"number of calibration images (at least 2; fewer than {MIN_CALIB_IMAGES} warns)")
     parser.add_argument("--calib-file", default=None, help="calibration HDF5 to write, resume or reuse (default OUT/calibration.h5)")
     parser.add_argument("--positions-per-image", type=_positive_int, default=10)
-    parser.add_argument("--fit-positions", type=_positive_int, default=64,
-                        help="positions per image drawn from whole feature maps for the solvers of fm / fm-3d (default 64)")
+    parser.add_argument("--fit-positions", type=_fit_positions, default=64,
+                        help="positions per image drawn from whole feature maps for the solvers of the layer-wise pass, "
+                             "with the original network run alongside for the targets (default 64); 'store': replay "
+                             "the calibration store's --positions-per-image samples instead, without the original "
+                             "network (one forward less: for large runs, with --positions-per-image 64)")
     parser.add_argument("--covariance", choices=["streaming", "ipca"], default="streaming")
     parser.add_argument("--include", nargs="*", default=None, help="only approximate layers under these names")
     parser.add_argument("--exclude", nargs="*", default=[], help="never approximate layers under these names")

@@ -1,11 +1,13 @@
 """One forward pass over the whole calibration set, node by node, that approximates layers as it reaches them.
 
-The model is traced with ``torch.fx`` and its graph is executed node by node for every calibration batch:
-each node's outputs for all batches are computed before the next node runs. When a target layer is reached,
-its inputs (from the network approximated so far) are handed to a callback that returns the replacement;
-the replacement then produces the outputs that flow on. Every node runs once per batch: the cost grows
-linearly with depth (no re-run from the input for each layer). Values whose last user has run are freed;
-values that do not fit in ``memory_budget`` bytes spill to temporary files.
+The model is traced with ``torch.fx`` and its graph is executed for every calibration batch. A target layer
+needs its inputs for all batches before it can be fitted, so the graph is cut at the target layers into
+segments; each segment runs batch by batch, and only the values a later segment reads (the next target's input,
+a shortcut) are kept for every batch. When a target layer is reached, its inputs (from the network approximated
+so far) are handed to a callback that returns the replacement; the replacement then produces the outputs that
+flow on. Every node runs once per batch: the cost grows linearly with depth (no re-run from the input for each
+layer). Kept values that do not fit in ``memory_budget`` bytes spill to temporary files, one per batch, so memory
+stays bounded by the budget plus one batch's values whatever the number of images.
 
 With ``with_reference=True`` the original network runs in lockstep on the same graph (a frozen copy of its
 modules): the callback then also receives the layer's inputs in the ORIGINAL network, so targets
@@ -81,46 +83,67 @@ def activation_after(graph_module: fx.GraphModule, name: str) -> str:
 
 
 class _Values:
-    """The per-batch values of one node, held in memory or spilled to files."""
+    """The per-batch values of one node: each held in memory or spilled to its own file.
 
-    def __init__(self, values: list, spill_dir: Path | None, key: str) -> None:
-        self._paths: list[Path] | None = None
-        self._values: list | None = values
-        if spill_dir is not None and all(torch.is_tensor(v) for v in values):
-            self._paths = []
-            for index, value in enumerate(values):
-                path = spill_dir / f"{key}_{index}.pt"
-                torch.save(value.cpu(), path)
-                self._paths.append(path)
-            self._values = None
+    Values are appended batch by batch (:meth:`append`), so a node whose values do not fit never has more
+    than one batch's value in memory: memory is bounded by the budget plus the values of one batch."""
+
+    def __init__(self, spill_dir: Path, key: str) -> None:
+        self._spill_dir, self._key = spill_dir, key
+        self._entries: list = []  # the value itself, or the Path it was spilled to
+        self.bytes_in_memory = 0
+
+    def append(self, value, spill: bool) -> None:
+        if spill and torch.is_tensor(value):
+            path = self._spill_dir / f"{self._key}_{len(self._entries)}.pt"
+            torch.save(value.cpu(), path)
+            self._entries.append(path)
+        else:
+            self._entries.append(value)
+            self.bytes_in_memory += _nbytes(value)
 
     def __getitem__(self, index: int):
-        if self._values is not None:
-            return self._values[index]
-        return torch.load(self._paths[index], weights_only=True)
+        entry = self._entries[index]
+        if isinstance(entry, Path):
+            return torch.load(entry, weights_only=True)
+        return entry
 
     def __len__(self) -> int:
-        return len(self._values) if self._values is not None else len(self._paths)
+        return len(self._entries)
 
     def free(self) -> None:
-        for path in self._paths or []:
-            path.unlink(missing_ok=True)
-        self._values = None
-        self._paths = None
+        for entry in self._entries:
+            if isinstance(entry, Path):
+                entry.unlink(missing_ok=True)
+        self._entries = []
+        self.bytes_in_memory = 0
 
 
-def _nbytes(values: list) -> int:
-    return sum(v.numel() * v.element_size() for v in values if torch.is_tensor(v))
+def _nbytes(value) -> int:
+    return value.numel() * value.element_size() if torch.is_tensor(value) else 0
+
+
+def _segments(nodes: list[fx.Node], is_target: Callable[[fx.Node], bool]) -> list[tuple[int, int]]:
+    """The node index ranges [start, stop) run batch by batch: each target layer starts a new segment, which
+    runs up to the next target layer (or the output node, which is not in any segment)."""
+    bounds = [0] + [i for i, n in enumerate(nodes) if i > 0 and is_target(n)]
+    stop = next((i for i, n in enumerate(nodes) if n.op == "output"), len(nodes))
+    return [(a, b) for a, b in zip(bounds, bounds[1:] + [stop]) if a < b]
 
 
 class LayerwisePass:
-    """Execute a traced model over all batches node by node, replacing target layers on the way.
+    """Execute a traced model over all batches, replacing target layers on the way.
+
+    The nodes between two target layers form a segment, run batch by batch: only the values that later
+    segments read (the next target's input, a shortcut) are kept for every batch, in memory or spilled; the
+    values inside a segment live for one batch. A target layer sees its inputs for every batch before its
+    replacement runs on any of them.
 
     Parameters
     ----------
     graph_module : from :func:`trace`; target layers are ``call_module`` nodes named by qualified name.
     batches : the model inputs, one entry per batch (single-input models).
-    memory_budget : bytes of live activations kept in memory before new ones spill to disk.
+    memory_budget : bytes of kept values held in memory before further ones spill to disk, one file per batch.
     with_reference : also carry the original network's values (a frozen copy of ``graph_module`` taken
         before any replacement) and pass a target layer's original inputs to the callback.
     """
@@ -150,72 +173,75 @@ class LayerwisePass:
         for index, node in enumerate(nodes):
             for arg in node.all_input_nodes:
                 last_use[arg] = index
+        position = {node: index for index, node in enumerate(nodes)}
         targets = set(targets)
-        env: dict[fx.Node, _Values] = {}
-        ref_env: dict[fx.Node, _Values] = {}
-        live_bytes = 0
-        sizes: dict[tuple[str, fx.Node], int] = {}
-        outputs = None
+
+        def is_target(node: fx.Node) -> bool:
+            return node.op == "call_module" and node.target in targets
+
+        networks = [(gm, {})] + ([(reference, {})] if reference is not None else [])
+        live = 0  # bytes of kept values in memory, over both networks
         placeholders = [n for n in nodes if n.op == "placeholder"]
+        output_node = next(n for n in nodes if n.op == "output")
         with tempfile.TemporaryDirectory(prefix="lowrank_fm_pass_") as tmp:
             spill_dir = Path(tmp)
-
-            def store(key: str, table: dict, node: fx.Node, index: int, values: list) -> None:
-                nonlocal live_bytes
-                size = _nbytes(values)
-                spill = spill_dir if live_bytes + size > self.memory_budget else None
-                table[node] = _Values(values, spill, f"{key}{index}")
-                sizes[(key, node)] = 0 if spill else size
-                live_bytes += sizes[(key, node)]
-
-            def free_inputs(key: str, table: dict, node: fx.Node, index: int) -> None:
-                nonlocal live_bytes
-                for arg in node.all_input_nodes:
-                    if last_use.get(arg) == index and arg in table:
-                        table.pop(arg).free()
-                        live_bytes -= sizes.pop((key, arg), 0)
-
-            bar = tqdm(nodes, desc="layer-wise pass", disable=not self.progress, leave=False)
-            for index, node in enumerate(bar):
-                if node.op == "output":
-                    outputs = [fx.node.map_arg(node.args[0], lambda n, i=i: env[n][i]) for i in range(len(self.batches))]
-                    continue
-                if node.op == "call_module" and node.target in targets:
-                    module = gm.get_submodule(node.target)
-                    extra = (ref_env[node.args[0]],) if reference is not None else ()
-                    replacement = on_layer(node.target, module, env[node.args[0]], *extra)
+            bar = tqdm(total=len(nodes), desc="layer-wise pass", disable=not self.progress, leave=False)
+            for start, stop in _segments(nodes, is_target):
+                node = nodes[start]
+                if is_target(node):
+                    extra = (networks[1][1][node.args[0]],) if reference is not None else ()
+                    replacement = on_layer(node.target, gm.get_submodule(node.target), networks[0][1][node.args[0]], *extra)
                     if replacement is not None:
                         _set_submodule(gm, node.target, replacement)
-                store("n", env, node, index, self._evaluate(gm, node, env, placeholders))
-                if reference is not None:
-                    store("r", ref_env, node, index, self._evaluate(reference, node, ref_env, placeholders))
-                free_inputs("n", env, node, index)
-                if reference is not None:
-                    free_inputs("r", ref_env, node, index)
+                segment = nodes[start:stop]
+                kept = [n for n in segment if last_use.get(n, -1) >= stop]  # read by a later segment or the output
+                for key, (_, env) in zip("nr", networks):
+                    for n in kept:
+                        env[n] = _Values(spill_dir, f"{key}{position[n]}")
+                for i in range(len(self.batches)):
+                    for module_owner, env in networks:
+                        local: dict[fx.Node, object] = {}
+                        for n in segment:
+                            local[n] = self._evaluate(module_owner, n, i, env, local, placeholders)
+                        for n in kept:
+                            size = _nbytes(local[n])
+                            spill = live + size > self.memory_budget
+                            env[n].append(local[n], spill)
+                            live += 0 if spill else size
+                for _, env in networks:  # values whose last reader ran in this segment
+                    for n in [n for n in env if start <= last_use.get(n, -1) < stop]:
+                        live -= env[n].bytes_in_memory
+                        env.pop(n).free()
+                bar.update(len(segment))
+            env = networks[0][1]
+            outputs = [fx.node.map_arg(output_node.args[0], lambda n, i=i: env[n][i]) for i in range(len(self.batches))]
+            bar.update(1)
+            bar.close()
         return outputs
 
-    def _evaluate(self, gm: fx.GraphModule, node: fx.Node, env: dict, placeholders: list) -> list:
-        """The values of ``node`` for every batch, with ``gm``'s modules and attributes."""
+    def _evaluate(self, gm: fx.GraphModule, node: fx.Node, i: int, env: dict, local: dict, placeholders: list):
+        """The value of ``node`` for batch ``i`` with ``gm``'s modules and attributes; its inputs come from
+        ``local`` (this segment, this batch) or ``env`` (kept values of earlier segments)."""
         if node.op == "placeholder":
             if node is not placeholders[0]:
-                default = node.args[0] if node.args else None
-                return [default] * len(self.batches)
-            return list(self.batches)
+                return node.args[0] if node.args else None
+            return self.batches[i]
         if node.op == "get_attr":
-            return [operator.attrgetter(node.target)(gm)] * len(self.batches)
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        values = []
-        for i in range(len(self.batches)):
-            args = fx.node.map_arg(node.args, lambda n, i=i: env[n][i])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n, i=i: env[n][i])
-            if node.op == "call_module":
-                values.append(module(*args, **kwargs))
-            elif node.op == "call_function":
-                values.append(node.target(*args, **kwargs))
-            else:  # call_method
-                self_obj, *rest = args
-                values.append(getattr(self_obj, node.target)(*rest, **kwargs))
-        return values
+            return operator.attrgetter(node.target)(gm)
+
+        def value(n: fx.Node):
+            if n not in local:  # a kept value of an earlier segment: loaded once per batch
+                local[n] = env[n][i]
+            return local[n]
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            return gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        self_obj, *rest = args  # call_method
+        return getattr(self_obj, node.target)(*rest, **kwargs)
 
 
 def _set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-dir", type=Path, default=None, help="where the calibration store goes (every rank sees it)")
     parser.add_argument("--out", default="results/scale.jsonl")
     parser.add_argument("--note", default=None)
+    parser.add_argument("--positions-per-image", type=int, default=10, help="response samples per image and layer "
+                        "the calibration store keeps (default 10, as approximate())")
+    parser.add_argument("--fit-positions", default="64", help="positions per image the layer-wise pass draws, with the "
+                        "original network alongside (default 64); 'store': replay the store's samples without it")
     parser.add_argument("--sharded-solvers", action="store_true",
                         help="each rank fits the solvers on its own rows, the sums added over the ranks (default: rank 0 "
                              "solves on the gathered rows)")
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     _, report = approximate(model, loader, n_images=args.images, calib_file=calib_file, method="fm",
                             energy=args.energy, speed_gate=args.speed_gate, seed=args.seed, device=device,
-                            sharded_solvers=args.sharded_solvers,
+                            sharded_solvers=args.sharded_solvers, positions_per_image=args.positions_per_image,
+                            fit_positions=None if args.fit_positions == "store" else int(args.fit_positions),
                             progress=False, model_name=args.model, dataset_name="imagefolder")
     approximate_wall_s = time.perf_counter() - begin
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                "batch_size": args.batch_size, "processes": size, "threads": 1, "device": device,
                "energy": args.energy, "speed_gate": args.speed_gate, "method": "fm", "sharded_solvers": args.sharded_solvers,
                "fit_positions": report.config.get("fit_positions"),
+               "positions_per_image": report.config.get("positions_per_image"),
                "replaced_layers": sum(1 for r in report.layers if r.status == "approximated"),
                "timing": timing, "approximate_wall_s": round(approximate_wall_s, 3),
                "inference_s": round(inference_s, 3), "inference_images_per_s": round(args.images / inference_s, 3),

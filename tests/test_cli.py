@@ -328,3 +328,28 @@ def test_the_latency_line_says_what_was_compared_with_its_spread():
                            "batch_size": 32, "threads": 1})
     assert line == ("latency (BatchNorm folded in both): 59.30 ms -> 26.00 ms, 2.28x (median of 7 rounds, "
                     "2.10x-2.40x), batch 32, 1 thread")
+
+
+def test_fit_positions_store_replays_the_calibration_samples(default_run, tmp_path, capsys, monkeypatch):
+    """``--fit-positions store``: the layer-wise pass fits the store's samples and runs without the original
+    network alongside (one forward less); the result stays as good as the default's on vgg-digits."""
+    from lowrank_fm import layerwise
+
+    references = []
+    real_init = layerwise.LayerwisePass.__init__
+
+    def recording_init(self, *args, **kwargs):
+        references.append(kwargs.get("with_reference", False))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(layerwise.LayerwisePass, "__init__", recording_init)
+    out = tmp_path / "store"
+    code = main(["vgg-digits", "--out", str(out), "--quiet", "--no-speed-gate", "--positions-per-image", "64",
+                 "--fit-positions", "store"])
+    assert code == 0 and references == [False]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["fit_positions"] is None and report["calibration"]["positions_per_image"] == 64
+    assert report["accuracy"]["top1_after"] >= default_run[2]["accuracy"]["top1_after"] - 0.02
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vgg-digits", "--fit-positions", "0", "--quiet"])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err

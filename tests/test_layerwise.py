@@ -150,3 +150,21 @@ def test_patches_at_equal_the_unfolded_columns(kernel, stride, padding, dilation
     y = conv(x).detach().permute(0, 2, 3, 1).reshape(-1, 4)  # and they give the conv's responses
     torch.testing.assert_close(patches_at(conv, x, image, position) @ conv.weight.reshape(4, -1).T + conv.bias, y,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_only_values_read_across_target_layers_are_kept_for_every_batch(monkeypatch):
+    """With a zero budget every kept value spills, one file per batch: the values inside a segment (BatchNorm
+    folded away, ReLU, pools, flatten, dropout, the other convs and Linear layers) live for one batch only."""
+    torch.manual_seed(0)
+    vgg = VGGSmall([4, "M", 8, 8, "M"], image_size=8).eval()
+    fold_batchnorm(vgg, torch.randn(2, 1, 8, 8))
+    batches = [torch.randn(2, 1, 8, 8) for _ in range(3)]
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda value, path: (saved.append(path), real_save(value, path)))
+    outputs = LayerwisePass(trace(vgg), batches, memory_budget=0, progress=False).run(
+        ["features.0", "features.4"], lambda name, module, inputs: None)
+    # kept: the input image (read by features.0), the input of features.4, the logits (read by the output)
+    assert len(saved) == 3 * len(batches)
+    for got, batch in zip(outputs, batches):
+        torch.testing.assert_close(got, vgg(batch))
