@@ -14,7 +14,7 @@ of 1) and returns its argument.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -163,6 +163,30 @@ def computed_on_rank_zero(compute: Callable[[], object]) -> object:
     if failure is not None:
         raise failure
     return result
+
+
+def computed_round_robin(keys: Sequence, compute: Callable[[object], object]) -> dict:
+    """``{key: compute(key)}`` for every key, each computed on one rank only (key i on rank i mod size) and the
+    results exchanged, so every rank returns the same dict; an exception raised on any rank is raised on every
+    rank (none is left waiting). One process: every key computed here. The results are pickled: CPU values."""
+    rank, size = world()
+    if size == 1:
+        return {key: compute(key) for key in keys}
+    mine, failure = {}, None
+    try:
+        for key in list(keys)[rank::size]:
+            mine[key] = compute(key)
+    except Exception as error:  # raised on every rank below
+        failure = error
+    gathered: list = [None] * size
+    dist.all_gather_object(gathered, (mine, failure))
+    for _, error in gathered:
+        if error is not None:
+            raise error
+    merged = {}
+    for part, _ in gathered:
+        merged.update(part)
+    return {key: merged[key] for key in keys}
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:

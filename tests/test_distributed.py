@@ -49,9 +49,11 @@ def probe() -> torch.Tensor:
 
 def run_pipeline(calib_file: Path):
     """approximate() and the statistics of its calibration store, as each rank computes them."""
+    from types import SimpleNamespace
+
     from lowrank_fm import approximate
-    from lowrank_fm.layer_stats import response_stats
     from lowrank_fm.distributed import world
+    from lowrank_fm.layer_stats import read_layer_stats
 
     model = tiny_model()
     # the default method (asymmetric, RMSProp refinement); one thread in every process, since the refinement
@@ -60,8 +62,11 @@ def run_pipeline(calib_file: Path):
     rank, size = world()
     n_fit = report.calibration["fit_images"]
     shard = shard_range(N_IMAGES, rank, size) if size > 1 else None
-    with open_calibration(calib_file) as reader, torch.no_grad():
-        stats = {name: response_stats(reader, name, n_fit, "streaming", shard) for name in reader.layers}
+    with open_calibration(calib_file) as reader:
+        names = list(reader.layers)
+    # two processes: the covariances merged on every rank, each rank decomposing every second layer
+    stats, _ = read_layer_stats(calib_file, names, SimpleNamespace(needs_responses=True), n_fit, "streaming", shard)
+    with torch.no_grad():
         return new_model(probe()), stats, [r.rank for r in report.layers]
 
 
@@ -69,8 +74,22 @@ def _worker(rank: int, init_file: str, calib_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
+        from lowrank_fm.distributed import computed_round_robin
+
         outputs, stats, ranks = run_pipeline(Path(calib_file))
-        torch.save({"outputs": outputs, "ranks": ranks,
+        computed_by = computed_round_robin(["a", "b", "c"], lambda key: (key, rank))
+
+        def fails_on_rank_one(key):
+            if rank == 1:
+                raise ArithmeticError(f"rank 1 failed on {key}")
+            return key
+
+        try:
+            computed_round_robin(["a", "b"], fails_on_rank_one)
+            failure = None
+        except ArithmeticError as error:
+            failure = str(error)
+        torch.save({"outputs": outputs, "ranks": ranks, "computed_by": computed_by, "failure": failure,
                     "stats": {k: (torch.from_numpy(v.mean), torch.from_numpy(v.eigenvalues), v.n_samples)
                               for k, v in stats.items()}}, f"{out_file}.{rank}")
     finally:
@@ -100,6 +119,8 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
                 np.testing.assert_allclose(mean.numpy(), stats[name].mean, rtol=1e-12, atol=1e-12)
     for r in (0, 1):
         result = torch.load(f"{tmp_path / 'result'}.{r}", weights_only=True)
+        assert result["computed_by"] == {"a": ("a", 0), "b": ("b", 1), "c": ("c", 0)}  # the same dict on both ranks
+        assert result["failure"] == "rank 1 failed on b"  # raised on rank 0 too: nobody waits
         assert result["ranks"] == ranks
         torch.testing.assert_close(result["outputs"], outputs, rtol=1e-4, atol=1e-5)
 
