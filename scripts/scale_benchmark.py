@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from lowrank_fm.zoo.data import load_dataset
     from lowrank_fm.zoo.models import create_model
 
+    from lowrank_fm.bench.provenance import append_row, machine_load
+
+    load_before = machine_load()
     rank, size, device = init_from_env(args.device)
     data = load_dataset("imagefolder", args.data_dir, image_size=args.image_size)
     torch.manual_seed(args.seed)
@@ -106,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         peaks = [None] * size
         torch.distributed.all_gather_object(peaks, peak_mb)
     if rank == 0:
-        from lowrank_fm.bench.provenance import append_row
-
         timing = {k: round(v, 3) for k, v in report.timing.items()}
         pass_s = timing.get("build_s", 0.0)
         row = {"kind": "scale", "model": args.model, "image_size": args.image_size, "images": args.images,
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                "peak_rss_mb_per_rank": [round(p, 1) for p in peaks]}
         if args.note:
             row["note"] = args.note
-        append_row(args.out, row)
+        append_row(args.out, row, load_before=load_before)
         print(row)
     if size > 1:
         broadcast_object(None)

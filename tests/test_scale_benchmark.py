@@ -27,14 +27,23 @@ def test_scale_benchmark_writes_a_row_with_stage_timings(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
     out = tmp_path / "scale.jsonl"
     threads = torch.get_num_threads()  # the script sets one thread for its process
+    common = ["--model", "resnet18", "--data-dir", str(tmp_path / "data"), "--images", "6", "--image-size", "32",
+              "--batch-size", "4", "--calib-dir", str(tmp_path), "--out", str(out)]
     try:
-        done = scale_benchmark.main(["--model", "resnet18", "--data-dir", str(tmp_path / "data"), "--images", "6",
-                                     "--image-size", "32", "--batch-size", "4", "--calib-dir", str(tmp_path),
-                                     "--out", str(out)])
+        done = scale_benchmark.main(common)
+        replayed = scale_benchmark.main([*common, "--positions-per-image", "4", "--fit-positions", "store"])
     finally:
         torch.set_num_threads(threads)
-    assert done == 0
-    row = json.loads(out.read_text())
+    assert done == 0 and replayed == 0
+    row, store_row = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["fit_positions"], row["positions_per_image"]) == (64, 10)
+    assert (store_row["fit_positions"], store_row["positions_per_image"]) == (None, 4)
+    assert len(row["provenance"]["load_before"]) == 3
+
+    from lowrank_fm.bench.readme import render_table
+
+    table = render_table("scale", tmp_path).splitlines()
+    assert len(table) == 4 and "64 drawn positions, original alongside" in table[2] and "the store's 4 positions" in table[3]
     assert row["kind"] == "scale" and row["processes"] == 1 and row["images"] == 6
     assert {"fold_s", "calibrate_s", "statistics_s", "plan_s", "build_s"} <= set(row["timing"])
     assert row["inference_images_per_s"] > 0 and row["pass_over_inference"] > 0

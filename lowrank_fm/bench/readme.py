@@ -52,6 +52,33 @@ def _calibration(results: Path) -> str:
     return "\n".join(lines)
 
 
+def _scale_key(row: dict) -> tuple:
+    return (row["model"], row["image_size"], row["images"], row["processes"], row.get("device", "cpu"),
+            bool(row.get("sharded_solvers")), row.get("fit_positions"), row.get("positions_per_image", 10))
+
+
+def _scale(results: Path, *models: str) -> str:
+    """Each stage of approximate() at scale against plain inference over the same images (scripts/scale_benchmark.py)."""
+    lines = ["| model, px | images | processes | the pass fits | calibration (s) | statistics (s) | layer-wise pass (s) | "
+             "plain inference (s) | (calibration + pass) / inference | pass / inference | peak memory per rank (GB) | "
+             "device, threads | load before | commit, date |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = current_rows(read_rows(results / "scale.jsonl"), _scale_key)
+    for r in sorted((r for r in rows if not models or r["model"] in models), key=lambda r: _scale_key(r)[:4]):
+        p, t = r["provenance"], r["timing"]
+        load = p.get("load_before")
+        fit = (f"{r['fit_positions']} drawn positions, original alongside" if r.get("fit_positions") is not None
+               else f"the store's {r.get('positions_per_image', 10)} positions")
+        fit += ", sharded solvers" if r.get("sharded_solvers") else ""
+        peaks = "/".join(f"{m / 1024:.1f}" for m in r["peak_rss_mb_per_rank"])
+        lines.append(f"| {r['model']}, {r['image_size']} | {r['images']:,} | {r['processes']} | {fit} | "
+                     f"{t.get('calibrate_s', 0):.1f} | {t.get('statistics_s', 0):.1f} | {t.get('build_s', 0):.1f} | "
+                     f"{r['inference_s']:.1f} | **{r['calibrate_and_pass_over_inference']:.2f}x** | "
+                     f"{r['pass_over_inference']:.2f}x | {peaks} | {r.get('device', 'cpu')}, {r['threads']} | "
+                     f"{load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+    return "\n".join(lines)
+
+
 _PAIRS = (("tucker2 (weight-only)", "tucker2-sigma (data-aware)"), ("cp (weight-only)", "cp-sigma (data-aware)"),
           ("svd (weight-only)", "svd-sigma (data-aware)"), ("alds (weight-only)", "alds-sigma (data-aware)"))
 
@@ -82,7 +109,8 @@ def _peers(results: Path, *models: str) -> str:
 
 
 TABLES: dict[str, Callable[..., str]] = {"accuracy": _accuracy, "speed": _speed, "calibration": _calibration,
-                                         "sigma": _sigma, "peers": _peers}
+                                         "sigma": _sigma, "peers": _peers,
+                                         "scale": _scale}
 
 
 def render_table(spec: str, results: str | Path) -> str:
