@@ -119,6 +119,9 @@ class _Values:
         self.bytes_in_memory = 0
 
 
+_STATIC = ("placeholder", "get_attr")  # values looked up from the batches or the module, never kept
+
+
 def _nbytes(value) -> int:
     return value.numel() * value.element_size() if torch.is_tensor(value) else 0
 
@@ -189,12 +192,13 @@ class LayerwisePass:
             for start, stop in _segments(nodes, is_target):
                 node = nodes[start]
                 if is_target(node):
-                    extra = (networks[1][1][node.args[0]],) if reference is not None else ()
-                    replacement = on_layer(node.target, gm.get_submodule(node.target), networks[0][1][node.args[0]], *extra)
+                    inputs = [self._all_batches(owner, node.args[0], env, placeholders) for owner, env in networks]
+                    replacement = on_layer(node.target, gm.get_submodule(node.target), *inputs)
                     if replacement is not None:
                         _set_submodule(gm, node.target, replacement)
                 segment = nodes[start:stop]
-                kept = [n for n in segment if last_use.get(n, -1) >= stop]  # read by a later segment or the output
+                # read by a later segment or the output; the model's inputs and attributes are looked up, not kept
+                kept = [n for n in segment if n.op not in _STATIC and last_use.get(n, -1) >= stop]
                 for key, (_, env) in zip("nr", networks):
                     for n in kept:
                         env[n] = _Values(spill_dir, f"{key}{position[n]}")
@@ -219,6 +223,12 @@ class LayerwisePass:
             bar.close()
         return outputs
 
+    def _all_batches(self, gm: fx.GraphModule, node: fx.Node, env: dict, placeholders: list):
+        """``node``'s values for every batch: kept (lazily loaded when spilled), or the model's input / an attribute."""
+        if node in env:
+            return env[node]
+        return [self._evaluate(gm, node, i, env, {}, placeholders) for i in range(len(self.batches))]
+
     def _evaluate(self, gm: fx.GraphModule, node: fx.Node, i: int, env: dict, local: dict, placeholders: list):
         """The value of ``node`` for batch ``i`` with ``gm``'s modules and attributes; its inputs come from
         ``local`` (this segment, this batch) or ``env`` (kept values of earlier segments)."""
@@ -230,8 +240,8 @@ class LayerwisePass:
             return operator.attrgetter(node.target)(gm)
 
         def value(n: fx.Node):
-            if n not in local:  # a kept value of an earlier segment: loaded once per batch
-                local[n] = env[n][i]
+            if n not in local:  # a kept value of an earlier segment (loaded once per batch), or an input / attribute
+                local[n] = env[n][i] if n in env else self._evaluate(gm, n, i, env, local, placeholders)
             return local[n]
 
         args = fx.node.map_arg(node.args, value)
