@@ -217,8 +217,8 @@ class LayerwisePass:
                         live -= env[n].bytes_in_memory
                         env.pop(n).free()
                 bar.update(len(segment))
-            env = networks[0][1]
-            outputs = [fx.node.map_arg(output_node.args[0], lambda n, i=i: env[n][i]) for i in range(len(self.batches))]
+            values = {n: self._all_batches(gm, n, networks[0][1], placeholders) for n in output_node.all_input_nodes}
+            outputs = [fx.node.map_arg(output_node.args[0], lambda n, i=i: values[n][i]) for i in range(len(self.batches))]
             bar.update(1)
             bar.close()
         return outputs

@@ -168,3 +168,22 @@ def test_only_values_read_across_target_layers_are_kept_for_every_batch(monkeypa
     assert len(saved) == 2 * len(batches)
     for got, batch in zip(outputs, batches):
         torch.testing.assert_close(got, vgg(batch))
+
+
+def test_a_model_that_returns_its_input_beside_a_replaced_layer():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return x, self.conv(x).relu()
+
+    model = Both().eval()
+    batches = [torch.randn(2, 1, 5, 5), torch.randn(1, 1, 5, 5)]
+    zero = nn.Conv2d(1, 2, 3, padding=1)
+    nn.init.zeros_(zero.weight), nn.init.constant_(zero.bias, -1.0)
+    outputs = LayerwisePass(trace(model), batches, memory_budget=0, progress=False).run(
+        ["conv"], lambda name, module, inputs: zero)
+    for (x, y), batch in zip(outputs, batches):
+        assert x is batch and y.shape == (batch.shape[0], 2, 5, 5) and float(y.abs().max()) == 0.0
