@@ -177,6 +177,9 @@ class Method:
     # processes; False: the layer-wise pass gathers every row to rank 0, which builds alone
     solves_shards: bool = False
     allocations: tuple[str, ...] = ("uniform", "energy", "error", "output")  # budget strategies it honours
+    # calibration images on which allocation "output" measures the output errors when ApproxConfig.sensitivity_images
+    # is None (auto takes only one ratio per layer from them: fewer)
+    sensitivity_images: int = 128
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:
         self.settings = settings_from(self.Settings, settings)
@@ -186,6 +189,20 @@ class Method:
         """Whether calibration keeps ``module``'s input-patch statistics for this method (``ctx.input_stats``):
         ``needs_input_covariance``, or for ``auto`` only the layers it predicts errors on."""
         return self.needs_input_covariance
+
+    def input_covariance_rows(self) -> float | None:
+        """Input-patch rows per input dimension p that calibration keeps for those statistics (about that many
+        times p patches per layer, from seeded positions of every image; :mod:`calibration.input_stats`), or None
+        for every patch of every image: the methods that build their layers from Sigma keep every one; ``auto``,
+        which mostly predicts errors with it, its ``input_rows`` setting."""
+        return None
+
+    def sensitivity_points(self) -> int:
+        """Ranks per layer at which ``allocation="output"`` measures the network's output error
+        (:func:`lowrank_fm.sensitivity.output_error_curves`, each a forward pass of the sensitivity images): 12 for
+        the budget greedy, which spends along the whole curve; ``auto`` takes one ratio from it, its
+        ``sensitivity_points`` setting."""
+        return 12
 
     def for_layer(self, ctx: LayerContext) -> "Method":
         """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the
