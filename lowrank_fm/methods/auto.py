@@ -14,6 +14,14 @@ response spectrum. Other methods are built at ``grid_points`` ranks (geometric f
 break-even rank) and log e^2 is interpolated linearly in the rank between them. A layer whose input patches
 are wider than ``probe_limit`` takes ``fm`` alone (the probes' p x p products would dominate the run).
 
+Fixed cost: the input moments (mu, Sigma) are kept over about ``input_rows`` x p patches per layer, seeded
+positions of every calibration image (:mod:`calibration.input_stats`), not over every patch (n L p^2
+multiply-adds, most of the run: calibration of vgg-fmnist 28 -> 7 s, resnet56-cifar10 44 -> 4 s), and
+``allocation="output"`` measures the output error at ``sensitivity_points`` ranks per layer on
+``Auto.sensitivity_images`` images, as it takes one ratio per layer from them (resnet56-cifar10 101 -> 10 s,
+resnet-fmnist 16 -> 1.6 s). Side by side on seven cells (issue 17, 2026-11-26) the layers' methods stayed but
+for 4 of 114 near ties and the top-1 drops moved by -0.15 to +0.12 points.
+
 Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
 the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
 ``ctx.options`` (an override of ``layer_ranks``), the first candidate (``fm``) is used.
