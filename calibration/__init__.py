@@ -15,7 +15,7 @@ the core library (:mod:`lowrank_fm.batches`, :func:`lowrank_fm.distributed.world
 from lowrank_fm.batches import check_finite_images  # re-exported: its owner is lowrank_fm.batches
 from lowrank_fm.distributed import world as process_group  # re-exported under its former name
 
-from .input_stats import InputPatchStats, input_patches, read_input_stats
+from .input_stats import InputPatchStats, input_patches, input_positions, read_input_stats, sampled_input_patches
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .distributed import merge_shards, shard_path, shard_range
 from .run import calibrate, image_digests, resolve_layers, weights_fingerprint
@@ -47,6 +47,8 @@ __all__ = [
     "open_calibration",
     "process_group",
     "read_input_stats",
+    "input_positions",
+    "sampled_input_patches",
     "resolve_layers",
     "sample_positions",
     "shard_path",

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lowrank_fm.batches import batch_size_of, check_finite_images, to_device
 from lowrank_fm.distributed import world
 
-from .input_stats import InputPatchStats
+from .input_stats import InputPatchStats, check_input_sampling, input_positions
 from .recorder import ResponseRecorder, Samples, layer_spec
 from .sampling import check_positions_per_image
 from .distributed import barrier, merge_shards, shard_meta, shard_path, shard_range
@@ -159,6 +159,7 @@ def calibrate(
     rank: int | None = None,
     world_size: int | None = None,
     input_stats: bool | Collection[str] = False,
+    input_rows: float | None = None,
 ) -> str:
     """Store sampled output responses of the target layers over ``n_images`` calibration images.
 
@@ -205,6 +206,11 @@ def calibrate(
         Also store each layer's input-patch mean and covariance (:mod:`calibration.input_stats`): every
         target layer's (True) or the named layers' only (a p x p covariance of a 25,088-wide Linear input is
         5 GB); the shards of a multi-process run each hold their own sums, which the merge adds up.
+    input_rows : float, optional
+        Keep those statistics over about ``input_rows`` x p patches per layer (p its input-patch width): the
+        patches at ``max(1, ceil(input_rows p / n_images))`` seeded output positions of every image
+        (:func:`calibration.input_stats.input_positions`); None (the default): every patch of every image. A
+        store whose statistics were kept otherwise is refused, resumed or complete.
 
     Returns
     -------
@@ -236,7 +242,10 @@ def calibrate(
 
     settings = dict(layers=layers, seed=seed, positions_per_image=positions_per_image,
                     weights_fingerprint=weights_fingerprint(model))
-    options = dict(resume=resume, device=device, progress=progress, to_input=to_input, input_stats=input_stats)
+    kept = list(modules) if input_stats is True else [n for n in modules if input_stats and n in set(input_stats)]
+    sampling = {name: (index, input_positions(modules[name], n_images, input_rows))
+                for index, name in enumerate(modules) if name in kept}
+    options = dict(resume=resume, device=device, progress=progress, to_input=to_input, input_stats=sampling)
     if rank is None and world_size is None:
         rank, world_size = world()
     elif rank is None or world_size is None:
@@ -246,7 +255,8 @@ def calibrate(
 
     start, stop = shard_range(n_images, rank, world_size)
     if _complete(path):  # a merged store already complete is reused as is (every rank sees the same)
-        CalibrationWriter.open(path, image_ids=ids, meta=meta, resume=resume, **settings).close()  # same run?
+        with CalibrationWriter.open(path, image_ids=ids, meta=meta, resume=resume, **settings) as writer:  # same run?
+            check_input_sampling(writer, {name: k for name, (_, k) in sampling.items()})
         return path
     shard = shard_path(path, rank, world_size)
     logger.info("rank %d of %d calibrates images [%d, %d) into %s", rank, world_size, start, stop, shard)
@@ -289,15 +299,17 @@ def _calibrate_store(
     progress: bool,
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
-    input_stats: bool | Collection[str] = False,
+    input_stats: Mapping[str, tuple[int, int]] | None = None,
 ) -> str:
     """Write (or resume) one store of ``len(image_ids)`` images, the first with global ordinal
-    ``first_ordinal``; returns ``path``."""
+    ``first_ordinal``; returns ``path``. ``input_stats``: the layers whose input statistics are kept, name ->
+    (layer index, positions per image or -1)."""
     n_images = int(image_ids.shape[0])
     with CalibrationWriter.open(
         path, layers=layers, seed=seed, positions_per_image=positions_per_image, image_ids=image_ids,
         meta=meta, resume=resume, weights_fingerprint=weights_fingerprint,
     ) as writer:
+        check_input_sampling(writer, {name: k for name, (_, k) in (input_stats or {}).items()})
         if writer.complete:
             logger.info("calibration file %s is already complete (%d images)", path, n_images)
             return path
@@ -349,7 +361,7 @@ def _run_batches(
     to_input: Callable[[Any], Any] | None,
     first_ordinal: int = 0,
     max_pending: int = 4,
-    input_stats: bool | Collection[str] = False,
+    input_stats: Mapping[str, tuple[int, int]] | None = None,
 ) -> None:
     """Run the batches from image ``n_done`` to ``n_images``, appending each batch to ``writer``.
 
@@ -362,8 +374,9 @@ def _run_batches(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     ordinal = 0  # ordinal (relative to the stream) of the first image of the next batch
-    kept = modules if input_stats is True else {n: m for n, m in modules.items() if input_stats and n in set(input_stats)}
-    stats = InputPatchStats(kept, keep_from=n_done, keep_until=n_images).resume(writer) if kept else None
+    kept = {name: modules[name] for name in input_stats or {}}
+    stats = InputPatchStats(kept, keep_from=n_done, keep_until=n_images, positions=input_stats, seed=seed,
+                            first_ordinal=first_ordinal).resume(writer) if kept else None
     try:
         with ResponseRecorder(modules, seed=seed, positions_per_image=positions_per_image,
                               start_ordinal=first_ordinal, skip_before=first_ordinal + n_done) as recorder, \

@@ -347,6 +347,13 @@ class _OpenFile:
         values.update({key: int(value) for key, value in g.attrs.items() if key != "name"})
         return values
 
+    def stats_counts(self, section: str, layer: str) -> dict[str, int] | None:
+        """The counts (ints) only of :meth:`read_stats`, without reading its arrays."""
+        root = self._file.get(_check_section(section))
+        if root is None or _escape(layer) not in root:
+            return None
+        return {key: int(value) for key, value in root[_escape(layer)].attrs.items() if key != "name"}
+
 
 class CalibrationWriter(_OpenFile):
     """Writes (or resumes) a calibration store. Build it with :meth:`open`.

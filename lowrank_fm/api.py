@@ -69,7 +69,8 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     progress = _progress(config)
     output_errors = None
     if config.speedup is not None and (config.allocation or default_allocation(method)) == "output" and contexts:
-        sample = list(iter_inputs(data, to_input, 0, min(n_fit, config.sensitivity_images), config.device))
+        n_sensitivity = min(n_fit, config.sensitivity_images or method.sensitivity_images)
+        sample = list(iter_inputs(data, to_input, 0, n_sensitivity, config.device))
         output_errors = output_errors_for(method, work, contexts, macs, sample, config)
     layout = _timed(timing, "layout", timing_layout)(work, example, config) if contexts else {"layout": "nchw"}
     latency, measure_plan = None, None
@@ -92,7 +93,7 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
         plan.selection["latency_model"] = {**layout, "rest_ms": latency[1],
                                            "layers_original_ms": sum(c.original_ms for c in latency[0].values())}
     if output_errors is not None:
-        plan.selection["allocation_signal"] = f"output error on {min(n_fit, config.sensitivity_images)} calibration images"
+        plan.selection["allocation_signal"] = f"output error on {n_sensitivity} calibration images"
     if "auto" in plan.selection:  # auto's candidate curves: a stage of their own
         timing["candidates_s"] = plan.selection["auto"]["curves_s"]
     measured = sum(timing.get(k, 0.0) for k in _PLAN_STAGES[1:]) - measured_before
@@ -185,7 +186,8 @@ def approximate(
             calibrate(work, images, targets, str(calib_file), n_images=total_images, seed=config.seed,
                       positions_per_image=config.positions_per_image, image_ids=image_ids,
                       meta={"model": model_name or type(model).__name__, "folded_batchnorm": [list(p) for p in folded]},
-                      device=config.device, progress=config.progress, input_stats=covariance_layers)
+                      device=config.device, progress=config.progress, input_stats=covariance_layers,
+                      input_rows=method.input_covariance_rows())
         with _stage(timing, "statistics"):
             stats, inputs = read_layer_stats(calib_file, targets, method, n_fit, config.covariance,
                                              shard if size > 1 else None, config.progress, covariance_layers)

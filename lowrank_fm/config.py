@@ -56,7 +56,9 @@ class ApproxConfig:
         squared relative reconstruction error of each layer's responses) or ``"output"`` (greedy on the
         squared relative error each layer's rank causes at the network's output, measured on
         ``sensitivity_images`` calibration images; see :mod:`lowrank_fm.sensitivity`).
-    sensitivity_images : calibration images used to measure the output errors of ``allocation="output"``.
+    sensitivity_images : calibration images used to measure the output errors of ``allocation="output"``; None
+        (the default): the method's own number (``Method.sensitivity_images``: 128; ``auto`` 32, which takes one
+        ratio per layer from those errors).
     layer_ranks : rank overrides by qualified layer name (take precedence over energy).
     layer_energy : energy overrides by qualified layer name.
     include : qualified-name prefixes of the layers to approximate (None: every Conv2d and Linear).
@@ -110,7 +112,7 @@ class ApproxConfig:
     speedup: float | None = None
     ranks: str = "energy"
     allocation: str | None = None
-    sensitivity_images: int = 128
+    sensitivity_images: int | None = None
     layer_ranks: Mapping[str, int] = field(default_factory=dict)
     layer_energy: Mapping[str, float] = field(default_factory=dict)
     include: tuple[str, ...] | None = None
@@ -152,7 +154,7 @@ class ApproxConfig:
             raise ValueError(f"speedup must be a finite number >= 1 (a MAC reduction factor), got {self.speedup}")
         if self.ranks not in ("energy", "vbmf"):
             raise ValueError(f"ranks must be 'energy' or 'vbmf', got {self.ranks!r}")
-        if int(self.sensitivity_images) < 1:
+        if self.sensitivity_images is not None and int(self.sensitivity_images) < 1:
             raise ValueError(f"sensitivity_images must be >= 1, got {self.sensitivity_images}")
         for name, value in dict(self.layer_energy).items():
             check_energy(value, f"layer_energy[{name!r}]")

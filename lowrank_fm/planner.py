@@ -252,13 +252,16 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     errors are scaled by its sensitivity s_l = median over the measured ranks of e_out(r) / e(r), e(r) the
     layer's own error there (:func:`~lowrank_fm.predicted_error.tail_error`): the sum minimised is then
     sum_l s_l^2 e_l^2, the layers' errors as the network's output sees them."""
+    from .sensitivity import rank_grid  # (sensitivity imports the planner)
+
     start = time.perf_counter()
     progress = progress or (lambda items, desc: items)
     points, envelopes, budget_layers, sensitivity = {}, {}, [], {}
     for name in progress(list(free), "auto: candidate curves"):
         points[name] = method.candidate_points(free[name], macs[name])
-        if output_errors is not None and name in output_errors:
-            sensitivity[name] = _sensitivity(output_errors[name], free[name])
+        if output_errors is not None and name in output_errors:  # measured where output_errors_for measured it
+            measured = rank_grid(highest_cheaper_rank(method, free[name], macs[name]), method.sensitivity_points())
+            sensitivity[name] = _sensitivity(output_errors[name], free[name], measured)
             points[name] = [dataclasses.replace(p, error=p.error * sensitivity[name]) for p in points[name]]
         envelope = pareto_envelope(points[name], macs[name])
         envelopes[name] = envelope
@@ -287,11 +290,23 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     return ranks, options, selection
 
 
-def _sensitivity(output_curve: np.ndarray, ctx: LayerContext) -> float:
-    """s_l = median over ranks of e_out(r) / e(r): how much of a layer's relative error reaches the output."""
+def _sensitivity(output_curve: np.ndarray, ctx: LayerContext, measured: list[int]) -> float:
+    """s_l = median over ranks of e_out(r) / e(r): how much of a layer's relative error reaches the output.
+
+    e_out was measured at the ranks ``measured`` only (:func:`lowrank_fm.sensitivity.output_error_curves`, which
+    holds e_out(highest) above the highest); between them the ratio e_out / e, smoother than e_out itself, is
+    interpolated linearly in the rank (interpolating e_out would overstate it between sparse points, where e
+    falls fastest)."""
     own = tail_error(ctx.stats.eigenvalues, ctx.stats.mean)[: len(output_curve)]
     ranks = [r for r in range(1, len(own)) if own[r] > 1e-9 and np.isfinite(output_curve[r])]
-    return float(np.median([output_curve[r] / own[r] for r in ranks])) if ranks else 1.0
+    if not ranks:
+        return 1.0
+    ratios = np.array([output_curve[r] / own[r] for r in ranks])
+    known = [r for r in measured if r in set(ranks)]
+    if known:
+        below = np.array(ranks) <= max(known)
+        ratios[below] = np.interp(np.array(ranks)[below], known, [output_curve[r] / own[r] for r in known])
+    return float(np.median(ratios))
 
 
 def _auto_note(point, points: list) -> str:

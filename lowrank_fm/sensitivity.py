@@ -106,7 +106,7 @@ def output_errors_for(method, work, contexts: dict, macs: dict[str, int], batche
         return None
     highest = {n: highest_cheaper_rank(method, c, macs[n]) for n, c in free.items()}
     curves = output_error_curves(work, {n: get_module(work, n) for n in free}, {n: c.stats for n, c in free.items()},
-                                 highest, batches, progress=config.progress)
+                                 highest, batches, points=method.sensitivity_points(), progress=config.progress)
     if curves is None:
         log.warning("allocation 'output' needs tensor outputs; using 'error' instead")
     return curves

@@ -6,6 +6,8 @@ plan when fm is the only candidate, and the whole pipeline on vgg-digits (each l
 
 from __future__ import annotations
 
+import math
+
 import copy
 
 import numpy as np
@@ -222,6 +224,37 @@ def test_layers_wider_than_the_probe_limit_take_fm_without_an_input_covariance(v
                 assert read_input_stats(reader, layer.name)[2] > 0
 
 
+def test_auto_keeps_the_input_moments_over_about_input_rows_times_p_patches(vgg_digits, digits_loader, tmp_path):
+    """Each probed layer's moments come from ceil(input_rows p / n) positions of each of the n calibration images
+    (all of a smaller map): count n min(k, L); None keeps every patch, n L."""
+    from calibration import open_calibration, read_input_stats
+    from lowrank_fm.surgery import find_layers
+
+    n = len(digits_loader.dataset)
+    maps = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, name=name: maps.__setitem__(name, int(np.prod(o.shape[2:]))))
+             for name, m in find_layers(vgg_digits).items()]
+    with torch.no_grad():
+        vgg_digits(next(iter(digits_loader))[0][:1])
+    for h in hooks:
+        h.remove()
+    widths = {name: int(np.prod(m.weight.shape[1:])) for name, m in find_layers(vgg_digits).items()}
+    counts = {}
+    for rows in (3.0, None):
+        config = ApproxConfig(method="auto", speedup=2.0, speed_gate=False, progress=False,
+                              method_settings={"input_rows": rows})
+        path = tmp_path / f"c{rows}.h5"
+        approximate(vgg_digits, digits_loader, config, calib_file=path)
+        with open_calibration(str(path)) as reader:
+            counts[rows] = {name: read_input_stats(reader, name)[2] for name in reader.layers
+                            if reader.stats_counts("input_stats", name) is not None}
+    assert counts[3.0] and set(counts[3.0]) == set(counts[None])
+    for name, count in counts[3.0].items():
+        assert count == n * min(math.ceil(3.0 * widths[name] / n), maps[name]), name
+        assert counts[None][name] == n * maps[name]
+    assert any(counts[3.0][name] < counts[None][name] for name in counts[3.0])
+
+
 def test_the_default_method_is_auto_for_a_mac_budget_and_fm_otherwise():
     assert ApproxConfig().method_name == "fm"  # an --energy run, as the design card prescribes
     assert ApproxConfig(speedup=3.0).method_name == "auto"
@@ -235,6 +268,22 @@ def test_the_default_method_is_auto_for_a_mac_budget_and_fm_otherwise():
     assert config.method is None and ApproxConfig.from_dict(config.to_dict()) == config
 
 
+def test_the_sensitivity_from_sparse_ranks_interpolates_the_ratio_not_the_output_error() -> None:
+    """e_out measured at ranks 1 and 5 only (in between the curve is e_out interpolated linearly, as
+    output_error_curves gives it): the ratio interpolated between them is the true 3, where the ratio of the
+    interpolated curve overstates it at ranks 2-4."""
+    from lowrank_fm.planner import _sensitivity
+
+    values, mean = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25]), np.zeros(6)
+    ctx = type("Ctx", (), {"stats": ResponseStats(mean, values, np.eye(6), 100)})()
+    own = tail_error(values, mean)
+    curve = np.interp(np.arange(7), [1, 5], [3.0 * own[1], 3.0 * own[5]])
+    curve[6] = curve[5]
+    naive = np.median([curve[r] / own[r] for r in range(1, 6)])
+    assert naive > 3.3
+    assert _sensitivity(curve, ctx, [1, 5]) == pytest.approx(3.0)
+
+
 def test_the_output_allocation_weighs_each_layer_by_how_much_of_its_error_reaches_the_output(vgg_digits, digits_loader):
     from lowrank_fm.planner import _sensitivity
 
@@ -242,7 +291,7 @@ def test_the_output_allocation_weighs_each_layer_by_how_much_of_its_error_reache
     ctx = type("Ctx", (), {"stats": ResponseStats(mean, values, np.eye(4), 100)})()
     own = tail_error(values, mean)
     curve = np.concatenate([[0.0], 3.0 * own[1:]])
-    assert _sensitivity(curve, ctx) == pytest.approx(3.0)  # rank 4 (no error left) is not counted
+    assert _sensitivity(curve, ctx, [1, 2, 3, 4]) == pytest.approx(3.0)  # rank 4 (no error left) is not counted
     config = ApproxConfig(speedup=2.0, allocation="output", speed_gate=False, progress=False)
     assert config.method_name == "auto"
     _, report = approximate(vgg_digits, digits_loader, config)

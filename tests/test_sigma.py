@@ -134,3 +134,20 @@ def test_sigma_method_without_input_stats_says_what_is_missing() -> None:
     bare = type(ctx)(ctx.name, conv, ctx.positions, None, ctx.in_shape, ctx.out_shape)
     with pytest.raises(ValueError, match="needs the input-patch covariance"):
         get_method("tucker2-sigma").build(bare, 3)
+
+
+def test_the_regularised_covariance_is_computed_once_per_layer_and_read_only() -> None:
+    """InputStats.regularised_covariance is regularised_sigma(covariance), bit for bit, the same array on every
+    access (auto builds a candidate at several ranks from it), and cannot be changed in place."""
+    from lowrank_fm.methods.base import InputStats
+    from lowrank_fm.methods.sigma_math import regularised_sigma
+
+    rows = np.random.default_rng(0).standard_normal((5, 8))  # 5 rows of 8: a singular covariance, jittered
+    covariance = np.cov(rows.T, bias=True)
+    stats = InputStats(rows.mean(0), covariance, 5)
+    first = stats.regularised_covariance
+    np.testing.assert_array_equal(first, regularised_sigma(covariance))
+    assert np.linalg.matrix_rank(first) == 8 > np.linalg.matrix_rank(covariance)
+    assert stats.regularised_covariance is first
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 1.0

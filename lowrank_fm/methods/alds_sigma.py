@@ -18,7 +18,6 @@ import numpy as np
 
 from .alds import ALDS, ALDSSettings
 from .base import LayerContext
-from .sigma_math import regularised_sigma
 
 __all__ = ["ALDSSigma"]
 
@@ -38,7 +37,7 @@ class ALDSSigma(ALDS):
     Settings = ALDSSigmaSettings
 
     def sigma(self, ctx: LayerContext) -> np.ndarray:
-        return regularised_sigma(ctx.require_input_stats(self.name).covariance)
+        return ctx.require_input_stats(self.name).regularised_covariance
 
     def mean(self, ctx: LayerContext) -> np.ndarray:
         return ctx.require_input_stats(self.name).mean

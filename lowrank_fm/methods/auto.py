@@ -14,6 +14,14 @@ response spectrum. Other methods are built at ``grid_points`` ranks (geometric f
 break-even rank) and log e^2 is interpolated linearly in the rank between them. A layer whose input patches
 are wider than ``probe_limit`` takes ``fm`` alone (the probes' p x p products would dominate the run).
 
+Fixed cost: the input moments (mu, Sigma) are kept over about ``input_rows`` x p patches per layer, seeded
+positions of every calibration image (:mod:`calibration.input_stats`), not over every patch (n L p^2
+multiply-adds, most of the run: calibration of vgg-fmnist 28 -> 7 s, resnet56-cifar10 44 -> 4 s), and
+``allocation="output"`` measures the output error at ``sensitivity_points`` ranks per layer on
+``Auto.sensitivity_images`` images, as it takes one ratio per layer from them (resnet56-cifar10 101 -> 10 s,
+resnet-fmnist 16 -> 1.6 s). Side by side on seven cells (issue 17, 2026-11-26) the layers' methods stayed but
+for 4 of 114 near ties and the top-1 drops moved by -0.15 to +0.12 points.
+
 Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
 the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
 ``ctx.options`` (an override of ``layer_ranks``), the first candidate (``fm``) is used.
@@ -42,11 +50,19 @@ PROBE_SETTINGS = {"tucker2-sigma": {"als_iterations": 1}}
 class AutoSettings:
     """candidates : the methods tried on every layer, in order of preference on a tie (the first is also the
     default for a layer without a choice); grid_points : ranks probed per method and layer; probe_limit : the
-    widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone."""
+    widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone;
+    input_rows : the input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches
+    (p its patch width; :mod:`calibration.input_stats`: the same number of seeded output positions from every
+    calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
+    calibration time); sensitivity_points : ranks per layer at which ``allocation="output"`` measures the output
+    error for the layer's sensitivity (a median ratio, :func:`lowrank_fm.planner._auto`), each one forward pass
+    of the sensitivity images (``ApproxConfig.sensitivity_images``, by default ``Auto.sensitivity_images``)."""
 
     candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma")
     grid_points: int = 6
     probe_limit: int = 4608
+    input_rows: float | None = 8.0
+    sensitivity_points: int = 4
 
     def __post_init__(self) -> None:
         names = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
@@ -55,6 +71,10 @@ class AutoSettings:
             raise ValueError(f"candidates must name one or more methods other than 'auto', got {names}")
         if self.grid_points < 2:
             raise ValueError(f"grid_points must be at least 2, got {self.grid_points}")
+        if self.sensitivity_points < 2:
+            raise ValueError(f"sensitivity_points must be at least 2, got {self.sensitivity_points}")
+        if self.input_rows is not None and (isinstance(self.input_rows, bool) or not self.input_rows > 0):
+            raise ValueError(f"input_rows must be a positive number or None (every patch), got {self.input_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,9 @@ class Auto(Method):
     needs_input_covariance = True
     # "output" (the default): the predicted errors weighted by each layer's output sensitivity; "auto": unweighted
     allocations = ("output", "auto")
+    # the sensitivity is one median ratio per layer (planner._auto), steady on 32 images where the budget greedy
+    # of the other methods spends along the whole output-error curve (128)
+    sensitivity_images = 32
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:
         super().__init__(settings, seed=seed)
@@ -88,6 +111,12 @@ class Auto(Method):
     def input_covariance_for(self, module: nn.Module) -> bool:
         """Only layers narrow enough to be probed (wider ones take the first candidate, fm, alone)."""
         return int(np.prod(module.weight.shape[1:])) <= self.settings.probe_limit
+
+    def input_covariance_rows(self) -> float | None:
+        return self.settings.input_rows
+
+    def sensitivity_points(self) -> int:
+        return self.settings.sensitivity_points
 
     def for_layer(self, ctx: LayerContext) -> Method:
         choice = ctx.options.get("method", self.settings.candidates[0])

@@ -3,6 +3,8 @@ factorized module for a rank. Methods are registered by name in :mod:`lowrank_fm
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -44,6 +46,17 @@ class InputStats:
     mean: np.ndarray
     covariance: np.ndarray
     n_samples: int
+
+    @functools.cached_property
+    def regularised_covariance(self) -> np.ndarray:
+        """Sigma as the Sigma-norm methods use it (:func:`~.sigma_math.regularised_sigma`: with a diagonal jitter
+        when singular), computed once per layer: ``auto`` builds each candidate at several ranks (a p = 2304
+        layer's Cholesky and L L^T cost about 0.1 s per build)."""
+        from .sigma_math import regularised_sigma
+
+        sigma = regularised_sigma(self.covariance)
+        sigma.setflags(write=False)  # shared by every build of the layer: nobody may change it in place
+        return sigma
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,9 @@ class Method:
     # processes; False: the layer-wise pass gathers every row to rank 0, which builds alone
     solves_shards: bool = False
     allocations: tuple[str, ...] = ("uniform", "energy", "error", "output")  # budget strategies it honours
+    # calibration images on which allocation "output" measures the output errors when ApproxConfig.sensitivity_images
+    # is None (auto takes only one ratio per layer from them: fewer)
+    sensitivity_images: int = 128
 
     def __init__(self, settings=None, *, seed: int = 0) -> None:
         self.settings = settings_from(self.Settings, settings)
@@ -186,6 +202,20 @@ class Method:
         """Whether calibration keeps ``module``'s input-patch statistics for this method (``ctx.input_stats``):
         ``needs_input_covariance``, or for ``auto`` only the layers it predicts errors on."""
         return self.needs_input_covariance
+
+    def input_covariance_rows(self) -> float | None:
+        """Input-patch rows per input dimension p that calibration keeps for those statistics (about that many
+        times p patches per layer, from seeded positions of every image; :mod:`calibration.input_stats`), or None
+        for every patch of every image: the methods that build their layers from Sigma keep every one; ``auto``,
+        which mostly predicts errors with it, its ``input_rows`` setting."""
+        return None
+
+    def sensitivity_points(self) -> int:
+        """Ranks per layer at which ``allocation="output"`` measures the network's output error
+        (:func:`lowrank_fm.sensitivity.output_error_curves`, each a forward pass of the sensitivity images): 12 for
+        the budget greedy, which spends along the whole curve; ``auto`` takes one ratio from it, its
+        ``sensitivity_points`` setting."""
+        return 12
 
     def for_layer(self, ctx: LayerContext) -> "Method":
         """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the

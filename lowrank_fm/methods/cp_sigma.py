@@ -14,7 +14,7 @@ from torch import nn
 from ..layers import cp_chain, set_output_bias
 from .base import LayerContext
 from .cp import CPDecomposition, cp_als, cp_reconstruct
-from .sigma_math import corrected_bias, cp_sigma, regularised_sigma
+from .sigma_math import corrected_bias, cp_sigma
 
 __all__ = ["CPSigma"]
 
@@ -31,7 +31,7 @@ class CPSigma(CPDecomposition):
         stats = ctx.require_input_stats(self.name)
         weight = conv.weight.detach().double().numpy()
         *start, _ = cp_als(weight, rank, **self.settings.als_options(self.seed))
-        factors, history = cp_sigma(weight, regularised_sigma(stats.covariance), start, iterations=self.als_iterations)
+        factors, history = cp_sigma(weight, stats.regularised_covariance, start, iterations=self.als_iterations)
         approx = cp_reconstruct(*factors).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
                               weight.reshape(weight.shape[0], -1), approx, stats.mean)

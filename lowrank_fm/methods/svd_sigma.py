@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import LayerContext, unfold_weight
 from ..layers import two_factor_chain
-from .sigma_math import corrected_bias, regularised_sigma, svd_sigma
+from .sigma_math import corrected_bias, svd_sigma
 from .svd import TruncatedSVD
 
 __all__ = ["SVDSigma"]
@@ -27,13 +27,13 @@ class SVDSigma(TruncatedSVD):
 
     def spectrum(self, ctx: LayerContext) -> np.ndarray:
         weight = unfold_weight(ctx.module).numpy()
-        gram = weight @ regularised_sigma(ctx.require_input_stats(self.name).covariance) @ weight.T
+        gram = weight @ ctx.require_input_stats(self.name).regularised_covariance @ weight.T
         return np.clip(np.linalg.eigvalsh(0.5 * (gram + gram.T))[::-1], 0.0, None)
 
     def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         stats = ctx.require_input_stats(self.name)
         weight = unfold_weight(ctx.module).numpy()
-        first, second = svd_sigma(weight, regularised_sigma(stats.covariance), rank)
+        first, second = svd_sigma(weight, stats.regularised_covariance, rank)
         bias = corrected_bias(None if ctx.module.bias is None else ctx.module.bias.detach().double().numpy(),
                               weight, second @ first, stats.mean)
         return two_factor_chain(ctx.module, first, torch.zeros(rank, dtype=torch.float64), second, bias)

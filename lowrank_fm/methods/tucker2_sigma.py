@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layers import set_output_bias, tucker2_chain
 from .base import LayerContext
-from .sigma_math import corrected_bias, regularised_sigma, tucker2_sigma
+from .sigma_math import corrected_bias, tucker2_sigma
 from .tucker import Tucker2, tucker2
 
 __all__ = ["Tucker2Sigma", "Tucker2SigmaSettings"]
@@ -49,7 +49,7 @@ class Tucker2Sigma(Tucker2):
         rank_out, rank_in = self.ranks(ctx, rank)
         start = tucker2(conv.weight, rank_out, rank_in, iterations=self.settings.hooi_iterations)
         weight = conv.weight.detach().double().numpy()
-        core, u_out, u_in, history = tucker2_sigma(weight, regularised_sigma(stats.covariance),
+        core, u_out, u_in, history = tucker2_sigma(weight, stats.regularised_covariance,
                                                    *(f.numpy() for f in start), iterations=self.settings.als_iterations)
         approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in, optimize=True).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
