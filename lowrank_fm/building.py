@@ -103,8 +103,9 @@ class _LayerSamples:
             lo, hi = np.searchsorted(ordinals, [self.starts[index], self.starts[index + 1]])
             if hi > lo:
                 image = torch.from_numpy(ordinals[lo:hi] - self.starts[index])
+                # the network's precision (float32), as drawn positions keep it: exact, and half the rows to gather
                 patches.append(patches_at(module, inputs[index].detach(), image.to(inputs[index].device),
-                                          positions[lo:hi].to(inputs[index].device)).double().cpu())
+                                          positions[lo:hi].to(inputs[index].device)).cpu())
         heldout = torch.from_numpy(ordinals >= self.n_fit)
         return LayerData(torch.cat(patches), targets, heldout, activation)
 

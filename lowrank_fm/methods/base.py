@@ -99,8 +99,8 @@ class LayerContext:
 
 @dataclass(frozen=True)
 class LayerData:
-    """Samples for data-driven solvers, one row per sampled output position (targets float64; inputs float64
-    from the calibration store, float32 when drawn from whole feature maps).
+    """Samples for data-driven solvers, one row per sampled output position (targets float64; inputs in the
+    network's precision, float32, whether replayed from the calibration store or drawn from whole feature maps).
 
     inputs : (n, p) the layer's input patches taken from the network approximated so far (xhat)
     targets : (n, d) the original network's responses y at the same positions
