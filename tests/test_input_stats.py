@@ -30,14 +30,20 @@ def images() -> torch.Tensor:
     return torch.randn(N_IMAGES + 3, 2, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def explicit(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Mean and covariance of every layer's input patches from torch unfold on the whole input at once."""
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every layer in LAYERS for the batch x, captured by forward hooks."""
     inputs = {}
     hooks = [model[int(n)].register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0])) for n in LAYERS]
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
+    return inputs
+
+
+def explicit(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Mean and covariance of every layer's input patches from torch unfold on the whole input at once."""
+    inputs = layer_inputs(model, x)
     out = {}
     for name in LAYERS:
         module, inp = model[int(name)], inputs[name].double()
@@ -198,12 +204,7 @@ def drawn_rows(model: nn.Module, x: torch.Tensor, positions_per_layer: dict) -> 
     """Each layer's input patches at exactly the positions the sampler draws for it (explicit unfold, then rows)."""
     from calibration.sampling import sample_positions_batch
 
-    inputs = {}
-    hooks = [model[int(n)].register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0])) for n in LAYERS]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    inputs = layer_inputs(model, x)
     rows = {}
     for index, name in enumerate(LAYERS):
         module, inp = model[int(name)], inputs[name].double()
