@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_fm.bench.benchmark import DEFAULT_GRID, BenchmarkRun, markdown_table, run_benchmark  # noqa: E402
-from lowrank_fm.bench.speed_benchmark import SPEED_GRID, make_plots, run_speed_benchmark, speed_table  # noqa: E402
+from lowrank_fm.bench.speed_benchmark import SPEED_GRID, SPEED_GRID_CUDA, make_plots, run_speed_benchmark, speed_table  # noqa: E402
 from lowrank_fm.bench.torchvision_table import TORCHVISION_MODELS  # noqa: E402
 
 
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "measured speedup at batch 1 and 32; architectures without a cached checkpoint are "
                              "named with the command that trains them")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="--torchvision: fine-tuning epochs (default 1)")
-    parser.add_argument("--device", default="cpu", help="--torchvision: cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="--torchvision, --speed: cpu or cuda (--speed on cuda: vgg16 "
+                        "at 4x, batch 64)")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite the generated tables of README.md from results/ (runs nothing)")
@@ -186,12 +187,14 @@ def _speed(args: argparse.Namespace) -> int:
     out = Path(args.out or "results/latency.jsonl")
     if not (args.table or args.plots):
         torch.set_num_threads(1)  # a shared 2-core machine: one thread gives the steadiest ratios
-        runs = [r for m in (args.models or list(SPEED_GRID)) for r in SPEED_GRID.get(m, [])]
+        grid = SPEED_GRID_CUDA if args.device.startswith("cuda") else SPEED_GRID
+        runs = [r for m in (args.models or list(grid)) for r in grid.get(m, [])]
         if args.speedups:
             runs = [r for r in runs if r.speedup in args.speedups]
         if args.labels:
             runs = [r for r in runs if r.label in args.labels]
-        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, rounds=args.rounds)
+        run_speed_benchmark(runs, out, eval_images=args.eval_images, data_dir=args.data_dir, rounds=args.rounds,
+                            device=args.device)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if not args.table:
         for path in make_plots(rows, out.parent):

@@ -36,7 +36,7 @@ from ..latency import measure_speed
 from ..zoo.models import bundled_spec, create_model
 from .provenance import append_row, code_state, current_rows, machine_load
 
-__all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "speed_table", "make_plots", "cell_key"]
+__all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "SPEED_GRID_CUDA", "speed_table", "make_plots", "cell_key"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,21 @@ def _fmnist_grid() -> list[SpeedRun]:
 _KEPT = [SpeedRun("vgg-digits", f"every layer kept (energy 1.0), run {i}", None, {"method": "svd", "energy": 1.0},
                   allocators=("reuse",)) for i in (1, 2, 3)]
 
+def _vgg16_cells(batch_sizes: tuple[int, ...], rounds: int, allocators: tuple[str, ...]) -> list[SpeedRun]:
+    return [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
+                     {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
+                      "rank_multiple": 8, "speed_repeats": 3},
+                     batch_sizes=batch_sizes, speed_only=True, rounds=rounds, allocators=allocators)
+            for budget in ("macs", "latency")]
+
+
 SPEED_GRID = {
     "vgg-digits": _KEPT,
     "vgg-fmnist": _fmnist_grid(),
-    "vgg16": [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
-                       {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
-                        "rank_multiple": 8, "speed_repeats": 3},
-                       batch_sizes=(1, 8), speed_only=True, rounds=5) for budget in ("macs", "latency")],
+    "vgg16": _vgg16_cells((1, 8), 5, ("reuse", "system")),
 }
+# on a GPU (``--device cuda``): vgg16 at 4x at batch 64, timed with CUDA events; glibc's allocator is moot there
+SPEED_GRID_CUDA = {"vgg16": _vgg16_cells((64,), 7, ("reuse",))}
 
 
 def _speed_only_data(model_name: str, images: int, seed: int):
@@ -121,8 +128,11 @@ def _speed_in_fresh_process(allocator: str, original, approximated, images, batc
 
 def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int = 0, calib_fraction: float = 0.01,
                         eval_images: int | None = None, data_dir: str | None = None, rounds: int = 7,
-                        export_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
+                        export_dir: str | Path | None = None, progress: bool = False, device: str = "cpu") -> list[dict]:
     """Run every cell and append one JSON line per run, with its provenance, to ``out_path``; returns the rows.
+
+    ``device``: where approximate() calibrates and both models are timed (CUDA: with CUDA events); the row
+    names it, and the GPU.
 
     The speed gate times each layer at the largest batch size of the cell. The first of a run's
     ``allocators`` is set in this process (:func:`lowrank_fm.allocator.use_allocator`; it stays in effect)
@@ -145,14 +155,16 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
                 loaded["top1_before"] = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
         model, loader, images, data, indices = loaded[run.model]
         n_images = len(indices) if indices is not None else sum(len(b) for b in loader)
-        config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress,
+        config = ApproxConfig(speedup=run.speedup, seed=seed, progress=progress, device=device,
                               speed_batch=max(run.batch_sizes)).replace(**run.settings)  # method settings by name
         main_allocator = use_allocator(run.allocators[0])["allocator"]  # "system" where reuse cannot be set
         start = time.perf_counter()
         new_model, report = approximate(model, loader, config, n_images=n_images, image_ids=indices,
                                         model_name=run.model, dataset_name=None if data is None else data.name)
         wall = time.perf_counter() - start
-        speed = measure_speed(model, new_model, images, batch_sizes=run.batch_sizes, rounds=run.rounds or rounds)
+        speed = measure_speed(model.to(device), new_model, images, batch_sizes=run.batch_sizes,
+                              rounds=run.rounds or rounds, device=device)
+        model.to("cpu")  # approximate() reads the original where the caller keeps it
         by_allocator = {main_allocator: speed}  # keyed by the setting in effect
         for allocator in run.allocators[1:]:
             other = _speed_in_fresh_process(allocator, model, new_model, images, run.batch_sizes, run.rounds or rounds)
@@ -170,8 +182,10 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
             "layers": [{k: v for k, v in l.to_dict().items() if k in ("name", "rank", "status", "reason", "macs_before",
                                                                       "macs_after", "original_ms", "factorized_ms")}
                        for l in report.layers],
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "device": device,
         }
+        if str(device).startswith("cuda"):
+            row["gpu"] = torch.cuda.get_device_name()
         if not run.speed_only:
             row["top1_before"] = loaded["top1_before"]
             row["top1_after"] = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)["top1"]
