@@ -22,6 +22,7 @@ import operator
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -82,6 +83,13 @@ def activation_after(graph_module: fx.GraphModule, name: str) -> str:
         return "relu" if _is_relu(graph_module, user) else "identity"
 
 
+class _Spilled(NamedTuple):
+    """A value spilled to ``path``, computed on ``device``."""
+
+    path: Path
+    device: torch.device
+
+
 class _Values:
     """The per-batch values of one node: each held in memory or spilled to its own file.
 
@@ -90,22 +98,22 @@ class _Values:
 
     def __init__(self, spill_dir: Path, key: str) -> None:
         self._spill_dir, self._key = spill_dir, key
-        self._entries: list = []  # the value itself, or the Path it was spilled to
+        self._entries: list = []  # the value itself, or where it was spilled
         self.bytes_in_memory = 0
 
     def append(self, value, spill: bool) -> None:
         if spill and torch.is_tensor(value):
             path = self._spill_dir / f"{self._key}_{len(self._entries)}.pt"
             torch.save(value.cpu(), path)
-            self._entries.append(path)
+            self._entries.append(_Spilled(path, value.device))  # read back onto the device it was computed on
         else:
             self._entries.append(value)
             self.bytes_in_memory += _nbytes(value)
 
     def __getitem__(self, index: int):
         entry = self._entries[index]
-        if isinstance(entry, Path):
-            return torch.load(entry, weights_only=True)
+        if isinstance(entry, _Spilled):
+            return torch.load(entry.path, weights_only=True, map_location=entry.device)
         return entry
 
     def __len__(self) -> int:
@@ -113,8 +121,8 @@ class _Values:
 
     def free(self) -> None:
         for entry in self._entries:
-            if isinstance(entry, Path):
-                entry.unlink(missing_ok=True)
+            if isinstance(entry, _Spilled):
+                entry.path.unlink(missing_ok=True)
         self._entries = []
         self.bytes_in_memory = 0
 

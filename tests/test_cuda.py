@@ -61,3 +61,21 @@ def test_cuda_speed_gate_and_latency_budget_time_layers_on_the_device(digits, vg
         assert timed and all(l.extra["original_ms"] > 0 and l.extra["factorized_ms"] > 0 for l in timed)
     else:  # on a GPU these 8x8 layers are launch-bound: the latency model may find nothing to gain
         assert report.totals["theoretical_speedup"] >= 1.0
+
+
+def test_cuda_layerwise_pass_reads_spilled_values_back_onto_the_gpu():
+    """A zero budget spills every kept value to disk; on a GPU they must come back on the GPU (a 224 px
+    vgg16 run spilled and failed with a CPU tensor meeting CUDA weights)."""
+    from lowrank_fm.layerwise import LayerwisePass, trace
+    from lowrank_fm.zoo.networks import VGGSmall
+
+    torch.manual_seed(0)
+    vgg = VGGSmall([4, "M", 8, 8, "M"], image_size=8).eval()
+    batches = [torch.randn(2, 1, 8, 8) for _ in range(3)]
+    expected = [vgg(b) for b in batches]
+    gpu = trace(vgg.cuda())
+    outputs = LayerwisePass(gpu, [b.cuda() for b in batches], memory_budget=0, device="cuda", progress=False).run(
+        ["features.0", "features.4"], lambda name, module, inputs: None)
+    for got, want in zip(outputs, expected):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want.detach(), rtol=1e-4, atol=1e-4)
