@@ -45,11 +45,13 @@ def test_current_rows_drop_unprovenanced_and_keep_the_latest_per_cell():
     assert [r["v"] for r in current_rows(rows, lambda r: r["k"])] == ["a", "d"]
 
 
-def test_code_state_outside_git_takes_the_commit_named_in_the_environment(monkeypatch):
+def test_code_state_takes_the_commit_named_in_the_environment(monkeypatch):
     from lowrank_fm.bench import provenance as prov
 
     monkeypatch.setattr(prov, "_git", lambda *args: None)  # a tree copied without .git
     monkeypatch.delenv("LOWRANK_FM_COMMIT", raising=False)
     assert prov.code_state.__wrapped__() == {"commit": None, "dirty": None}
     monkeypatch.setenv("LOWRANK_FM_COMMIT", "abc1234")
+    assert prov.code_state.__wrapped__() == {"commit": "abc1234", "dirty": None}
+    monkeypatch.setattr(prov, "_git", lambda *args: "537bab8")  # a stale .git beside the copy: the name wins
     assert prov.code_state.__wrapped__() == {"commit": "abc1234", "dirty": None}

@@ -48,12 +48,16 @@ def _git(*args: str) -> str | None:
 def code_state() -> dict:
     """``commit`` (HEAD of the checkout this package was imported from, None outside git) and ``dirty``
     (tracked code differs from it: the packages, the scripts, pyproject.toml; edits to the README, the tests
-    or results/ do not change what a run computes; None when unknown). Outside git the commit is
-    ``$LOWRANK_FM_COMMIT`` where set (a tree copied without its history), with ``dirty`` unknown. Looked up once per process: the code
+    or results/ do not change what a run computes; None when unknown). ``$LOWRANK_FM_COMMIT``, where set,
+    is taken as the commit, with ``dirty`` unknown: a tree sent to another machine (a lent GPU) may carry no
+    .git or a stale one (one such copy reported the session's first commit, its code changed). Looked up once per process: the code
     a process runs is the code it imported at start, whatever the tree holds later."""
+    named = os.environ.get("LOWRANK_FM_COMMIT")
+    if named:  # a copy of the tree sent elsewhere (a lent GPU machine), whose .git, if any, may be stale
+        return {"commit": named, "dirty": None}
     commit = _git("rev-parse", "HEAD")
-    if commit is None:  # a copy of the tree without git (a lent GPU machine): the commit it was sent from, if named
-        return {"commit": os.environ.get("LOWRANK_FM_COMMIT") or None, "dirty": None}
+    if commit is None:
+        return {"commit": None, "dirty": None}
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", *_CODE)
     return {"commit": commit, "dirty": None if changes is None else bool(changes)}
 

@@ -86,8 +86,12 @@ SPEED_GRID = {
     "vgg-fmnist": _fmnist_grid(),
     "vgg16": _vgg16_cells((1, 8), 5, ("reuse", "system")),
 }
-# on a GPU (``--device cuda``): vgg16 at 4x at batch 64, timed with CUDA events; glibc's allocator is moot there
-SPEED_GRID_CUDA = {"vgg16": _vgg16_cells((64,), 7, ("reuse",))}
+# on a GPU (``--device cuda``): vgg16 at 4x at batch 64, timed with CUDA events (with the gate, which may keep
+# layers, and without it: 4x theoretical); glibc's allocator is moot there
+SPEED_GRID_CUDA = {"vgg16": _vgg16_cells((64,), 7, ("reuse",)) + [
+    SpeedRun("vgg16", "svd (weight-only), no speed gate", 4.0,
+             {"method": "svd", "include": ("features",), "allocation": "uniform", "speed_gate": False, "rank_multiple": 8},
+             batch_sizes=(64,), speed_only=True, rounds=7, allocators=("reuse",))]}
 
 
 def _speed_only_data(model_name: str, images: int, seed: int):
