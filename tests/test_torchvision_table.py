@@ -11,7 +11,7 @@ from lowrank_fm.bench.provenance import append_row, read_rows
 def test_rows_on_vgg_digits(tmp_path, digits, vgg_digits):
     out = tmp_path / "torchvision.jsonl"
     cells = (TableCell("tucker2, vbmf ranks", None, {"method": "tucker2", "ranks": "vbmf", "speed_gate": False}),
-             TableCell("fm (default), no speed gate", 2.0, {"speed_gate": False, "fit_positions": 8}))
+             TableCell("default (auto), no speed gate", 2.0, {"speed_gate": False, "fit_positions": 8}))
     rows = run_table_cells("vgg-digits", vgg_digits, digits, cells, calib_images=64, eval_images=120,
                            finetune_images=256, latency_batches=(1, 8), latency_rounds=5, latency_min_seconds=0.05,
                            on_row=lambda row: append_row(out, row))
@@ -34,7 +34,7 @@ def test_rows_on_vgg_digits(tmp_path, digits, vgg_digits):
 
     table = torchvision_table(written).splitlines()
     assert len(table) == 4
-    assert "| vgg-digits | fm (default), no speed gate | 2x |" in "\n".join(table)
+    assert "| vgg-digits | default (auto), no speed gate | 2x |" in "\n".join(table)
     assert "| vgg-digits | tucker2, vbmf ranks | vbmf |" in "\n".join(table)
 
 

@@ -44,9 +44,9 @@ class TableCell:
 
 TABLE_CELLS = (
     TableCell("tucker2, vbmf ranks", None, {"method": "tucker2", "ranks": "vbmf", "speed_gate": False}),
-    TableCell("fm (default), no speed gate", 2.0, {"speed_gate": False}),
-    TableCell("fm (default), no speed gate", 3.0, {"speed_gate": False}),
-    TableCell("fm (default), speed gate", 2.0, {}),  # as users get it: the gate may keep slower layers
+    TableCell("default (auto), no speed gate", 2.0, {"speed_gate": False}),
+    TableCell("default (auto), no speed gate", 3.0, {"speed_gate": False}),
+    TableCell("default (auto), speed gate", 2.0, {}),  # as users get it: the gate may keep slower layers
 )
 
 TRAIN_HINT = "python scripts/train_reference.py {name} --device cuda --time-budget 300 --half " \
@@ -154,6 +154,7 @@ def run_table_cells(
                 kept[layer.reason or "kept"] = kept.get(layer.reason or "kept", 0) + 1
         row = {
             "model": model_name, "label": cell.label, "target_speedup": cell.speedup, "settings": cell.settings,
+            "method": report.config.get("method") or config.method_name,
             "params_before": totals["params_before"], "params_after": totals["params_after"],
             "params_ratio": totals["compression"], "macs_before": totals["macs_before"],
             "macs_after": totals["macs_after"], "macs_ratio": totals["theoretical_speedup"],
