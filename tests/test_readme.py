@@ -51,3 +51,19 @@ def test_render_readme_rewrites_only_the_marked_region(tmp_path):
     assert render_readme(new, tmp_path) == new
     with pytest.raises(ValueError, match="unknown README table"):
         render_table("nonsense", tmp_path)
+
+
+def test_training_table_names_the_gpu_and_keeps_the_latest_row_per_model(tmp_path):
+    provenance = {"commit": "abcdef1234", "dirty": False, "date_utc": "2026-11-26T10:00:00Z", "threads": 3}
+
+    def row(model, top1, device, date):
+        return {"model": model, "input_size": 32, "test_top1": top1, "test_images": 10000, "epochs": 5,
+                "settings": {"batch_size": 256, "lr": 0.1}, "train_seconds": 12.3, "device": device,
+                "stored_dtype": "float16", "reproduce": f"python scripts/train_reference.py {model}",
+                "provenance": {**provenance, "date_utc": date}}
+
+    rows = [row("a-cifar10", 0.5, "cpu", "2026-11-25T00:00:00Z"), row("a-cifar10", 0.75, "NVIDIA H200", "2026-11-26T00:00:00Z")]
+    (tmp_path / "reference_training.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = render_table("training", tmp_path).splitlines()
+    assert len(lines) == 3  # header, rule, one row: the later one
+    assert "| a-cifar10 | 32 | 0.7500 (10,000 images) | 5 | 256, 0.1 | 12 | NVIDIA H200, 3 thread(s) | float16 |" in lines[2]

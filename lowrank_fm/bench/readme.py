@@ -47,7 +47,7 @@ def _calibration(results: Path) -> str:
         load = p.get("load_before")
         lines.append(f"| {r['model']} | {r['images']:,} | {r['batch_size']} | {len(r['layers'])}, "
                      f"{r['positions_per_image']} positions | {r['inference_images_per_s']:.0f} | "
-                     f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {r.get('device', 'cpu')}, "
+                     f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {_where(r)}, "
                      f"{p['threads']} | {load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
     return "\n".join(lines)
 
@@ -74,9 +74,35 @@ def _scale(results: Path, *models: str) -> str:
         lines.append(f"| {r['model']}, {r['image_size']} | {r['images']:,} | {r['processes']} | {fit} | "
                      f"{t.get('calibrate_s', 0):.1f} | {t.get('statistics_s', 0):.1f} | {t.get('build_s', 0):.1f} | "
                      f"{r['inference_s']:.1f} | **{r['calibrate_and_pass_over_inference']:.2f}x** | "
-                     f"{r['pass_over_inference']:.2f}x | {peaks} | {r.get('device', 'cpu')}, {r['threads']} | "
+                     f"{r['pass_over_inference']:.2f}x | {peaks} | {_where(r)}, {r['threads']} | "
                      f"{load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
     return "\n".join(lines)
+
+
+def _where(row: dict) -> str:
+    """``cpu``, or the GPU's name for a CUDA row."""
+    device = str(row.get("device", "cpu"))
+    return row.get("gpu", device) if device.startswith("cuda") else device
+
+
+def _training(results: Path, *models: str) -> str:
+    """The reference models trained by scripts/train_reference.py --results (the latest row per model)."""
+    lines = ["| model | input (px) | val top-1 | epochs | batch, lr | training (s) | device | stored | reproduce | "
+             "commit, date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = current_rows(read_rows(results / "reference_training.jsonl"), lambda r: r["model"])
+    for r in sorted((r for r in rows if not models or r["model"] in models), key=lambda r: r["model"]):
+        p, settings = r["provenance"], r.get("settings", {})
+        lines.append(f"| {r['model']} | {r['input_size']} | {r['test_top1']:.4f} ({r['test_images']:,} images) | "
+                     f"{r['epochs']} | {settings.get('batch_size')}, {settings.get('lr')} | {r['train_seconds']:.0f} | "
+                     f"{r['device']}, {p['threads']} thread(s) | {r['stored_dtype']} | `{r['reproduce']}` | "
+                     f"{(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+    return "\n".join(lines)
+
+
+def _torchvision(results: Path) -> str:
+    from .torchvision_table import torchvision_table
+
+    return torchvision_table(read_rows(results / "torchvision.jsonl"))
 
 
 _PAIRS = (("tucker2 (weight-only)", "tucker2-sigma (data-aware)"), ("cp (weight-only)", "cp-sigma (data-aware)"),
@@ -110,7 +136,7 @@ def _peers(results: Path, *models: str) -> str:
 
 TABLES: dict[str, Callable[..., str]] = {"accuracy": _accuracy, "speed": _speed, "calibration": _calibration,
                                          "sigma": _sigma, "peers": _peers,
-                                         "scale": _scale}
+                                         "scale": _scale, "training": _training, "torchvision": _torchvision}
 
 
 def render_table(spec: str, results: str | Path) -> str:

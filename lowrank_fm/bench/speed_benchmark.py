@@ -207,19 +207,26 @@ def run_speed_benchmark(runs: list[SpeedRun], out_path: str | Path, *, seed: int
 
 
 def cell_key(row: dict) -> tuple:
-    """What makes two speed rows the same cell: model, method label, target, batch sizes timed."""
+    """What makes two speed rows the same cell: model, method label, target, batch sizes timed, device."""
     target = row["target_speedup"]
-    return row["model"], row["label"], None if target is None else float(target), tuple(sorted(row["measured_speedup"], key=int))
+    return (row["model"], row["label"], None if target is None else float(target),
+            tuple(sorted(row["measured_speedup"], key=int)), _device(row))
+
+
+def _device(row: dict) -> str:
+    """Where the row was timed: ``cpu``, or the GPU's name."""
+    device = str(row.get("device", "cpu"))
+    return row.get("gpu", device) if device.startswith("cuda") else device
 
 
 def speed_table(rows: list[dict]) -> str:
     """Markdown: model, method, target, theoretical and measured speedup per batch (freed memory reused:
     median of the rounds with min-max; glibc's default allocator: median), layouts, slower layers, top-1
-    before/after (or 'speed only'), threads and load. Only current rows (with provenance), the latest per
+    before/after (or 'speed only'), device, threads and load. Only current rows (with provenance), the latest per
     cell (:func:`cell_key`)."""
     lines = ["| model | method | target | theoretical | measured, memory reused (batch: median, min-max) | "
              "measured, system allocator | layout (original / approximated) | "
-             "top-1 before -> after | layers kept as slower | threads, load |",
+             "top-1 before -> after | layers kept as slower | device, threads, load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in current_rows(rows, cell_key):
         batches = r["speed"]["batches"]
@@ -242,7 +249,7 @@ def speed_table(rows: list[dict]) -> str:
         target = "-" if r["target_speedup"] is None else f"{r['target_speedup']:g}x"
         lines.append(f"| {r['model']} | {r['label']} | {target} | {r['theoretical_speedup']:.2f}x | "
                      f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | "
-                     f"{r['threads']}, {load[0] if load else '?'} |")
+                     f"{_device(r)}, {r['threads']}, {load[0] if load else '?'} |")
     return "\n".join(lines)
 
 
