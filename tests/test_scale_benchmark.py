@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,3 +49,9 @@ def test_scale_benchmark_writes_a_row_with_stage_timings(tmp_path):
     assert {"fold_s", "calibrate_s", "statistics_s", "plan_s", "build_s"} <= set(row["timing"])
     assert row["inference_images_per_s"] > 0 and row["pass_over_inference"] > 0
     assert len(row["peak_rss_mb_per_rank"]) == 1 and row["provenance"]["threads"] == 1
+    # images per second of each stage and the linear projection to ImageNet's 1% (12,811 images)
+    # (from the stage times before the row rounds them to milliseconds)
+    approx = lambda value: pytest.approx(value, rel=0.05, abs=0.2)  # noqa: E731
+    assert row["images_per_s"]["calibrate"] == approx(6 / row["timing"]["calibrate_s"])
+    assert row["projected_imagenet_1pct_s"]["layerwise_pass"] == approx(row["timing"]["build_s"] * 12_811 / 6)
+    assert row["projected_imagenet_1pct_s"]["inference"] == approx(row["inference_s"] * 12_811 / 6)
