@@ -38,9 +38,19 @@ def _speed(results: Path, *models: str) -> str:
     return speed_table([r for r in rows if not models or r["model"] in models])
 
 
+def _header(*columns: str) -> list[str]:
+    """A Markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def _stamp(provenance: dict) -> str:
+    """``commit, date`` of a row: the commit's first 8 characters and the UTC day."""
+    return f"{(provenance['commit'] or '?')[:8]}, {provenance['date_utc'][:10]}"
+
+
 def _calibration(results: Path) -> str:
-    lines = ["| model | images | batch | calibrated layers | inference (img/s) | calibration (img/s) | calibration / inference | "
-             "device, threads | load before | commit, date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _header("model", "images", "batch", "calibrated layers", "inference (img/s)", "calibration (img/s)",
+                    "calibration / inference", "device, threads", "load before", "commit, date")
     rows = current_rows(read_rows(results / "calibration.jsonl"), lambda r: (r["model"], r["images"], r["batch_size"]))
     for r in rows:
         p = r["provenance"]
@@ -48,7 +58,7 @@ def _calibration(results: Path) -> str:
         lines.append(f"| {r['model']} | {r['images']:,} | {r['batch_size']} | {len(r['layers'])}, "
                      f"{r['positions_per_image']} positions | {r['inference_images_per_s']:.0f} | "
                      f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {_where(r)}, "
-                     f"{p['threads']} | {load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+                     f"{p['threads']} | {load[0] if load else '?'} | {_stamp(p)} |")
     return "\n".join(lines)
 
 
@@ -59,10 +69,9 @@ def _scale_key(row: dict) -> tuple:
 
 def _scale(results: Path, *models: str) -> str:
     """Each stage of approximate() at scale against plain inference over the same images (scripts/scale_benchmark.py)."""
-    lines = ["| model, px | images | processes | the pass fits | calibration (s) | statistics (s) | layer-wise pass (s) | "
-             "plain inference (s) | (calibration + pass) / inference | pass / inference | peak memory per rank (GB) | "
-             "device, threads | load before | commit, date |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _header("model, px", "images", "processes", "the pass fits", "calibration (s)", "statistics (s)",
+                    "layer-wise pass (s)", "plain inference (s)", "(calibration + pass) / inference", "pass / inference",
+                    "peak memory per rank (GB)", "device, threads", "load before", "commit, date")
     rows = current_rows(read_rows(results / "scale.jsonl"), _scale_key)
     for r in sorted((r for r in rows if not models or r["model"] in models), key=lambda r: _scale_key(r)[:4]):
         p, t = r["provenance"], r["timing"]
@@ -75,7 +84,7 @@ def _scale(results: Path, *models: str) -> str:
                      f"{t.get('calibrate_s', 0):.1f} | {t.get('statistics_s', 0):.1f} | {t.get('build_s', 0):.1f} | "
                      f"{r['inference_s']:.1f} | **{r['calibrate_and_pass_over_inference']:.2f}x** | "
                      f"{r['pass_over_inference']:.2f}x | {peaks} | {_where(r)}, {r['threads']} | "
-                     f"{load[0] if load else '?'} | {(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+                     f"{load[0] if load else '?'} | {_stamp(p)} |")
     return "\n".join(lines)
 
 
@@ -87,15 +96,15 @@ def _where(row: dict) -> str:
 
 def _training(results: Path, *models: str) -> str:
     """The reference models trained by scripts/train_reference.py --results (the latest row per model)."""
-    lines = ["| model | input (px) | val top-1 | epochs | batch, lr | training (s) | device | stored | reproduce | "
-             "commit, date |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _header("model", "input (px)", "val top-1", "epochs", "batch, lr", "training (s)", "device", "stored",
+                    "reproduce", "commit, date")
     rows = current_rows(read_rows(results / "reference_training.jsonl"), lambda r: r["model"])
     for r in sorted((r for r in rows if not models or r["model"] in models), key=lambda r: r["model"]):
         p, settings = r["provenance"], r.get("settings", {})
         lines.append(f"| {r['model']} | {r['input_size']} | {r['test_top1']:.4f} ({r['test_images']:,} images) | "
                      f"{r['epochs']} | {settings.get('batch_size')}, {settings.get('lr')} | {r['train_seconds']:.0f} | "
                      f"{r['device']}, {p['threads']} thread(s) | {r['stored_dtype']} | `{r['reproduce']}` | "
-                     f"{(p['commit'] or '?')[:8]}, {p['date_utc'][:10]} |")
+                     f"{_stamp(p)} |")
     return "\n".join(lines)
 
 
