@@ -60,6 +60,106 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, tempe
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
 
 
+MAX_RESTARTS = 2  # a diverging fine-tune starts again at lr / 10, at most this many times
+DIVERGENCE_WINDOW = 20  # steps: the first ones set the loss's scale, the latest ones are compared with it
+DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' mean loss above this multiple of the first steps'
+
+
+class _Diverged(Exception):
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class _Run:
+    """The training loop of :func:`finetune` for one learning rate; raises :class:`_Diverged` when the loss
+    becomes non-finite or the mean of the last ``DIVERGENCE_WINDOW`` step losses exceeds ``DIVERGENCE_FACTOR``
+    times the starting model's mean loss on the first ``DIVERGENCE_WINDOW`` batches (measured on a frozen copy,
+    so the scale is the untouched model's even when the first steps already blow it up). A fine-tune starts
+    from a good model: its loss should fall, and an Adam step too large for the small factors of a low-rank
+    layer makes it explode instead."""
+
+    def __init__(self, student, params, mode, teacher, distill_loss, temperature, device, progress, evaluate,
+                 epochs, steps_per_epoch) -> None:
+        self.student, self.params, self.mode, self.teacher = student, params, mode, teacher
+        self.distill_loss, self.temperature, self.device = distill_loss, temperature, device
+        self.progress, self.evaluate, self.epochs, self.steps_per_epoch = progress, evaluate, epochs, steps_per_epoch
+        self.eval_seconds = 0.0
+
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(images, labels, teacher's outputs) of a batch on the device; labels None in distill mode."""
+        images, labels = _split_batch(batch)
+        images = images.to(self.device, non_blocking=True)
+        if self.mode == "labels":
+            if labels is None:
+                raise ValueError("finetune: mode='labels' needs (images, labels) batches; these have no "
+                                 "labels: pass mode='distill' with teacher= to train without labels")
+            return images, labels.to(self.device, non_blocking=True), None
+        with torch.no_grad():
+            return images, None, self.teacher(images)
+
+    def objective(self, outputs: torch.Tensor, labels, target) -> torch.Tensor:
+        if self.mode == "labels":
+            return F.cross_entropy(outputs, labels)
+        return _distill_loss(outputs, target, self.distill_loss, self.temperature)
+
+    def train(self, loader, lr: float, record: dict) -> None:
+        optimizer = torch.optim.Adam(self.params, lr=lr)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * self.steps_per_epoch)
+                     if self.steps_per_epoch else None)
+        start = copy.deepcopy(self.student)  # the model before this try: the loss's scale on the first batches
+        first: list[float] = []
+        latest: list[float] = []
+        for epoch in range(self.epochs):
+            total, count = 0.0, 0
+            bar = tqdm(loader, desc=f"fine-tune ({self.mode}) epoch {epoch + 1}/{self.epochs}",
+                       disable=not self.progress, leave=False, total=self.steps_per_epoch)
+            for batch in bar:
+                images, labels, target = self.inputs(batch)
+                loss = self.objective(self.student(images), labels, target)
+                value, size = loss.item(), images.shape[0]
+                step = record["steps"] + 1
+                if not math.isfinite(value):
+                    raise _Diverged(f"the loss became {value} at epoch {epoch + 1}, step {step} with lr {lr:g}", step)
+                if len(first) < DIVERGENCE_WINDOW:
+                    with torch.no_grad():
+                        first.append(self.objective(start(images), labels, target).item())
+                latest = (latest + [value])[-DIVERGENCE_WINDOW:]
+                if len(latest) == DIVERGENCE_WINDOW and sum(latest) > DIVERGENCE_FACTOR * sum(first):
+                    raise _Diverged(f"the loss rose from {sum(first) / len(first):.4g} (the starting model, first "
+                                    f"{len(first)} batches) to {sum(latest) / len(latest):.4g} (last {len(latest)} "
+                                    f"steps) by step {step} with lr {lr:g}", step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                record["steps"] = step
+                total += value * size
+                count += size
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            if count == 0:
+                raise ValueError("finetune: train_data gave no batches; pass a data set with at least one image")
+            record["images"] = count
+            record["loss"].append(total / count)
+            message = f"fine-tune ({self.mode}) epoch {epoch + 1}/{self.epochs}: loss {total / count:.4f}"
+            if self.evaluate is not None:
+                eval_start = time.perf_counter()
+                result = self.evaluate(self.student)
+                self.eval_seconds += time.perf_counter() - eval_start
+                if not isinstance(result, Mapping) or "top1" not in result:
+                    raise TypeError(f"finetune: evaluate must return a mapping with 'top1' (and 'top5'), got "
+                                    f"{type(result).__name__}")
+                self.student.eval()  # whatever evaluate did, training goes on in eval mode (see above)
+                record["top1"].append(result["top1"])
+                record["top5"].append(result.get("top5"))
+                message += f", top-1 {result['top1']:.4f}"
+                if "images" in result:
+                    record["eval_images"] = result["images"]
+                    message += f" on {result['images']} images"
+            log.info(message)
+
+
 def finetune(
     model: nn.Module,
     train_data,
@@ -112,7 +212,8 @@ def finetune(
         batch before its step), ``top1`` / ``top5`` (after each epoch, when ``evaluate`` is given, else
         empty; ``eval_images``: the last evaluation's ``images``), ``seconds`` (all), ``train_seconds``,
         ``eval_seconds`` (in ``evaluate``), ``steps``, ``images`` (per epoch),
-        ``parameters`` (count trained) and the settings (``lr``, ``batch_size``, ``optimizer``, ``schedule``,
+        ``parameters`` (count trained), ``restarts`` (one entry per diverged try: its ``step``, ``lr`` and
+        ``reason``) and the settings (``lr``: the rate of the try that finished, ``batch_size``, ``optimizer``, ``schedule``,
         ``objective`` (cross-entropy, mse or kl), ``temperature``, ``seed``, ``device``).
 
     Raises
@@ -120,7 +221,7 @@ def finetune(
     ValueError : bad ``mode``, ``epochs``, ``lr``, ``batch_size`` or ``distill_loss``; distill without a
         teacher; labels mode on batches without labels.
     TypeError : ``evaluate`` returned something other than a mapping with ``top1``.
-    FloatingPointError : the loss became NaN or infinite (the message suggests a smaller ``lr``).
+    FloatingPointError : the loss diverged (see Notes) at ``lr``, ``lr / 10`` and ``lr / 100``.
 
     Notes
     -----
@@ -132,6 +233,15 @@ def finetune(
     94.08% (distill); resnet20-cifar10 at 2x (81.04%) reached 82.95% / 83.63% / 83.74% with 1e-4 / 3e-4 /
     1e-3 (labels) and 82.86% / 83.50% with 1e-4 / 3e-4 (distill). With only a few hundred training images (the embedded Fashion-MNIST sample, which
     is also the calibration set) fine-tuning does not help (see README).
+
+    Divergence: a fine-tune starts from a good model, so its loss should fall. When a step's loss is not
+    finite, or the mean loss of the last 20 steps exceeds 4 times the starting model's mean loss on the first 20
+    batches (measured without training it, on a frozen copy), the try is abandoned
+    and training starts again from the approximated model (same shuffling) with a tenth of the learning
+    rate, at most twice (``restarts`` in the record, a warning in the log). Adam's steps have the same size
+    for every parameter, so a rate that suits a model's weights can be too large for the small factors of a
+    deep low-rank model: ShuffleNet V2 at 3x MACs went from 68% to 10% top-1 in one epoch at 3e-4 before this
+    guard existed.
 
     Distillation loss, with z = the model's logits and t = the teacher's on the same image:
 
@@ -178,74 +288,42 @@ def finetune(
         steps_per_epoch = len(loader)
     except TypeError:  # a generator, or a DataLoader over an IterableDataset without a length
         steps_per_epoch = None
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-                 if steps_per_epoch else None)
     record: dict = {
         "mode": mode, "epochs": epochs, "lr": lr, "batch_size": batch_size if n_images is not None else None,
-        "optimizer": "adam", "schedule": "cosine" if scheduler else "constant",
+        "optimizer": "adam", "schedule": "cosine" if steps_per_epoch else "constant",
         "objective": "cross-entropy" if mode == "labels" else distill_loss,
         "temperature": temperature if mode == "distill" and distill_loss == "kl" else None,
         "seed": seed, "device": str(device), "parameters": sum(p.numel() for p in params),
-        "loss": [], "top1": [], "top5": [], "images": None, "steps": 0,
+        "loss": [], "top1": [], "top5": [], "images": None, "steps": 0, "restarts": [],
         "train_seconds": 0.0, "eval_seconds": 0.0,
     }
-    eval_seconds = 0.0
+    initial = {name: value.detach().clone() for name, value in student.state_dict().items()}
+    run = _Run(student, params, mode, teacher, distill_loss, temperature, device, progress, evaluate, epochs,
+               steps_per_epoch)
     try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            bar = tqdm(loader, desc=f"fine-tune ({mode}) epoch {epoch + 1}/{epochs}", disable=not progress,
-                       leave=False, total=steps_per_epoch)
-            for batch in bar:
-                images, labels = _split_batch(batch)
-                images = images.to(device, non_blocking=True)
-                if mode == "labels":
-                    if labels is None:
-                        raise ValueError("finetune: mode='labels' needs (images, labels) batches; these have no "
-                                         "labels: pass mode='distill' with teacher= to train without labels")
-                    loss = F.cross_entropy(student(images), labels.to(device, non_blocking=True))
-                else:
-                    with torch.no_grad():
-                        target = teacher(images)
-                    loss = _distill_loss(student(images), target, distill_loss, temperature)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"finetune: the loss became {loss.item()} at epoch {epoch + 1}, step "
-                                             f"{record['steps'] + 1}; try a smaller lr than {lr}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                record["steps"] += 1
-                total += loss.item() * images.shape[0]
-                count += images.shape[0]
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            if count == 0:
-                raise ValueError("finetune: train_data gave no batches; pass a data set with at least one image")
-            record["images"] = count
-            record["loss"].append(total / count)
-            message = f"fine-tune ({mode}) epoch {epoch + 1}/{epochs}: loss {total / count:.4f}"
-            if evaluate is not None:
-                eval_start = time.perf_counter()
-                result = evaluate(student)
-                eval_seconds += time.perf_counter() - eval_start
-                if not isinstance(result, Mapping) or "top1" not in result:
-                    raise TypeError(f"finetune: evaluate must return a mapping with 'top1' (and 'top5'), got "
-                                    f"{type(result).__name__}")
-                student.eval()  # whatever evaluate did, training goes on in eval mode (see above)
-                record["top1"].append(result["top1"])
-                record["top5"].append(result.get("top5"))
-                message += f", top-1 {result['top1']:.4f}"
-                if "images" in result:
-                    record["eval_images"] = result["images"]
-                    message += f" on {result['images']} images"
-            log.info(message)
+        while True:
+            try:
+                run.train(loader, lr, record)
+                break
+            except _Diverged as diverged:  # start again from the approximated model, at a tenth of the rate
+                if len(record["restarts"]) >= MAX_RESTARTS:
+                    raise FloatingPointError(f"finetune: {diverged} (after {MAX_RESTARTS} restarts down to lr {lr:g}); "
+                                             f"try a smaller lr") from None
+                log.warning("finetune: %s; starting again from the approximated model with lr %g", diverged, lr / 10)
+                record["restarts"].append({"step": diverged.step, "lr": lr, "reason": str(diverged)})
+                lr /= 10
+                student.load_state_dict(initial)
+                loader, _ = _loader(train_data, batch_size, seed, device)  # the same shuffling as the first try
+                for key in ("loss", "top1", "top5"):
+                    record[key] = []
+                record["steps"] = 0
+        record["lr"] = lr
+        record["eval_seconds"] = run.eval_seconds
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         if teacher is not None:
             teacher.train(teacher_was_training)
     record["seconds"] = time.perf_counter() - start
-    record["eval_seconds"] = eval_seconds
-    record["train_seconds"] = record["seconds"] - eval_seconds
+    record["train_seconds"] = record["seconds"] - record["eval_seconds"]
     return student.eval(), record

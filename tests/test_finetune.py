@@ -218,8 +218,40 @@ def test_labels_mode_without_labels_raises():
 def test_diverging_loss_raises():
     model = nn.Linear(3, 2)
     data = TensorDataset(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(FloatingPointError, match="smaller lr"):
+    with pytest.raises(FloatingPointError, match="smaller lr"):  # NaN at every rate: two restarts, then the error
         finetune(model, data, epochs=1, progress=False)
+
+
+def _separable(n=640, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=generator)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def test_a_diverging_rate_starts_again_from_the_model_at_a_tenth():
+    """Adam at lr 30 blows a small MLP's loss up; the guard restarts from the untouched model at lr 3, then
+    0.3 if needed, and the result is exactly a plain run at the rate that finished (same shuffling)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _separable()
+    tuned, record = finetune(model, data, epochs=1, lr=30.0, batch_size=8, progress=False)
+    assert record["restarts"] and record["restarts"][0]["lr"] == 30.0
+    assert record["lr"] == pytest.approx(30.0 / 10 ** len(record["restarts"]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    plain, plain_record = finetune(model, data, epochs=1, lr=record["lr"], batch_size=8, progress=False)
+    assert plain_record["restarts"] == [] and plain_record["steps"] == record["steps"] == 80
+    for (name, got), want in zip(tuned.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(got, want), name
+    x, y = data.tensors
+    assert F.cross_entropy(tuned(x), y) < F.cross_entropy(model(x), y)  # and it did learn
+
+
+def test_a_steady_fine_tune_never_restarts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    _, record = finetune(model, _separable(), epochs=2, lr=3e-3, batch_size=8, progress=False)
+    assert record["restarts"] == [] and record["lr"] == 3e-3 and record["steps"] == 160
 
 
 def test_cli_finetune_record_and_reload(tmp_path, digits, capsys):
