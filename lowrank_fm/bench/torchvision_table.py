@@ -144,7 +144,7 @@ def run_table_cells(
                 tuned[mode] = {"top1": None, "error": str(error)}
                 continue
             tuned[mode] = {"top1": record["top1"][-1], "top1_per_epoch": record["top1"], "seconds": record["seconds"],
-                           "images_per_epoch": record["images"]}
+                           "images_per_epoch": record["images"], "lr": record["lr"], "restarts": record["restarts"]}
         speed = measure_speed(model, new_model, images, batch_sizes=tuple(latency_batches), rounds=latency_rounds,
                               min_seconds=latency_min_seconds, device=device)
         totals = report.totals
