@@ -61,8 +61,8 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, tempe
 
 
 MAX_RESTARTS = 2  # a diverging fine-tune starts again at lr / 10, at most this many times
-DIVERGENCE_WINDOW = 20  # steps: the first ones set the loss's scale, the latest ones are compared with it
-DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' mean loss above this multiple of the first steps'
+DIVERGENCE_WINDOW = 20  # batches: the starting model's loss on the first ones sets the scale; the latest steps' mean is compared
+DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' mean loss above this multiple of the starting model's
 
 
 class _Diverged(Exception):
@@ -237,7 +237,8 @@ def finetune(
     Divergence: a fine-tune starts from a good model, so its loss should fall. When a step's loss is not
     finite, or the mean loss of the last 20 steps exceeds 4 times the starting model's mean loss on the first 20
     batches (measured without training it, on a frozen copy), the try is abandoned
-    and training starts again from the approximated model (same shuffling) with a tenth of the learning
+    and training starts again from the approximated model (a data set: the same shuffling; a loader given
+    is iterated again, a one-shot generator cannot restart) with a tenth of the learning
     rate, at most twice (``restarts`` in the record, a warning in the log). Adam's steps have the same size
     for every parameter, so a rate that suits a model's weights can be too large for the small factors of a
     deep low-rank model: ShuffleNet V2 at 3x MACs went from 68% to 10% top-1 in one epoch at 3e-4 before this
