@@ -28,7 +28,8 @@ import torch
 from ..allocator import allocator_state
 from ..latency import machine_load  # the core's (latency reports carry it too); re-exported here
 
-__all__ = ["provenance", "append_row", "read_rows", "current_rows", "machine_load", "code_state", "cpu_model"]
+__all__ = ["provenance", "append_row", "read_rows", "current_rows", "machine_load", "code_state", "cpu_model",
+           "device_label"]
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +125,9 @@ def current_rows(rows: Iterable[dict], cell_key: Callable[[dict], object]) -> li
         if key not in latest or stamp >= latest[key][0]:
             latest[key] = (stamp, row)
     return [row for _, row in latest.values()]
+
+
+def device_label(row: dict) -> str:
+    """Where a results row ran: ``cpu``, or the GPU's name (``gpu``) for a CUDA row."""
+    device = str(row.get("device", "cpu"))
+    return row.get("gpu", device) if device.startswith("cuda") else device

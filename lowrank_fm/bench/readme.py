@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .provenance import current_rows, read_rows
+from .provenance import current_rows, device_label, read_rows
 
 __all__ = ["TABLES", "render_table", "render_readme", "generated_regions"]
 
@@ -57,7 +57,7 @@ def _calibration(results: Path) -> str:
         load = p.get("load_before")
         lines.append(f"| {r['model']} | {r['images']:,} | {r['batch_size']} | {len(r['layers'])}, "
                      f"{r['positions_per_image']} positions | {r['inference_images_per_s']:.0f} | "
-                     f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {_where(r)}, "
+                     f"{r['calibration_images_per_s']:.0f} | {r['ratio']:.2f} | {device_label(r)}, "
                      f"{p['threads']} | {load[0] if load else '?'} | {_stamp(p)} |")
     return "\n".join(lines)
 
@@ -83,15 +83,9 @@ def _scale(results: Path, *models: str) -> str:
         lines.append(f"| {r['model']}, {r['image_size']} | {r['images']:,} | {r['processes']} | {fit} | "
                      f"{t.get('calibrate_s', 0):.1f} | {t.get('statistics_s', 0):.1f} | {t.get('build_s', 0):.1f} | "
                      f"{r['inference_s']:.1f} | **{r['calibrate_and_pass_over_inference']:.2f}x** | "
-                     f"{r['pass_over_inference']:.2f}x | {peaks} | {_where(r)}, {r['threads']} | "
+                     f"{r['pass_over_inference']:.2f}x | {peaks} | {device_label(r)}, {r['threads']} | "
                      f"{load[0] if load else '?'} | {_stamp(p)} |")
     return "\n".join(lines)
-
-
-def _where(row: dict) -> str:
-    """``cpu``, or the GPU's name for a CUDA row."""
-    device = str(row.get("device", "cpu"))
-    return row.get("gpu", device) if device.startswith("cuda") else device
 
 
 def _training(results: Path, *models: str) -> str:

@@ -34,7 +34,7 @@ from ..api import approximate
 from ..config import ApproxConfig
 from ..latency import measure_speed
 from ..zoo.models import bundled_spec, create_model
-from .provenance import append_row, code_state, current_rows, machine_load
+from .provenance import append_row, code_state, current_rows, device_label, machine_load
 
 __all__ = ["SpeedRun", "run_speed_benchmark", "SPEED_GRID", "SPEED_GRID_CUDA", "speed_table", "make_plots", "cell_key"]
 
@@ -210,13 +210,7 @@ def cell_key(row: dict) -> tuple:
     """What makes two speed rows the same cell: model, method label, target, batch sizes timed, device."""
     target = row["target_speedup"]
     return (row["model"], row["label"], None if target is None else float(target),
-            tuple(sorted(row["measured_speedup"], key=int)), _device(row))
-
-
-def _device(row: dict) -> str:
-    """Where the row was timed: ``cpu``, or the GPU's name."""
-    device = str(row.get("device", "cpu"))
-    return row.get("gpu", device) if device.startswith("cuda") else device
+            tuple(sorted(row["measured_speedup"], key=int)), device_label(row))
 
 
 def speed_table(rows: list[dict]) -> str:
@@ -249,7 +243,7 @@ def speed_table(rows: list[dict]) -> str:
         target = "-" if r["target_speedup"] is None else f"{r['target_speedup']:g}x"
         lines.append(f"| {r['model']} | {r['label']} | {target} | {r['theoretical_speedup']:.2f}x | "
                      f"{measured['reuse']} | {measured['system']} | {layout} | {top1} | {slower} | "
-                     f"{_device(r)}, {r['threads']}, {load[0] if load else '?'} |")
+                     f"{device_label(r)}, {r['threads']}, {load[0] if load else '?'} |")
     return "\n".join(lines)
 
 
