@@ -1,5 +1,5 @@
 """Scale benchmark: each stage of approximate() on a 224 px torchvision model, against plain inference over the
-same calibration images, with one process or several (torchrun), one torch thread each.
+same calibration images, with one process or several (torchrun), one torch thread each (``--threads``).
 
     python scripts/scale_benchmark.py --data-dir DIR --images 64                              # one process
     torchrun --standalone --nproc-per-node 2 scripts/scale_benchmark.py --data-dir DIR --images 64   # two
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         timing = {k: round(v, 3) for k, v in report.timing.items()}
         pass_s = timing.get("build_s", 0.0)
+        growing = {"inference": inference_s, "calibrate": timing.get("calibrate_s", 0.0), "layerwise_pass": pass_s}
         row = {"kind": "scale", "model": args.model, "image_size": args.image_size, "images": args.images,
                "batch_size": args.batch_size, "processes": size, "threads": args.threads, "device": device,
                "energy": args.energy, "speed_gate": args.speed_gate, "method": "fm", "sharded_solvers": args.sharded_solvers,
@@ -131,13 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                "pass_over_inference": round(pass_s / inference_s, 3),
                "peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
                "images_per_s": {stage: round(args.images / seconds, 2) for stage, seconds in
-                                (("inference", inference_s), ("calibrate", timing.get("calibrate_s", 0.0)),
-                                 ("layerwise_pass", pass_s), ("approximate", approximate_wall_s)) if seconds > 0},
+                                {**growing, "approximate": approximate_wall_s}.items() if seconds > 0},
                # the stages that grow with the images, per image x 12,811 (statistics: one eigendecomposition
                # per layer whatever the images; the pass's solvers grow with the rows kept, sublinearly)
-               "projected_imagenet_1pct_s": {
-                   stage: round(seconds * IMAGENET_1PCT / args.images, 1) for stage, seconds in
-                   (("inference", inference_s), ("calibrate", timing.get("calibrate_s", 0.0)), ("layerwise_pass", pass_s))}}
+               "projected_imagenet_1pct_s": {stage: round(seconds * IMAGENET_1PCT / args.images, 1)
+                                             for stage, seconds in growing.items()}}
         if device.startswith("cuda"):
             row["gpu"] = torch.cuda.get_device_name()
         if args.note:
