@@ -84,6 +84,7 @@ class _Run:
         self.student, self.params, self.mode, self.teacher = student, params, mode, teacher
         self.distill_loss, self.temperature, self.device = distill_loss, temperature, device
         self.progress, self.evaluate, self.epochs, self.steps_per_epoch = progress, evaluate, epochs, steps_per_epoch
+        self.start = copy.deepcopy(student)  # the model every try starts from; its loss sets the scale
         self.eval_seconds = 0.0
 
     def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -107,7 +108,6 @@ class _Run:
         optimizer = torch.optim.Adam(self.params, lr=lr)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * self.steps_per_epoch)
                      if self.steps_per_epoch else None)
-        start = copy.deepcopy(self.student)  # the model before this try: the loss's scale on the first batches
         first: list[float] = []
         latest: list[float] = []
         for epoch in range(self.epochs):
@@ -123,7 +123,7 @@ class _Run:
                     raise _Diverged(f"the loss became {value} at epoch {epoch + 1}, step {step} with lr {lr:g}", step)
                 if len(first) < DIVERGENCE_WINDOW:
                     with torch.no_grad():
-                        first.append(self.objective(start(images), labels, target).item())
+                        first.append(self.objective(self.start(images), labels, target).item())
                 latest = (latest + [value])[-DIVERGENCE_WINDOW:]
                 if len(latest) == DIVERGENCE_WINDOW and sum(latest) > DIVERGENCE_FACTOR * sum(first):
                     raise _Diverged(f"the loss rose from {sum(first) / len(first):.4g} (the starting model, first "
@@ -298,7 +298,6 @@ def finetune(
         "loss": [], "top1": [], "top5": [], "images": None, "steps": 0, "restarts": [],
         "train_seconds": 0.0, "eval_seconds": 0.0,
     }
-    initial = {name: value.detach().clone() for name, value in student.state_dict().items()}
     run = _Run(student, params, mode, teacher, distill_loss, temperature, device, progress, evaluate, epochs,
                steps_per_epoch)
     try:
@@ -313,7 +312,7 @@ def finetune(
                 log.warning("finetune: %s; starting again from the approximated model with lr %g", diverged, lr / 10)
                 record["restarts"].append({"step": diverged.step, "lr": lr, "reason": str(diverged)})
                 lr /= 10
-                student.load_state_dict(initial)
+                student.load_state_dict(run.start.state_dict())
                 loader, _ = _loader(train_data, batch_size, seed, device)  # the same shuffling as the first try
                 for key in ("loss", "top1", "top5"):
                     record[key] = []
