@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=7,
                         help="--speed: interleaved timing rounds per batch size (the headline is their median; >= 5)")
     parser.add_argument("--plots", action="store_true", help="--speed: only redraw the plots from an existing --out")
-    parser.add_argument("--speedups", nargs="*", type=float, default=None, help="override the grid's targets")
-    parser.add_argument("--labels", nargs="*", default=None, help="only the runs with these labels")
+    parser.add_argument("--speedups", nargs="*", type=float, default=None,
+                        help="override the grid's targets (--torchvision: only the cells at these targets)")
+    parser.add_argument("--labels", nargs="*", default=None, help="only the runs (--torchvision: cells) with these labels")
     parser.add_argument("--out", default=None, help="default results/accuracy.jsonl (--speed: results/latency.jsonl)")
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="--torchvision: fine-tuning epochs (default 1)")
     parser.add_argument("--device", default="cpu", help="--torchvision, --speed: cpu or cuda (--speed on cuda: vgg16 "
                         "at 4x, batch 64)")
+    parser.add_argument("--latency-seconds", type=float, default=3.0,
+                        help="--torchvision: least seconds of each timing sample (default 3; a GPU needs far less)")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out file")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite the generated tables of README.md from results/ (runs nothing)")
@@ -126,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _torchvision(args: argparse.Namespace) -> int:
     from lowrank_fm.bench.provenance import read_rows
-    from lowrank_fm.bench.torchvision_table import run_torchvision_table, torchvision_table
+    from lowrank_fm.bench.torchvision_table import TABLE_CELLS, run_torchvision_table, select_cells, torchvision_table
 
     out = Path(args.out or "results/torchvision.jsonl")
     if not args.table:
         models = [m for m in (args.models or TORCHVISION_MODELS) if m in TORCHVISION_MODELS]
-        run_torchvision_table(out, models, data_dir=args.data_dir, eval_images=args.eval_images,
-                              finetune_epochs=args.finetune_epochs, device=args.device)
+        cells = select_cells(TABLE_CELLS, args.labels, args.speedups)
+        if not cells:
+            raise SystemExit(f"no table cell has label in {args.labels} and target in {args.speedups}; the cells are: "
+                             + "; ".join(f"{c.label!r} at {c.speedup}" for c in TABLE_CELLS))
+        run_torchvision_table(out, models, cells, data_dir=args.data_dir, eval_images=args.eval_images,
+                              finetune_epochs=args.finetune_epochs, device=args.device,
+                              latency_rounds=args.rounds, latency_min_seconds=args.latency_seconds)
     print(torchvision_table(read_rows(out)))
     return 0
 

@@ -40,6 +40,18 @@ def test_cuda_run_matches_cpu_run(digits, vgg_digits, method):
     assert gpu_report.totals["theoretical_speedup"] == pytest.approx(cpu_report.totals["theoretical_speedup"], rel=0.05)
 
 
+def test_cuda_auto_reaches_its_target_and_agrees_with_the_cpu(digits, vgg_digits):
+    """``--method auto`` (every candidate's curve, the global allocation, the build) on the GPU."""
+    settings = dict(method="auto", speedup=2.0, speed_gate=False, progress=False)
+    cpu_model, cpu_report = approximate(vgg_digits, _loader(digits), device="cpu", **settings)
+    gpu_model, gpu_report = approximate(vgg_digits, _loader(digits), device="cuda", **settings)
+    assert all(p.device.type == "cuda" for p in gpu_model.parameters())
+    assert gpu_report.totals["theoretical_speedup"] == pytest.approx(2.0, rel=0.05)
+    images = torch.stack([digits.test[i][0] for i in range(len(digits.test))])
+    agree = (_predictions(cpu_model, images, "cpu") == _predictions(gpu_model, images, "cuda")).float().mean()
+    assert agree >= 0.95
+
+
 def test_cuda_timing_uses_the_device(vgg_digits):
     model = vgg_digits.cuda()
     images = torch.randn(8, 1, 8, 8)

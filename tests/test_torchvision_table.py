@@ -3,8 +3,8 @@ its rows, written with provenance, on vgg-digits (seconds), and the line it prin
 
 import json
 
-from lowrank_fm.bench.torchvision_table import (TableCell, missing_checkpoint_line, run_table_cells,
-                                                run_torchvision_table, torchvision_table)
+from lowrank_fm.bench.torchvision_table import (TABLE_CELLS, TableCell, missing_checkpoint_line, run_table_cells,
+                                                run_torchvision_table, select_cells, torchvision_table)
 from lowrank_fm.bench.provenance import append_row, read_rows
 
 
@@ -36,6 +36,23 @@ def test_rows_on_vgg_digits(tmp_path, digits, vgg_digits):
     assert len(table) == 4
     assert "| vgg-digits | default (auto), no speed gate | 2x |" in "\n".join(table)
     assert "| vgg-digits | tucker2, vbmf ranks | vbmf |" in "\n".join(table)
+    assert all(line.endswith("| cpu | 120 |") for line in table[2:])
+
+
+def test_cells_selected_by_label_and_target_keep_their_order():
+    assert [c.speedup for c in select_cells(TABLE_CELLS, ["default (auto), no speed gate"])] == [2.0, 3.0]
+    assert [c.label for c in select_cells(TABLE_CELLS, speedups=[2.0])] == ["default (auto), no speed gate",
+                                                                            "default (auto), speed gate"]
+    assert select_cells(TABLE_CELLS, ["tucker2, vbmf ranks"], [2.0]) == []
+    assert select_cells(TABLE_CELLS) == list(TABLE_CELLS)
+
+
+def test_a_gpu_row_names_its_gpu_in_the_table():
+    row = {"model": "vgg16_bn-cifar10", "label": "default (auto), speed gate", "target_speedup": 2.0,
+           "params_ratio": 2.5, "macs_ratio": 2.0, "top1_before": 0.88, "top1_after": 0.87, "eval_images": 10000,
+           "measured_speedup": {"1": 1.1}, "device": "cuda", "gpu": "NVIDIA H200",
+           "provenance": {"date_utc": "2026-11-26T00:00:00Z"}}
+    assert "| 1.10x (1) | NVIDIA H200 | 10000 |" in torchvision_table([row])
 
 
 def test_missing_checkpoint_gives_one_line_and_no_row(tmp_path, monkeypatch):

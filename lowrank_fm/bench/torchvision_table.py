@@ -10,6 +10,8 @@ gets no row, only a line saying which command makes it.
 
     python scripts/benchmark.py --torchvision                 # every architecture whose checkpoint is cached
     python scripts/benchmark.py --torchvision --table         # the table of results/torchvision.jsonl
+    python scripts/benchmark.py --torchvision --models vgg16_bn-cifar10 --labels "default (auto), speed gate" \
+        --device cuda --latency-seconds 0.3                   # one cell, on a GPU
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["TableCell", "TORCHVISION_MODELS", "TABLE_CELLS", "missing_checkpoint_line", "train_command", "run_table_cells",
+__all__ = ["TableCell", "TORCHVISION_MODELS", "TABLE_CELLS", "select_cells", "missing_checkpoint_line", "train_command", "run_table_cells",
            "run_torchvision_table", "torchvision_table", "table_key"]
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ def missing_checkpoint_line(name: str, records=TRAINING_RECORDS) -> str | None:
     if path.is_file():
         return None
     return f"{name}: no checkpoint at {path}, no row; make it with: {train_command(name, records)}"
+
+
+def select_cells(cells, labels=None, speedups=None) -> list[TableCell]:
+    """The cells whose label is in ``labels`` and whose target is in ``speedups`` (None: any), in their order."""
+    return [c for c in cells if (labels is None or c.label in labels) and (speedups is None or c.speedup in speedups)]
 
 
 def _measured(speed: dict, batch: int) -> float | None:
@@ -168,6 +175,8 @@ def run_table_cells(
             "ranks": {layer.name: layer.rank for layer in report.layers}, "device": str(device),
             "threads": torch.get_num_threads(),
         }
+        if str(device).startswith("cuda"):
+            row["gpu"] = torch.cuda.get_device_name(torch.device(device))
         row["provenance"] = provenance(load_before)
         log.info("%s %s: %.2fx MACs, top-1 %.4f -> %.4f", model_name, cell.label, row["macs_ratio"],
                  before["top1"], after["top1"])
@@ -209,7 +218,7 @@ def table_key(row: dict) -> tuple:
 
 def torchvision_table(rows: list[dict]) -> str:
     """The Markdown table of the rows with provenance (of one cell, the latest)."""
-    from .provenance import current_rows
+    from .provenance import current_rows, device_label
 
     def pct(value) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
@@ -218,8 +227,8 @@ def torchvision_table(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
     lines = ["| model | method | target | params ratio | MACs ratio | top-1 before | after | fine-tuned (labels) | "
-             "fine-tuned (distill) | measured speedup (batch) | val images |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "fine-tuned (distill) | measured speedup (batch) | device | val images |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {name: i for i, name in enumerate(TORCHVISION_MODELS)}
     rows = current_rows(rows, table_key)
     for r in sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["label"],
@@ -229,6 +238,6 @@ def torchvision_table(rows: list[dict]) -> str:
                                                                 key=lambda item: int(item[0])))
         lines.append(f"| {r['model']} | {r['label']} | {target} | {ratio(r['params_ratio'])} | {ratio(r['macs_ratio'])} | "
                      f"{pct(r['top1_before'])} | {pct(r['top1_after'])} | {pct(r.get('top1_finetuned_labels'))} | "
-                     f"{pct(r.get('top1_finetuned_distill'))} | {speed or '-'} | "
+                     f"{pct(r.get('top1_finetuned_distill'))} | {speed or '-'} | {device_label(r)} | "
                      f"{r.get('eval_images')} |")
     return "\n".join(lines)
