@@ -63,6 +63,7 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, tempe
 MAX_RESTARTS = 2  # a diverging fine-tune starts again at lr / 10, at most this many times
 DIVERGENCE_WINDOW = 20  # batches: the starting model's loss on the first ones sets the scale; the latest steps' mean is compared
 DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' mean loss above this multiple of the starting model's
+DIVERGENCE_FLOOR = 0.01  # ... or of this share of a blank model's loss (zero logits), whichever is larger
 
 
 class _Diverged(Exception):
@@ -74,10 +75,13 @@ class _Diverged(Exception):
 class _Run:
     """The training loop of :func:`finetune` for one learning rate; raises :class:`_Diverged` when the loss
     becomes non-finite or the mean of the last ``DIVERGENCE_WINDOW`` step losses exceeds ``DIVERGENCE_FACTOR``
-    times the starting model's mean loss on the first ``DIVERGENCE_WINDOW`` batches (measured on a frozen copy,
-    so the scale is the untouched model's even when the first steps already blow it up). A fine-tune starts
-    from a good model: its loss should fall, and an Adam step too large for the small factors of a low-rank
-    layer makes it explode instead."""
+    times the scale: the larger of the starting model's mean loss on the first ``DIVERGENCE_WINDOW`` batches
+    (measured on a frozen copy, so the scale is the untouched model's even when the first steps already blow it
+    up) and ``DIVERGENCE_FLOOR`` times a blank model's (zero logits: log(classes) with labels, the teacher's
+    mean squared logits by distillation). A fine-tune starts from a good model: its loss should fall, and an
+    Adam step too large for the small factors of a low-rank layer makes it explode instead. The floor keeps a
+    start that is already (almost) the teacher, loss near 0, from reading the noise of the first steps as
+    divergence."""
 
     def __init__(self, student, params, mode, teacher, distill_loss, temperature, device, progress, evaluate,
                  epochs, steps_per_epoch) -> None:
@@ -109,6 +113,7 @@ class _Run:
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * self.steps_per_epoch)
                      if self.steps_per_epoch else None)
         first: list[float] = []
+        blank: list[float] = []
         latest: list[float] = []
         for epoch in range(self.epochs):
             total, count = 0.0, 0
@@ -123,12 +128,16 @@ class _Run:
                     raise _Diverged(f"the loss became {value} at epoch {epoch + 1}, step {step} with lr {lr:g}", step)
                 if len(first) < DIVERGENCE_WINDOW:
                     with torch.no_grad():
-                        first.append(self.objective(self.start(images), labels, target).item())
+                        start_outputs = self.start(images)
+                        first.append(self.objective(start_outputs, labels, target).item())
+                        blank.append(self.objective(torch.zeros_like(start_outputs), labels, target).item())
                 latest = (latest + [value])[-DIVERGENCE_WINDOW:]
-                if len(latest) == DIVERGENCE_WINDOW and sum(latest) > DIVERGENCE_FACTOR * sum(first):
+                scale = max(sum(first), DIVERGENCE_FLOOR * sum(blank)) / len(first)
+                if len(latest) == DIVERGENCE_WINDOW and sum(latest) / len(latest) > DIVERGENCE_FACTOR * scale:
+                    floor = "" if scale * len(first) == sum(first) else f", floored at {scale:.4g}"
                     raise _Diverged(f"the loss rose from {sum(first) / len(first):.4g} (the starting model, first "
-                                    f"{len(first)} batches) to {sum(latest) / len(latest):.4g} (last {len(latest)} "
-                                    f"steps) by step {step} with lr {lr:g}", step)
+                                    f"{len(first)} batches{floor}) to {sum(latest) / len(latest):.4g} (last "
+                                    f"{len(latest)} steps) by step {step} with lr {lr:g}", step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -236,7 +245,9 @@ def finetune(
 
     Divergence: a fine-tune starts from a good model, so its loss should fall. When a step's loss is not
     finite, or the mean loss of the last 20 steps exceeds 4 times the starting model's mean loss on the first 20
-    batches (measured without training it, on a frozen copy), the try is abandoned
+    batches (measured without training it, on a frozen copy) or, when larger, 4 times 1% of a blank model's
+    (zero logits: log(classes) with labels, the teacher's mean squared logits by distillation; a distillation
+    that starts at the teacher has a loss near 0, and the first steps' noise is not divergence), the try is abandoned
     and training starts again from the approximated model (a data set: the same shuffling; a loader given
     is iterated again, a one-shot generator cannot restart) with a tenth of the learning
     rate, at most twice (``restarts`` in the record, a warning in the log). Adam's steps have the same size

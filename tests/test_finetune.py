@@ -247,6 +247,41 @@ def test_a_diverging_rate_starts_again_from_the_model_at_a_tenth():
     assert F.cross_entropy(tuned(x), y) < F.cross_entropy(model(x), y)  # and it did learn
 
 
+def _near_teacher(scale=1e-5):
+    """A small MLP and a copy of it with weights moved by ``scale``: a distillation that starts at the teacher."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    student = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    student.load_state_dict({k: v + scale * torch.randn_like(v) for k, v in teacher.state_dict().items()})
+    return teacher, student
+
+
+def test_distilling_from_almost_the_teacher_is_not_divergence():
+    """A student within 1e-5 of the teacher starts with a distillation loss near 0, and Adam's first steps
+    (each weight moves by about the rate, whatever its gradient) raise it many times over: the guard's scale
+    is then 1% of the teacher's mean squared logits (a zero student's loss, computed here independently), so
+    that drift is no divergence; it stays far below the teacher's logit energy."""
+    teacher, student = _near_teacher()
+    data = _separable()
+    x = data.tensors[0]
+    energy = float(logits(teacher, x).pow(2).sum(1).mean())
+    start = float((logits(student, x) - logits(teacher, x)).pow(2).sum(1).mean())
+    tuned, record = finetune(student, data, epochs=1, mode="distill", teacher=teacher, lr=3e-4, batch_size=8,
+                             progress=False)
+    assert record["restarts"] == [] and record["steps"] == 80
+    drift = float((logits(tuned, x) - logits(teacher, x)).pow(2).sum(1).mean())
+    assert drift > 4 * start  # the old scale, the start's loss alone, would have called this divergence
+    assert drift < 0.04 * energy
+
+
+def test_a_distillation_that_blows_up_near_the_teacher_is_still_divergence():
+    """Adam at 3 (then 0.3, 0.03) takes the student's logits far beyond the floor: still divergence."""
+    teacher, student = _near_teacher()
+    with pytest.raises(FloatingPointError, match=r"floored at .*after 2 restarts"):
+        finetune(student, _separable(), epochs=1, mode="distill", teacher=teacher, lr=3.0, batch_size=8,
+                 progress=False)
+
+
 def test_a_steady_fine_tune_never_restarts():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
