@@ -83,6 +83,21 @@ def test_tucker2_sigma_at_identity_keeps_the_frobenius_solution() -> None:
     np.testing.assert_allclose(u_in2 @ u_in2.T, (u_in @ u_in.T).numpy(), atol=1e-6)
 
 
+def test_kronecker_products_without_the_kronecker_matrix() -> None:
+    """The Tucker-2 ALS's M (U (x) I_k2) and (U (x) I_k2)^T Sigma (U (x) I_k2), against np.kron formed densely."""
+    from lowrank_fm.methods.sigma_math import _kron_identity_sandwich, _times_kron_identity
+
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal((6, 4))
+    b = np.kron(u, np.eye(9))
+    root = rng.standard_normal((54, 54))
+    sigma = root @ root.T
+    m = rng.standard_normal((5, 54))
+    np.testing.assert_allclose(_times_kron_identity(m, u, 9), m @ b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_kron_identity_sandwich(sigma, u, 9), b.T @ sigma @ b, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(_times_kron_identity(rng.standard_normal((3, 36)), u.T, 9).shape, (3, 54))
+
+
 def test_cp_sigma_at_identity_keeps_the_frobenius_solution() -> None:
     rng = np.random.default_rng(3)
     exact = cp_reconstruct(*(rng.standard_normal((n, 3)) for n in (8, 6, 3, 3)))
