@@ -132,9 +132,10 @@ class _Run:
                         first.append(self.objective(start_outputs, labels, target).item())
                         blank.append(self.objective(torch.zeros_like(start_outputs), labels, target).item())
                 latest = (latest + [value])[-DIVERGENCE_WINDOW:]
-                scale = max(sum(first), DIVERGENCE_FLOOR * sum(blank)) / len(first)
+                floored = DIVERGENCE_FLOOR * sum(blank) > sum(first)
+                scale = (DIVERGENCE_FLOOR * sum(blank) if floored else sum(first)) / len(first)
                 if len(latest) == DIVERGENCE_WINDOW and sum(latest) / len(latest) > DIVERGENCE_FACTOR * scale:
-                    floor = "" if scale * len(first) == sum(first) else f", floored at {scale:.4g}"
+                    floor = f", floored at {scale:.4g}" if floored else ""
                     raise _Diverged(f"the loss rose from {sum(first) / len(first):.4g} (the starting model, first "
                                     f"{len(first)} batches{floor}) to {sum(latest) / len(latest):.4g} (last "
                                     f"{len(latest)} steps) by step {step} with lr {lr:g}", step)

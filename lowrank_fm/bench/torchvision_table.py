@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["TableCell", "TORCHVISION_MODELS", "TABLE_CELLS", "select_cells", "missing_checkpoint_line", "train_command", "run_table_cells",
-           "run_torchvision_table", "torchvision_table", "table_key"]
+__all__ = ["TableCell", "TORCHVISION_MODELS", "TABLE_CELLS", "select_cells", "missing_checkpoint_line", "train_command",
+           "run_table_cells", "run_torchvision_table", "torchvision_table", "table_key"]
 
 log = logging.getLogger(__name__)
 
