@@ -248,8 +248,8 @@ def finetune(
     finite, or the mean loss of the last 20 steps exceeds 4 times the starting model's mean loss on the first 20
     batches (measured without training it, on a frozen copy) or, when larger, 4 times 1% of a blank model's
     (zero logits: log(classes) with labels, the teacher's mean squared logits by distillation; a distillation
-    that starts at the teacher has a loss near 0, and the first steps' noise is not divergence), the try is abandoned
-    and training starts again from the approximated model (a data set: the same shuffling; a loader given
+    that starts at the teacher has a loss near 0, and the first steps' noise is not divergence), the try is
+    abandoned and training starts again from the approximated model (a data set: the same shuffling; a loader given
     is iterated again, a one-shot generator cannot restart) with a tenth of the learning
     rate, at most twice (``restarts`` in the record, a warning in the log). Adam's steps have the same size
     for every parameter, so a rate that suits a model's weights can be too large for the small factors of a
