@@ -95,7 +95,8 @@ def test_kronecker_products_without_the_kronecker_matrix() -> None:
     m = rng.standard_normal((5, 54))
     np.testing.assert_allclose(_times_kron_identity(m, u, 9), m @ b, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(_kron_identity_sandwich(sigma, u, 9), b.T @ sigma @ b, rtol=1e-12, atol=1e-10)
-    np.testing.assert_allclose(_times_kron_identity(rng.standard_normal((3, 36)), u.T, 9).shape, (3, 54))
+    g = rng.standard_normal((3, 36))  # A = G B^T, as the ALS forms it (the factor transposed)
+    np.testing.assert_allclose(_times_kron_identity(g, u.T, 9), g @ b.T, rtol=1e-12, atol=1e-12)
 
 
 def test_cp_sigma_at_identity_keeps_the_frobenius_solution() -> None:
