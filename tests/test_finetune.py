@@ -4,6 +4,7 @@ determinism, and the command line's --finetune-epochs (record, report, saved mod
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import lowrank_fm
 from lowrank_fm import approximate
 from lowrank_fm.cli import main
 from lowrank_fm.cost import measure_costs
-from lowrank_fm.finetune import finetune
+from lowrank_fm.finetune import finetune, outlier_weights
 from lowrank_fm.zoo.evaluate import accuracy
 from lowrank_fm.zoo.models import load_bundled_approximated as load_approximated
 
@@ -122,6 +123,59 @@ def test_distill_mse_first_loss_is_the_logit_mse(damaged, digits, vgg_digits):
                          batch_size=32, progress=False)
     expected = (logits(model, images) - logits(vgg_digits, images)).pow(2).sum(1).mean()
     assert record["loss"][0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_distill_mse_caps_an_image_with_exploding_logits(damaged, digits, vgg_digits):
+    """One image scaled up 300 times gets teacher logits far beyond 100x the batch's median energy; the first
+    loss is the logit MSE with that image's squared error scaled by 100 * median / its energy (computed here
+    with numpy), and every other image's error counts in full."""
+    model, _ = damaged
+    images = digits.train.tensors[0][:32].clone()
+    images[5] *= 300.0
+    _, record = finetune(model, TensorDataset(images), epochs=1, mode="distill", teacher=vgg_digits,
+                         batch_size=32, progress=False)
+    teacher = logits(vgg_digits, images).double().numpy()
+    errors = ((logits(model, images).double().numpy() - teacher) ** 2).sum(1)
+    energy = (teacher**2).sum(1)
+    cap = 100 * np.sort(energy)[(32 - 1) // 2]  # the median's lower middle value, as torch.median takes it
+    assert energy[5] > 10 * cap and (np.delete(energy, 5) < cap).all()  # exactly one outlier, far out
+    weights = np.ones(32)
+    weights[5] = cap / energy[5]
+    expected = float((errors * weights).mean())
+    assert record["loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert record["loss"][0] < 0.2 * errors.mean()  # unweighted, the outlier would dominate the batch
+
+
+def test_outlier_weights_are_exactly_one_within_the_cap():
+    generator = torch.Generator().manual_seed(0)
+    teacher = 3 * torch.randn(64, 10, generator=generator)
+    assert torch.equal(outlier_weights(teacher), torch.ones(64))
+    teacher[7] *= 50  # energy 2500x a typical image's
+    weights = outlier_weights(teacher)
+    energy = teacher.pow(2).sum(1)
+    assert weights[7].item() == pytest.approx(100 * float(np.sort(energy.numpy())[(64 - 1) // 2]) / energy[7].item(), rel=1e-6)
+    assert torch.equal(torch.cat([weights[:7], weights[8:]]), torch.ones(63))
+    assert torch.equal(outlier_weights(torch.zeros(8, 3)), torch.ones(8))  # no scale: nothing capped
+
+
+def test_one_batch_of_huge_loss_is_not_divergence():
+    """Batch 30 of 80 holds images scaled up 1000 times with their labels flipped: its cross-entropy is
+    thousands of times the others'. The mean of the last 20 steps' losses then exceeds 4 times the start's
+    (checked here), but their median does not move: no restart, and the model still learns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = _separable().tensors
+    batches = [(x[i:i + 8].clone(), y[i:i + 8].clone()) for i in range(0, 640, 8)]
+    batches[30] = (1000 * batches[30][0], 1 - batches[30][1])
+    tuned, record = finetune(model, batches, epochs=1, lr=3e-3, progress=False)
+    assert record["restarts"] == [] and record["steps"] == 80
+    with torch.no_grad():
+        start = [F.cross_entropy(model(images), labels).item() for images, labels in batches[:20]]
+        outlier = F.cross_entropy(model(batches[30][0]), batches[30][1]).item()
+    assert outlier / 20 > 4 * sum(start) / 20  # a mean over the window would have called this divergence
+    clean = torch.cat([b[0] for i, b in enumerate(batches) if i != 30]), torch.cat(
+        [b[1] for i, b in enumerate(batches) if i != 30])
+    assert F.cross_entropy(tuned(clean[0]), clean[1]) < F.cross_entropy(model(clean[0]), clean[1])
 
 
 def test_kl_loss_against_its_definition(damaged, digits, vgg_digits):
