@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-__all__ = ["finetune", "outlier_weights", "FINETUNE_MODES", "DISTILL_LOSSES"]
+__all__ = ["finetune", "FINETUNE_MODES", "DISTILL_LOSSES"]
 
 log = logging.getLogger(__name__)
 
