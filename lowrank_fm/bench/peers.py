@@ -471,6 +471,7 @@ def plot_peers(rows: list[dict], out_dir: str | Path) -> list[Path]:
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("top-1 after, no fine-tuning (%)")
         axes[1].legend(fontsize=7, loc="best")
-        figure.suptitle(f"{model}: peers at MAC targets 2x / 3x / 4x")
+        targets = " / ".join(f"{t:g}x" for t in sorted({r["target_speedup"] for r in mine}))
+        figure.suptitle(f"{model}: MAC targets {targets}")
         paths.append(_save(plt, figure, Path(out_dir) / f"peers_{model}.png"))
     return paths
