@@ -83,7 +83,7 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, tempe
 
 
 MAX_RESTARTS = 2  # a diverging fine-tune starts again at lr / 10, at most this many times
-DIVERGENCE_WINDOW = 20  # batches: the starting model's median loss on the first ones sets the scale; the latest steps' median is compared
+DIVERGENCE_WINDOW = 20  # batches: the starting model's median loss on the first sets the scale; the last steps' median is compared
 DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' median loss above this multiple of the starting model's
 DIVERGENCE_FLOOR = 0.01  # ... or of this share of a blank model's loss (zero logits), whichever is larger
 
@@ -288,11 +288,11 @@ def finetune(
       matching (Ba and Caruana 2014), with w_i = 1 except for an image whose teacher logits carry more than
       100 times the batch's median energy ||t||^2 (:func:`outlier_weights`): its error is scaled down to
       that energy, so that a few images with exploding logits do not own the gradient (DenseNet-161 on
-      CIFAR-10: 75% -> 49% top-1 in one epoch unweighted). It is what the approximation itself minimises layer by layer (output
-      reconstruction), keeps all of the teacher's information (also the logits' scale), has no temperature
-      to tune, and is the limit of the softened KL for a large temperature (Hinton et al. 2015: the KL's
-      gradient tends to (z - t) / (N T^2) for zero-mean logits). Kim et al. (IJCAI 2021) found logit MSE as
-      good as or better than KL for distillation.
+      CIFAR-10: 75% -> 49% top-1 in one epoch unweighted). It is what the approximation itself minimises
+      layer by layer (output reconstruction), keeps all of the teacher's information (also the logits'
+      scale), has no temperature to tune, and is the limit of the softened KL for a large temperature
+      (Hinton et al. 2015: the KL's gradient tends to (z - t) / (N T^2) for zero-mean logits). Kim et al.
+      (IJCAI 2021) found logit MSE as good as or better than KL for distillation.
     - ``"kl"``: L = T^2 KL(softmax(t / T) || softmax(z / T)) (Hinton et al. 2015), mean over images; T^2
       keeps the gradient's size independent of T.
     """
