@@ -156,14 +156,15 @@ class _Run:
                         first.append(self.objective(start_outputs, labels, target).item())
                         blank.append(self.objective(torch.zeros_like(start_outputs), labels, target).item())
                 latest = (latest + [value])[-DIVERGENCE_WINDOW:]
-                start_loss, blank_loss = statistics.median(first), statistics.median(blank)
-                floored = DIVERGENCE_FLOOR * blank_loss > start_loss
-                scale = DIVERGENCE_FLOOR * blank_loss if floored else start_loss
-                if len(latest) == DIVERGENCE_WINDOW and statistics.median(latest) > DIVERGENCE_FACTOR * scale:
-                    floor = f", floored at {scale:.4g}" if floored else ""
-                    raise _Diverged(f"the median loss rose from {start_loss:.4g} (the starting model, first "
-                                    f"{len(first)} batches{floor}) to {statistics.median(latest):.4g} (last "
-                                    f"{len(latest)} steps) by step {step} with lr {lr:g}", step)
+                if len(latest) == DIVERGENCE_WINDOW:  # the window is full (and so is the start's, filled alongside)
+                    start_loss, blank_loss, now = (statistics.median(v) for v in (first, blank, latest))
+                    floored = DIVERGENCE_FLOOR * blank_loss > start_loss
+                    scale = DIVERGENCE_FLOOR * blank_loss if floored else start_loss
+                    if now > DIVERGENCE_FACTOR * scale:
+                        floor = f", floored at {scale:.4g}" if floored else ""
+                        raise _Diverged(f"the median loss rose from {start_loss:.4g} (the starting model, first "
+                                        f"{len(first)} batches{floor}) to {now:.4g} (last {len(latest)} steps) "
+                                        f"by step {step} with lr {lr:g}", step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
