@@ -206,7 +206,7 @@ def test_synthetic_model_and_tensor_batches():
     images = torch.randn(40, 2, 5, 5)
     labels = torch.randint(0, 3, (40,))
     batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]  # an iterable of batches, used in order
-    tuned, record = finetune(model, batches, epochs=20, lr=1e-2, progress=False)
+    tuned, record = finetune(model, batches, epochs=20, lr=1e-1, progress=False)
     assert record["steps"] == 100 and record["batch_size"] is None and record["schedule"] == "cosine"
     assert record["loss"][-1] < 0.5 * record["loss"][0]
     assert float(F.cross_entropy(logits(tuned, images), labels)) < float(F.cross_entropy(logits(model, images), labels))
@@ -226,13 +226,14 @@ def test_iterable_dataset_is_batched_in_order():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
     images, labels = torch.randn(40, 1, 2, 3), torch.randint(0, 3, (40,))
-    tuned, record = finetune(model, Stream(images, labels), epochs=2, batch_size=8, lr=1e-2, progress=False)
+    tuned, record = finetune(model, Stream(images, labels), epochs=2, batch_size=8, lr=1e-1, progress=False)
     assert record["steps"] == 10 and record["images"] == 40 and record["schedule"] == "constant"
     # the same batches given as a list: the same weights (a list has a length: cosine schedule, so compare
-    # against an independent Adam run at a constant lr instead)
+    # against an independent Adam run at a constant rate instead: 0.1 times each tensor's RMS)
     reference = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
     reference.load_state_dict(model.state_dict())
-    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam([{"params": [p], "lr": 0.1 * float(torch.sqrt(torch.mean(p.detach() ** 2)))}
+                                  for p in reference.parameters()])
     for _ in range(2):
         for i in range(0, 40, 8):
             loss = F.cross_entropy(reference(images[i:i + 8]), labels[i:i + 8])
@@ -284,15 +285,15 @@ def _separable(n=640, seed=0):
 
 
 def test_a_diverging_rate_starts_again_from_the_model_at_a_tenth():
-    """Adam at lr 30 blows a small MLP's loss up; the guard restarts from the untouched model at lr 3, then
-    0.3 if needed, and the result is exactly a plain run at the rate that finished (same shuffling)."""
+    """Adam at 100 times each tensor's RMS blows a small MLP's loss up; the guard restarts from the untouched
+    model at lr 10, then 1 if needed, and the result is exactly a plain run at the rate that finished (same shuffling)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = _separable()
-    tuned, record = finetune(model, data, epochs=1, lr=30.0, batch_size=8, progress=False)
-    assert record["restarts"] and record["restarts"][0]["lr"] == 30.0
-    assert record["lr"] == pytest.approx(30.0 / 10 ** len(record["restarts"]))
+    tuned, record = finetune(model, data, epochs=1, lr=100.0, batch_size=8, progress=False)
+    assert record["restarts"] and record["restarts"][0]["lr"] == 100.0
+    assert record["lr"] == pytest.approx(100.0 / 10 ** len(record["restarts"]))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
     plain, plain_record = finetune(model, data, epochs=1, lr=record["lr"], batch_size=8, progress=False)
     assert plain_record["restarts"] == [] and plain_record["steps"] == record["steps"] == 80
@@ -330,11 +331,34 @@ def test_distilling_from_almost_the_teacher_is_not_divergence():
 
 
 def test_a_distillation_that_blows_up_near_the_teacher_is_still_divergence():
-    """Adam at 3 (then 0.3, 0.03) takes the student's logits far beyond the floor: still divergence."""
+    """Adam at 30 times each tensor's RMS (then 3, 0.3) takes the student's logits far beyond the floor: still
+    divergence."""
     teacher, student = _near_teacher()
     with pytest.raises(FloatingPointError, match=r"floored at .*after 2 restarts"):
-        finetune(student, _separable(), epochs=1, mode="distill", teacher=teacher, lr=3.0, batch_size=8,
+        finetune(student, _separable(), epochs=1, mode="distill", teacher=teacher, lr=30.0, batch_size=8,
                  progress=False)
+
+
+def test_every_tensor_steps_by_the_rate_times_its_rms():
+    """Adam's first step moves each element by its group's rate in the sign of -gradient (m/sqrt(v) = g/|g|),
+    so one step shows each tensor's rate: lr * max(RMS(p), 1e-3), computed here from the weights. A tensor
+    scaled by 100 steps 100 times further; a zero bias steps at the floor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)
+        model[2].bias.zero_()
+    x, y = torch.randn(8, 8), torch.randint(0, 2, (8,))
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    tuned, record = finetune(model, [(x, y)], epochs=1, lr=1e-2, progress=False)
+    assert record["steps"] == 1
+    for (name, p), g, q in zip(model.named_parameters(), grads, tuned.parameters()):
+        rate = 1e-2 * max(float(torch.sqrt(torch.mean(p.detach() ** 2))), 1e-3)
+        moved = g.abs() > 1e-6  # elements whose gradient dwarfs Adam's eps (1e-8)
+        assert moved.any(), name
+        torch.testing.assert_close((q - p).detach()[moved], -rate * g.sign()[moved], rtol=1e-3, atol=0)
+        assert torch.equal(q.detach()[g == 0], p.detach()[g == 0]), name
 
 
 def test_a_steady_fine_tune_never_restarts():

@@ -55,6 +55,15 @@ def test_a_gpu_row_names_its_gpu_in_the_table():
     assert "| 1.10x (1) | NVIDIA H200 | 10000 |" in torchvision_table([row])
 
 
+def test_the_table_names_each_fine_tunes_rate_and_whether_it_is_relative():
+    row = {"model": "alexnet-cifar10", "label": "default (auto), speed gate", "target_speedup": 2.0,
+           "params_ratio": 5.7, "macs_ratio": 2.0, "top1_before": 0.8053, "top1_after": 0.8053, "eval_images": 10000,
+           "top1_finetuned_labels": 0.8073, "top1_finetuned_distill": 0.8040, "measured_speedup": {"1": 2.9},
+           "finetune": {"epochs": 1, "labels": {"lr": 3e-3, "lr_per_tensor": "lr * max(RMS, 1e-3)"},
+                        "distill": {"lr": 3e-5}}, "device": "cpu", "provenance": {"date_utc": "2026-11-26T00:00:00Z"}}
+    assert "| 80.73 | 80.40 | 3e-03 x RMS / 3e-05 | 2.90x (1) |" in torchvision_table([row])
+
+
 def test_missing_checkpoint_gives_one_line_and_no_row(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRANK_FM_CACHE", str(tmp_path / "cache"))
     records = tmp_path / "training.jsonl"

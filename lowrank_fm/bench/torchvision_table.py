@@ -151,7 +151,8 @@ def run_table_cells(
                 tuned[mode] = {"top1": None, "error": str(error)}
                 continue
             tuned[mode] = {"top1": record["top1"][-1], "top1_per_epoch": record["top1"], "seconds": record["seconds"],
-                           "images_per_epoch": record["images"], "lr": record["lr"], "restarts": record["restarts"]}
+                           "images_per_epoch": record["images"], "lr": record["lr"],
+                           "lr_per_tensor": record["lr_per_tensor"], "restarts": record["restarts"]}
         speed = measure_speed(model, new_model, images, batch_sizes=tuple(latency_batches), rounds=latency_rounds,
                               min_seconds=latency_min_seconds, device=device)
         totals = report.totals
@@ -226,9 +227,19 @@ def torchvision_table(rows: list[dict]) -> str:
     def ratio(value) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
+    def rates(row) -> str:  # the learning rate each fine-tune finished at; "x RMS": relative to each tensor
+        parts = []
+        for mode in ("labels", "distill"):
+            entry = row.get("finetune", {}).get(mode) or {}
+            if entry.get("lr") is None:
+                parts.append("-")
+            else:
+                parts.append(f"{entry['lr']:.0e}" + (" x RMS" if entry.get("lr_per_tensor") else ""))
+        return " / ".join(parts)
+
     lines = ["| model | method | target | params ratio | MACs ratio | top-1 before | after | fine-tuned (labels) | "
-             "fine-tuned (distill) | measured speedup (batch) | device | val images |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "fine-tuned (distill) | fine-tune lr (labels / distill) | measured speedup (batch) | device | val images |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {name: i for i, name in enumerate(TORCHVISION_MODELS)}
     rows = current_rows(rows, table_key)
     for r in sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["label"],
@@ -238,6 +249,6 @@ def torchvision_table(rows: list[dict]) -> str:
                                                                 key=lambda item: int(item[0])))
         lines.append(f"| {r['model']} | {r['label']} | {target} | {ratio(r['params_ratio'])} | {ratio(r['macs_ratio'])} | "
                      f"{pct(r['top1_before'])} | {pct(r['top1_after'])} | {pct(r.get('top1_finetuned_labels'))} | "
-                     f"{pct(r.get('top1_finetuned_distill'))} | {speed or '-'} | {device_label(r)} | "
+                     f"{pct(r.get('top1_finetuned_distill'))} | {rates(r)} | {speed or '-'} | {device_label(r)} | "
                      f"{r.get('eval_images')} |")
     return "\n".join(lines)
