@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .building import build_layers, heldout_errors
+from .building import build_layers, heldout_errors, in_network_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
 from .distributed import split_range
@@ -236,6 +236,9 @@ def approximate(
             heldout = shard_inputs(data, to_input, part, size, config.device)
             for name, error in heldout_errors(reference, replacements, heldout, reduce=size > 1).items():
                 records[name].rel_error = error
+            heldout = shard_inputs(data, to_input, part, size, config.device)
+            for name, error in in_network_errors(reference, work, replacements, heldout, reduce=size > 1).items():
+                records[name].rel_error_network = error
             after = measure_costs(work, probe)
             for name in replacements:  # the MACs actually counted in the new model's forward
                 records[name].macs_after = sum(c.macs for n, c in after.items() if n.startswith(name + "."))

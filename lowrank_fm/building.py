@@ -17,7 +17,7 @@ from .patches import patches_at
 from .samples import layer_data_from_maps
 from .surgery import get_module
 
-__all__ = ["build_layers", "heldout_errors", "corrects", "correct_last_factor"]
+__all__ = ["build_layers", "heldout_errors", "in_network_errors", "corrects", "correct_last_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,55 @@ def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inp
     finally:
         for handle in handles:
             handle.remove()
+    if reduce:
+        flat = all_reduce_sums([value for pair in sums.values() for value in pair])
+        sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}
+    return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
+
+
+IN_NETWORK_CHUNK = 8  # images per forward in :func:`in_network_errors` (it holds every replaced layer's output)
+
+
+@torch.no_grad()
+def in_network_errors(reference: nn.Module, approximated: nn.Module, names: Iterable[str], inputs: Iterable,
+                      reduce: bool = False) -> dict[str, float]:
+    """||y_l - yhat_l||_F / ||y_l||_F per replaced layer l, each network fed its own inputs.
+
+    y_l is layer l's output inside the reference (original, folded) network and yhat_l the replacement's output
+    inside ``approximated`` on the same images, so yhat_l carries the error of every layer before l. Where
+    :func:`heldout_errors` measures a replacement alone on the original input, this is the error the user's
+    network has at that layer: for a layer whose last factor was refitted to the approximated network's inputs
+    (the whole-model correction) the first can be large while this is small. A tensor batch is run in chunks of
+    ``IN_NETWORK_CHUNK`` images (every replaced layer's output of a chunk is held at once); ``reduce`` as in
+    :func:`heldout_errors`."""
+    from .distributed import all_reduce_sums
+
+    names = list(names)
+    sums = {name: [0.0, 0.0] for name in names}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}  # a module called twice: two outputs
+
+    def keep(_module, _args, output, name):  # a copy: an in-place activation after the layer would change it
+        outputs[name].append(output.clone())
+
+    def compare(_module, _args, output, name):
+        y = outputs[name].pop(0).double()
+        sums[name][0] += float((y - output.double()).pow(2).sum())
+        sums[name][1] += float(y.pow(2).sum())
+
+    def run(network, hook, batch):
+        handles = [get_module(network, name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+                   for name in names]
+        try:
+            network(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    for batch in inputs:
+        chunks = batch.split(IN_NETWORK_CHUNK) if torch.is_tensor(batch) else [batch]
+        for chunk in chunks:
+            run(reference, keep, chunk)
+            run(approximated, compare, chunk)
     if reduce:
         flat = all_reduce_sums([value for pair in sums.values() for value in pair])
         sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}

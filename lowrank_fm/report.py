@@ -21,7 +21,12 @@ class LayerRecord:
 
     ``rank`` is the kept rank (the original output width when kept), ``energy`` the share of the method's
     spectrum it keeps (None when not computed), ``rel_error`` = ||y - yhat||_F / ||y||_F over every output
-    position of the held-out calibration images (None when kept or not measured).
+    position of the held-out calibration images with the replacement applied to the original network's input
+    to the layer, ``rel_error_network`` the same with yhat the replacement's output inside the approximated
+    network (its input carries the error of the layers before; :func:`lowrank_fm.building.in_network_errors`).
+    Both are None when the layer is kept or not measured. For a layer whose last factor was refitted to the
+    approximated network's inputs (the whole-model correction), ``rel_error`` can be far larger than
+    ``rel_error_network``: the refit compensates for errors its original input does not have.
     """
 
     name: str
@@ -37,6 +42,7 @@ class LayerRecord:
     status: str  # "approximated" | "kept"
     reason: str | None = None
     extra: dict = field(default_factory=dict)
+    rel_error_network: float | None = None
 
     @classmethod
     def planned(cls, module, plan, timing=None) -> "LayerRecord":
@@ -118,7 +124,8 @@ class Report:
 
     def format_table(self) -> str:
         """A readable per-layer table with totals, accuracy and latency lines."""
-        rows = [("layer", "kind", "shape", "rank", "energy", "MACs before", "MACs after", "rel.err", "status")]
+        rows = [("layer", "kind", "shape", "rank", "energy", "MACs before", "MACs after", "rel.err",
+                 "rel.err in network", "status")]
         for l in self.layers:
             rows.append(
                 (
@@ -130,6 +137,7 @@ class Report:
                     f"{l.macs_before:,}",
                     f"{l.macs_after:,}",
                     "-" if l.rel_error is None else f"{l.rel_error:.4f}",
+                    "-" if l.rel_error_network is None else f"{l.rel_error_network:.4f}",
                     (f"{l.status} ({l.extra['method']})" if "method" in l.extra else l.status)
                     if l.reason is None else f"{l.status}: {l.reason}",
                 )

@@ -162,3 +162,39 @@ def test_weights_with_another_head_are_refused_with_the_flag_to_use(tmp_path):
 def test_vbmf_ranks_are_refused_for_methods_without_them(digits, model):
     with pytest.raises(ValueError, match="applies to tucker2 and tucker1"):
         approximate(model, _loader(digits, 32), method="fm-linear", ranks="vbmf", progress=False)
+
+
+def test_in_network_errors_against_prefix_forwards():
+    """Layer l's in-network error from hooks equals ||A[:l+1](x) - B[:l+1](x)|| / ||A[:l+1](x)|| computed by
+    running each network's prefix (nn.Sequential slicing), over several batches and chunks; the in-place ReLU
+    after layer 2 must not change the output kept for it."""
+    from lowrank_fm.building import in_network_errors
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                    torch.nn.Conv2d(8, 8, 1)).eval()
+    approximated = copy.deepcopy(reference)
+    with torch.no_grad():
+        for index in (2, 4):
+            approximated[index].weight.add_(0.1 * torch.randn_like(approximated[index].weight))
+    batches = [torch.randn(11, 3, 6, 6), torch.randn(5, 3, 6, 6)]
+    errors = in_network_errors(reference, approximated, ["2", "4"], batches)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        for index in (2, 4):
+            y, y_hat = reference[:index + 1](x), approximated[:index + 1](x)
+            assert errors[str(index)] == pytest.approx(float((y - y_hat).norm() / y.norm()), rel=1e-5)
+    assert errors["4"] > 0 and errors["2"] > 0
+
+
+def test_report_gives_each_layers_error_inside_the_approximated_network(approximated):
+    """The first approximated layer sees the same input in both networks (the layers before it are kept), so its
+    in-network error is its held-out error; every approximated layer has one, no kept layer does."""
+    _, report, _ = approximated
+    done = [l for l in report.layers if l.status == "approximated"]
+    assert len(done) >= 2 and all(l.rel_error_network is not None and l.rel_error_network > 0 for l in done)
+    assert all(l.rel_error_network is None for l in report.layers if l.status == "kept")
+    assert done[0].rel_error_network == pytest.approx(done[0].rel_error, rel=1e-6)
+    assert "rel.err in network" in report.format_table()
+    assert "rel_error_network" in report.to_dict()["layers"][0]
