@@ -409,10 +409,12 @@ def _finetune(new_model, model, data, args, report):
                              teacher=model if mode == "distill" else None, evaluate=evaluate, device=args.device,
                              seed=args.seed, progress=not args.quiet)
     report.timing["finetune_s"] = record["seconds"]
-    report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"], "record": record}
+    report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"],
+                       "kept_start": record["kept_start"], "record": record}
     scores = report.accuracy
-    scores.update({"top1_approximated": scores["top1_after"], "top5_approximated": scores["top5_after"],
-                   "top1_after": record["top1"][-1], "top5_after": record["top5"][-1]})
+    scores.update({"top1_approximated": scores["top1_after"], "top5_approximated": scores["top5_after"]})
+    if not record["kept_start"]:  # else the saved model is the approximated one, and so are its scores
+        scores.update({"top1_after": record["top1"][-1], "top5_after": record["top5"][-1]})
     return tuned
 
 

@@ -3,8 +3,10 @@ independent computation, labels and label-free modes on a deliberately damaged v
 determinism, and the command line's --finetune-epochs (record, report, saved model)."""
 
 import json
+import math
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,7 +318,8 @@ def test_distilling_from_almost_the_teacher_is_not_divergence():
     """A student within 1e-5 of the teacher starts with a distillation loss near 0, and Adam's first steps
     (each weight moves by about the rate, whatever its gradient) raise it many times over: the guard's scale
     is then 1% of the teacher's mean squared logits (a zero student's loss, computed here independently), so
-    that drift is no divergence; it stays far below the teacher's logit energy."""
+    that drift is no divergence; it stays far below the teacher's logit energy. It is still worse than the
+    start, so the final check returns the start."""
     teacher, student = _near_teacher()
     data = _separable()
     x = data.tensors[0]
@@ -325,9 +328,12 @@ def test_distilling_from_almost_the_teacher_is_not_divergence():
     tuned, record = finetune(student, data, epochs=1, mode="distill", teacher=teacher, lr=3e-4, batch_size=8,
                              progress=False)
     assert record["restarts"] == [] and record["steps"] == 80
-    drift = float((logits(tuned, x) - logits(teacher, x)).pow(2).sum(1).mean())
+    drift = record["final_check"]["trained_median"]  # the trained model's loss on the last 20 batches
     assert drift > 4 * start  # the old scale, the start's loss alone, would have called this divergence
     assert drift < 0.04 * energy
+    # and since training raised the loss on those batches, the start comes back unchanged (the final check)
+    assert record["kept_start"] and record["final_check"]["start_median"] < drift
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), student.state_dict().values()))
 
 
 def test_a_distillation_that_blows_up_near_the_teacher_is_still_divergence():
@@ -359,6 +365,45 @@ def test_every_tensor_steps_by_the_rate_times_its_rms():
         assert moved.any(), name
         torch.testing.assert_close((q - p).detach()[moved], -rate * g.sign()[moved], rtol=1e-3, atol=0)
         assert torch.equal(q.detach()[g == 0], p.detach()[g == 0]), name
+
+
+def test_a_fine_tune_that_lowers_the_loss_returns_the_trained_model(damaged, digits):
+    """The final check compares both models' losses on the last 20 batches, recomputed here independently from
+    the same batches (a list of batches, used in its order): the trained model is returned when its median is
+    lower."""
+    model, _ = damaged
+    batches = list(DataLoader(digits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    tuned, record = finetune(model, batches, epochs=1, lr=1e-2, progress=False)
+    last = batches[-20:]
+    with torch.no_grad():
+        start = sorted(float(F.cross_entropy(model(x), y)) for x, y in last)
+    assert record["final_check"]["batches"] == 20
+    assert record["final_check"]["start_median"] == pytest.approx((start[9] + start[10]) / 2, rel=1e-5)
+    assert record["final_check"]["trained_median"] < record["final_check"]["start_median"]
+    assert not record["kept_start"]
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_fine_tune_that_raises_the_loss_returns_the_start():
+    """Labels independent of the images and a model at zero logits (loss log 2, the best it can do on unseen
+    images): steps of 0.1 (lr 100 times the floor scale 1e-3) only fit noise, so the losses of the last batches,
+    each measured before its step, end above the start's; the start comes back unchanged, and top1_returned is
+    evaluated on it."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(640, 8, generator=generator)
+    y = torch.randint(0, 2, (640,), generator=generator)
+    model = nn.Sequential(nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    evaluate = lambda m: {"top1": float((m(x).argmax(1) == y).float().mean())}  # noqa: E731
+    tuned, record = finetune(model, TensorDataset(x, y), epochs=1, lr=100.0, batch_size=8, evaluate=evaluate,
+                             progress=False)
+    assert record["restarts"] == []
+    assert record["final_check"]["start_median"] == pytest.approx(math.log(2))
+    assert record["final_check"]["trained_median"] > record["final_check"]["start_median"]
+    assert record["kept_start"] and record["top1_returned"] == evaluate(model)["top1"]
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.state_dict().values()))
 
 
 def test_a_steady_fine_tune_never_restarts():

@@ -62,6 +62,9 @@ def test_the_table_names_each_fine_tunes_rate_and_whether_it_is_relative():
            "finetune": {"epochs": 1, "labels": {"lr": 3e-3, "lr_per_tensor": "lr * max(RMS, 1e-3)"},
                         "distill": {"lr": 3e-5}}, "device": "cpu", "provenance": {"date_utc": "2026-11-26T00:00:00Z"}}
     assert "| 80.73 | 80.40 | 3e-03 x RMS / 3e-05 | 2.90x (1) |" in torchvision_table([row])
+    row["finetune"]["labels"]["kept_start"] = True
+    row["top1_finetuned_labels"] = 0.8053
+    assert "| 80.53 | 80.53 (start kept) | 80.40 |" in torchvision_table([row])
 
 
 def test_missing_checkpoint_gives_one_line_and_no_row(tmp_path, monkeypatch):

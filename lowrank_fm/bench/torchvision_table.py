@@ -150,7 +150,9 @@ def run_table_cells(
                 log.warning("%s %s: fine-tuning (%s) failed: %s", model_name, cell.label, mode, error)
                 tuned[mode] = {"top1": None, "error": str(error)}
                 continue
-            tuned[mode] = {"top1": record["top1"][-1], "top1_per_epoch": record["top1"], "seconds": record["seconds"],
+            tuned[mode] = {"top1": record["top1_returned"], "top1_per_epoch": record["top1"],
+                           "kept_start": record["kept_start"], "final_check": record.get("final_check"),
+                           "seconds": record["seconds"],
                            "images_per_epoch": record["images"], "lr": record["lr"],
                            "lr_per_tensor": record["lr_per_tensor"], "restarts": record["restarts"]}
         speed = measure_speed(model, new_model, images, batch_sizes=tuple(latency_batches), rounds=latency_rounds,
@@ -227,6 +229,10 @@ def torchvision_table(rows: list[dict]) -> str:
     def ratio(value) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
+    def tuned(row, mode) -> str:  # "(start kept)": training raised the training loss, the start came back
+        kept = (row.get("finetune", {}).get(mode) or {}).get("kept_start")
+        return pct(row.get(f"top1_finetuned_{mode}")) + (" (start kept)" if kept else "")
+
     def rates(row) -> str:  # the learning rate each fine-tune finished at; "x RMS": relative to each tensor
         parts = []
         for mode in ("labels", "distill"):
@@ -248,7 +254,7 @@ def torchvision_table(rows: list[dict]) -> str:
         speed = ", ".join(f"{ratio(v)} ({b})" for b, v in sorted(r.get("measured_speedup", {}).items(),
                                                                 key=lambda item: int(item[0])))
         lines.append(f"| {r['model']} | {r['label']} | {target} | {ratio(r['params_ratio'])} | {ratio(r['macs_ratio'])} | "
-                     f"{pct(r['top1_before'])} | {pct(r['top1_after'])} | {pct(r.get('top1_finetuned_labels'))} | "
-                     f"{pct(r.get('top1_finetuned_distill'))} | {rates(r)} | {speed or '-'} | {device_label(r)} | "
+                     f"{pct(r['top1_before'])} | {pct(r['top1_after'])} | {tuned(r, 'labels')} | "
+                     f"{tuned(r, 'distill')} | {rates(r)} | {speed or '-'} | {device_label(r)} | "
                      f"{r.get('eval_images')} |")
     return "\n".join(lines)
