@@ -200,10 +200,11 @@ class _Run:
                 bar.set_postfix(loss=f"{total / count:.4f}")
             if count == 0:
                 raise ValueError("finetune: train_data gave no batches; pass a data set with at least one image")
-            if final["trained"]:
+            if final["trained"]:  # worse: above the start by more than the guard's floor, 1% of a blank model's
                 record["final_check"] = {"batches": len(final["trained"]),
                                          "start_median": statistics.median(final["start"]),
-                                         "trained_median": statistics.median(final["trained"])}
+                                         "trained_median": statistics.median(final["trained"]),
+                                         "tolerance": DIVERGENCE_FLOOR * statistics.median(blank)}
             record["images"] = count
             record["loss"].append(total / count)
             message = f"fine-tune ({self.mode}) epoch {epoch + 1}/{self.epochs}: loss {total / count:.4f}"
@@ -279,7 +280,7 @@ def finetune(
         empty; ``eval_images``: the last evaluation's ``images``), ``seconds`` (all), ``train_seconds``,
         ``eval_seconds`` (in ``evaluate``), ``steps``, ``images`` (per epoch),
         ``parameters`` (count trained), ``final_check`` (the last epoch's last 20 batches: ``start_median``
-        and ``trained_median`` losses; absent when the loader has no length), ``kept_start``, ``top1_returned``
+        and ``trained_median`` losses and the ``tolerance``; absent when the loader has no length), ``kept_start``, ``top1_returned``
         (the returned model's top-1: the last epoch's, or the start's when kept), ``restarts`` (one entry per diverged try: its ``step``, ``lr`` and
         ``reason``) and the settings (``lr``: the relative rate of the try that finished, ``lr_per_tensor``: how
         it scales each tensor, ``batch_size``, ``optimizer``, ``schedule``,
@@ -322,10 +323,13 @@ def finetune(
 
     Final check: on the last epoch's last 20 batches the trained model's losses (each measured before its
     step, as training goes) are compared with the approximated model's on the same batches; when the trained
-    median is higher, training made the model worse on its own training images and the approximated model is
-    returned unchanged, with a warning (``kept_start``). Training images only: the test split decides nothing.
-    ShuffleNet V2 at 3x MACs (rank-1 factors with biases of about 350 that cancel in stage 4) went from 68% to
-    55% top-1 in one epoch at the rate that did not diverge.
+    median exceeds the start's by more than the divergence guard's floor (1% of a blank model's median loss:
+    0.023 with ten classes), training made the model worse on its own training images and the approximated
+    model is returned unchanged, with a warning (``kept_start``). Training images only: the test split decides
+    nothing. ShuffleNet V2 at 3x MACs (rank-1 factors with biases of about 350 that cancel in stage 4) went
+    from 68% to 55% top-1 in one epoch at the rate that did not diverge (median loss 1.16 -> 1.44 on those
+    batches); AlexNet at 2x, which had lost nothing, rose from 80.53% to 80.73% with a median 0.335 -> 0.354,
+    within the floor (without it, the check would have thrown that gain away).
 
     Distillation loss, with z = the model's logits and t = the teacher's on the same image:
 
@@ -407,12 +411,13 @@ def finetune(
                 record.pop("final_check", None)
         record["lr"] = lr
         check = record.get("final_check")
-        record["kept_start"] = bool(check and check["trained_median"] > check["start_median"])
+        record["kept_start"] = bool(check and check["trained_median"] > check["start_median"] + check["tolerance"])
         record["top1_returned"] = record["top1"][-1] if record["top1"] else None
         if record["kept_start"]:  # training made the model worse on its own training images: return the start
             log.warning("finetune: the trained model's median loss on the last %d batches (%.4g) is above the "
-                        "approximated model's on the same batches (%.4g): returning the approximated model "
-                        "unchanged", check["batches"], check["trained_median"], check["start_median"])
+                        "approximated model's on the same batches (%.4g) by more than %.4g: returning the "
+                        "approximated model unchanged", check["batches"], check["trained_median"],
+                        check["start_median"], check["tolerance"])
             student.load_state_dict(run.start.state_dict())
             if evaluate is not None:
                 eval_start = time.perf_counter()
