@@ -83,6 +83,9 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, tempe
 
 
 MAX_RESTARTS = 2  # a diverging fine-tune starts again at lr / 10, at most this many times
+DIVERGENCE_WINDOW = 20  # batches: the starting model's median loss on the first sets the scale; the last steps' median is compared
+DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' median loss above this multiple of the starting model's
+DIVERGENCE_FLOOR = 0.01  # ... or of this share of a blank model's loss (zero logits), whichever is larger
 SCALE_FLOOR = 1e-3  # a tensor's step scale is max(its RMS, this): a zero (or tiny) tensor still moves (Adafactor's
 # epsilon_2, Shazeer and Stern 2018)
 
@@ -100,9 +103,6 @@ def relative_step_groups(params: list[torch.Tensor], lr: float) -> list[dict]:
         scale = max(p.detach().float().pow(2).mean().sqrt().item(), SCALE_FLOOR)
         groups.append({"params": [p], "lr": lr * scale})
     return groups
-DIVERGENCE_WINDOW = 20  # batches: the starting model's median loss on the first sets the scale; the last steps' median is compared
-DIVERGENCE_FACTOR = 4.0  # diverged: the latest steps' median loss above this multiple of the starting model's
-DIVERGENCE_FLOOR = 0.01  # ... or of this share of a blank model's loss (zero logits), whichever is larger
 
 
 class _Diverged(Exception):
@@ -280,10 +280,11 @@ def finetune(
         empty; ``eval_images``: the last evaluation's ``images``), ``seconds`` (all), ``train_seconds``,
         ``eval_seconds`` (in ``evaluate``), ``steps``, ``images`` (per epoch),
         ``parameters`` (count trained), ``final_check`` (the last epoch's last 20 batches: ``start_median``
-        and ``trained_median`` losses and the ``tolerance``; absent when the loader has no length), ``kept_start``, ``top1_returned``
-        (the returned model's top-1: the last epoch's, or the start's when kept), ``restarts`` (one entry per diverged try: its ``step``, ``lr`` and
-        ``reason``) and the settings (``lr``: the relative rate of the try that finished, ``lr_per_tensor``: how
-        it scales each tensor, ``batch_size``, ``optimizer``, ``schedule``,
+        and ``trained_median`` losses and the ``tolerance``; absent when the loader has no length),
+        ``kept_start``, ``top1_returned`` (the returned model's top-1: the last epoch's, or the start's when
+        kept), ``restarts`` (one entry per diverged try: its ``step``, ``lr`` and ``reason``) and the
+        settings (``lr``: the relative rate of the try that finished, ``lr_per_tensor``: how it scales each
+        tensor, ``batch_size``, ``optimizer``, ``schedule``,
         ``objective`` (cross-entropy, mse or kl), ``temperature``, ``seed``, ``device``).
 
     Raises

@@ -288,7 +288,8 @@ def _separable(n=640, seed=0):
 
 def test_a_diverging_rate_starts_again_from_the_model_at_a_tenth():
     """Adam at 100 times each tensor's RMS blows a small MLP's loss up; the guard restarts from the untouched
-    model at lr 10, then 1 if needed, and the result is exactly a plain run at the rate that finished (same shuffling)."""
+    model at lr 10, then 1 if needed, and the result is exactly a plain run at the rate that finished (same
+    shuffling)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}

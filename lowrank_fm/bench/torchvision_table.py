@@ -244,7 +244,8 @@ def torchvision_table(rows: list[dict]) -> str:
         return " / ".join(parts)
 
     lines = ["| model | method | target | params ratio | MACs ratio | top-1 before | after | fine-tuned (labels) | "
-             "fine-tuned (distill) | fine-tune lr (labels / distill) | measured speedup (batch) | device | val images |",
+             "fine-tuned (distill) | fine-tune lr (labels / distill) | measured speedup (batch) | device | "
+             "val images |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {name: i for i, name in enumerate(TORCHVISION_MODELS)}
     rows = current_rows(rows, table_key)
