@@ -83,8 +83,9 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     if config.speed_gate:
         speed_gate = SpeedGate(config.speed_batch, repeats=config.speed_repeats, device=config.device,
                                channels_last=layout["layout"] == "channels_last")
-        gate = _timed(timing, "speed_gate", lambda name, ctx, rank: speed_gate.check(name, ctx.module, method.build(ctx, rank),
-                                                                                     ctx.in_shape))
+        # the gate times shapes: each layer's timing module (an iterative method's unfitted factors)
+        gate = _timed(timing, "speed_gate", lambda name, ctx, rank: speed_gate.check(
+            name, ctx.module, method.timing_module(ctx, rank), ctx.in_shape))
     plan = plan_ranks(method, layers, contexts, macs, reasons, config, latency=latency, output_errors=output_errors,
                       measure_plan=measure_plan, gate=gate, progress=progress)
     if gate is not None:

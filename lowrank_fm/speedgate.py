@@ -208,8 +208,8 @@ def latency_model(method, contexts: dict, top_ranks: dict[str, int], work: nn.Mo
     for name in progress(list(top_ranks), "latency model"):
         ctx, top = contexts[name], top_ranks[name]
         ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
-        curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.build(ctx, r), ranks, ctx.in_shape,
-                                         config.speed_batch, repeats=config.speed_repeats, device=config.device,
+        curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.timing_module(ctx, r), ranks,
+                                         ctx.in_shape, config.speed_batch, repeats=config.speed_repeats, device=config.device,
                                          channels_last=channels_last)
     rest = time_rest(work, {name: contexts[name].out_shape for name in top_ranks},
                      repeat_to_batch(example, config.speed_batch), repeats=config.speed_repeats, device=config.device,
@@ -218,8 +218,8 @@ def latency_model(method, contexts: dict, top_ranks: dict[str, int], work: nn.Mo
 
 
 def plan_timer(method, work: nn.Module, example, config, layout: dict) -> Callable[[dict, dict], dict]:
-    """``measure(ranks, contexts)``: the whole model with the layers built at ``ranks`` (``method.build``
-    without data: the module shapes are what counts) timed against the original (the BatchNorm-folded
+    """``measure(ranks, contexts)``: the whole model with the layers built at ``ranks`` (``method.timing_module``:
+    the module shapes are what counts) timed against the original (the BatchNorm-folded
     working copy) in the same interleaved rounds, in ``layout``; returns the spread of the per-round ratios
     (median of at least 5 rounds, as every headline)."""
     from .latency import MIN_ROUNDS, interleaved_rounds, ratio_spread, repeat_to_batch, to_channels_last
@@ -231,7 +231,7 @@ def plan_timer(method, work: nn.Module, example, config, layout: dict) -> Callab
     original = to_channels_last(work) if channels_last else work
 
     def measure(ranks: dict, contexts: dict) -> dict:
-        candidate = copy_with(work, {name: method.build(contexts[name], rank).to(config.device).eval()
+        candidate = copy_with(work, {name: method.timing_module(contexts[name], rank).to(config.device).eval()
                                      for name, rank in ranks.items()}, channels_last=channels_last)
         times = interleaved_rounds({"original": original, "plan": candidate}, batch,
                                    rounds=max(MIN_ROUNDS, config.speed_repeats), warmup=1, device=config.device)

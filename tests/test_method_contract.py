@@ -17,6 +17,8 @@ and Linear layers):
 4. dtype and device: a float64 layer gives a float64 module, a float32 layer a float32 module (close to the
    layer's output at float32 precision); parameters stay on the layer's device.
 5. Settings: the defaults construct; an unknown setting is refused by name.
+6. Timing: ``timing_module(ctx, r)``, what the speed gate and the latency model time, has the submodules,
+   geometry and parameter shapes of ``build(ctx, r)``.
 
 :class:`ToyIdentitySplit`, a method defined here, goes through the same :func:`check_layer` and
 :func:`check_settings` once registered: nothing else names it.
@@ -162,6 +164,15 @@ def make_context(method: Method, module: nn.Module, x: torch.Tensor) -> tuple[La
     return ctx, data
 
 
+def structure(module: nn.Module) -> list[tuple]:
+    """What a layer's run time depends on: each submodule's type and geometry, each parameter's shape and
+    dtype (not the values)."""
+    geometry = ("stride", "padding", "dilation", "groups", "padding_mode")
+    return [(name, type(sub).__name__, tuple(getattr(sub, g, None) for g in geometry),
+             tuple((n, tuple(p.shape), p.dtype) for n, p in sub.named_parameters(recurse=False)))
+            for name, sub in module.named_modules()]
+
+
 def counted_macs(module: nn.Module, x: torch.Tensor) -> int:
     return sum(cost.macs for cost in measure_costs(module, x).values())
 
@@ -226,6 +237,11 @@ def check_layer(name: str, layer_id: str) -> None:
         for layer_data in ([None, data] if data is not None else [None]):
             counted = counted_macs(cheap.build(ctx, r, layer_data, {}), x)
             assert method.macs(ctx, r) == counted, f"{name} at rank {r} of {layer_id}: {method.macs(ctx, r)} != {counted}"
+
+    # the timing module (what the speed gate and the latency model time) has the built module's structure
+    for r in sorted({1, max(1, full // 2)}):
+        assert structure(method.timing_module(ctx, r)) == structure(cheap.build(ctx, r, None, {})), (
+            f"{name} at rank {r} of {layer_id}: the timing module differs from the build")
 
     # float32 in, float32 out, close to the layer at float32 precision
     module32, x32 = make_layer(layer_id, torch.float32)

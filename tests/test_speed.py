@@ -306,3 +306,31 @@ def test_vgg_digits_with_every_layer_kept_measures_one(digits_run, digits):
         assert 0.8 < entry["measured_speedup"] < 1.25, (batch, entry)
         assert entry["rounds"] == 7 and entry["speedup_min"] <= entry["measured_speedup"] <= entry["speedup_max"]
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model still has them
+
+
+def test_the_gate_times_unfitted_factors_so_each_sigma_layer_is_fitted_once(digits_run, monkeypatch):
+    """The gate and the build: the Sigma-norm ALS runs once per approximated layer (in the build), not again
+    for the gate, which times the same structure unfitted (a layer's time does not depend on its values)."""
+    import lowrank_fm.methods.tucker2_sigma as module
+
+    model, loader, n = digits_run
+    fitted, timed = [], []
+    real_fit, real_check = module.tucker2_sigma, SpeedGate.check
+
+    def fit(weight, *args, **kwargs):
+        fitted.append(weight.shape)
+        return real_fit(weight, *args, **kwargs)
+
+    def check(self, name, original, factorized, in_shape):
+        timed.append(name)
+        real_check(self, name, original, factorized, in_shape)  # the timing runs as it would
+        return True  # and passes, so that the build fits every layer the gate timed
+
+    monkeypatch.setattr(module, "tucker2_sigma", fit)
+    monkeypatch.setattr(SpeedGate, "check", check)
+    _, report = approximate(model, loader, n_images=n, method="tucker2-sigma", speedup=1.6, progress=False,
+                            speed_repeats=2)
+    approximated = [l for l in report.layers if l.status == "approximated"]
+    assert timed and sorted(l.name for l in approximated) == sorted(timed)
+    assert len(fitted) == len(approximated)
+    assert all(l.extra["als_sweeps"] >= 1 for l in approximated)  # fitted, in the build

@@ -143,6 +143,9 @@ class Auto(Method):
         layer_method = self.for_layer(ctx)  # (the layer's record names it: the plan's options)
         return layer_method.build(ctx, rank, data if layer_method.needs_inputs else None, info)
 
+    def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
+        return self.for_layer(ctx).timing_module(ctx, rank)
+
     def candidate_points(self, ctx: LayerContext, original_macs: int) -> list[CandidatePoint]:
         """Every (method, rank) below break-even with its MACs and predicted error, for the planner."""
         from ..planner import highest_cheaper_rank, is_cheaper

@@ -253,3 +253,10 @@ class Method:
         """The factorized module (same input and output shapes as ``ctx.module``). ``info``, when given, is
         filled with what the build did (solver, fit), for the layer's report record."""
         raise NotImplementedError
+
+    def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
+        """A module with the layers, shapes and biases of ``build(ctx, rank)``, for timing only (the speed gate,
+        the latency model, the whole-plan timer): a dense layer's time depends on its shapes, not on its values.
+        By default the build itself (cheap without data); a method whose fit iterates (CP-ALS, the Sigma-norm
+        ALS) returns its factors unfitted, so that a run does not fit each layer twice."""
+        return self.build(ctx, rank)

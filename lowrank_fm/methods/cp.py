@@ -206,3 +206,10 @@ class CPDecomposition(Method):
         if info is not None:
             info["cp_fit"] = float(fit)
         return cp_chain(conv, a_t, a_s, a_h, a_w)
+
+    def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
+        """The rank-``rank`` CP chain with seeded Gaussian factors (T, R), (S, R), (kh, R), (kw, R): no ALS."""
+        conv = ctx.module
+        generator = np.random.default_rng(self.seed)
+        t, s, kh, kw = conv.weight.shape
+        return cp_chain(conv, *(generator.standard_normal((n, rank)) for n in (t, s, kh, kw)))

@@ -38,3 +38,7 @@ class CPSigma(CPDecomposition):
         if info is not None:
             info.update(sigma_error_start=history[0], sigma_error=history[-1], als_sweeps=len(history) - 1)
         return set_output_bias(cp_chain(conv, *factors), torch.from_numpy(bias))
+
+    def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
+        """``cp``'s unfitted chain with the bias the corrected build always has."""
+        return set_output_bias(super().timing_module(ctx, rank), torch.zeros(ctx.module.out_channels))

@@ -60,3 +60,9 @@ class Tucker2Sigma(Tucker2):
             info.update(done)
         chain = tucker2_chain(conv, core, u_out, u_in)
         return set_output_bias(chain, torch.from_numpy(bias))
+
+    def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
+        """The HOSVD start's chain (no HOOI, no Sigma sweep) with the bias the corrected build always has."""
+        conv = ctx.module
+        core, u_out, u_in = tucker2(conv.weight, *self.ranks(ctx, rank), iterations=0)
+        return set_output_bias(tucker2_chain(conv, core, u_out, u_in), torch.zeros(conv.out_channels))
