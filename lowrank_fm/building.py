@@ -220,9 +220,10 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
     takes its rows of every layer. Where the solver adds its row sums over the ranks (``method.solves_shards``,
     and the correction of any method's last factor) the rows stay where they are: every rank solves on its own
     rows in lockstep (the method's data-free build runs on rank 0 and is broadcast first). Otherwise rank 0
-    gathers every row in image order and solves alone. Either way rank 0's built layer (with what the build
+    gathers every row in image order and solves alone, with the threads of the processes waiting for it
+    (``config.solver_threads``). Either way rank 0's built layer (with what the build
     did) is broadcast, so every rank goes on through its shard with the very same layer."""
-    from .distributed import computed_on_rank_zero, distributed_shards, world
+    from .distributed import computed_on_rank_zero, distributed_shards, solver_threads, world
     from .layerwise import LayerwisePass, activation_after
 
     root = _traceable_root(work, list(ranks), batches)
@@ -263,7 +264,7 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
                         done["correction"] = correct_last_factor(contexts[name].module, built, data, config.seed)
                 return (built.cpu() if size > 1 else built), done
 
-            built, done = computed_on_rank_zero(solve)
+            built, done = computed_on_rank_zero(solve, threads=solver_threads(config.solver_threads))
         replacement = built.to(config.device).eval()
         info[name] = {**done, "activation": activation}
         replacements[name] = replacement

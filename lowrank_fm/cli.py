@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sharded-solvers", action="store_true", default=False,
                         help="under torchrun: each rank fits its own rows and the solvers add their sums over the ranks "
                              "(faster; equal to one process only up to summation order); default: rank 0 solves")
+    parser.add_argument("--solver-threads", type=_positive_int, default=None,
+                        help="under torchrun: threads of rank 0 while it solves a layer and the other processes wait "
+                             "(default: its threads times the processes on the machine, at most its cores)")
     parser.add_argument("--rank-multiple", type=_positive_int, default=1, help="round every rank to a multiple of N")
     parser.add_argument("--export", action="store_true",
                         help="also write TorchScript and ONNX forms to OUT, with a parity check and their latency")
@@ -264,6 +267,7 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
         device=args.device, progress=not args.quiet,
         speed_gate=args.speed_gate, speed_batch=args.latency_batch, budget=args.budget, rank_multiple=args.rank_multiple,
         correction=args.correction, sharded_solvers=args.sharded_solvers,
+        solver_threads=args.solver_threads,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"
     target = f"speedup {args.speedup}x" if args.speedup else f"energy {energy}"

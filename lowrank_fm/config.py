@@ -103,7 +103,13 @@ class ApproxConfig:
     sharded_solvers : under torchrun, each rank fits the solvers (fm's regression and RMSProp, the correction)
         on its own rows of the layer-wise pass and the sums are added over the ranks, instead of rank 0 solving
         on every rank's rows. Faster with many processes; the layers then equal one process's only up to the
-        summation order, which RMSProp's choice of its best step can amplify (False: bit-identical layers).
+        summation order, which RMSProp's choice of its best step can amplify (False: rank 0 solves each layer
+        on every rank's rows while the others wait).
+    solver_threads : under torchrun, the threads rank 0 solves with while the other processes wait for its
+        layer (not with ``sharded_solvers``). None: its own threads times the processes on its machine
+        (``LOCAL_WORLD_SIZE``), at most its cores: the waiting processes' cores do the work. The layers then
+        equal one process's up to the summation order of threaded sums; the one-process thread count gives
+        bit-identical layers.
     """
 
     method: str | None = None
@@ -141,6 +147,7 @@ class ApproxConfig:
     rank_multiple: int = 1
     correction: bool = True
     sharded_solvers: bool = False
+    solver_threads: int | None = None
 
     def __post_init__(self) -> None:
         from .methods import method_class, settings_from
@@ -165,6 +172,8 @@ class ApproxConfig:
             raise ValueError(f"positions_per_image must be >= 1 or None (all positions), got {self.positions_per_image}")
         if self.fit_positions is not None and int(self.fit_positions) < 1:
             raise ValueError(f"fit_positions must be >= 1 or None (replay the store's samples), got {self.fit_positions}")
+        if self.solver_threads is not None and (isinstance(self.solver_threads, bool) or int(self.solver_threads) < 1):
+            raise ValueError(f"solver_threads must be a positive number of threads or None, got {self.solver_threads!r}")
         if not (0.0 < self.heldout_fraction < 1.0):
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.covariance not in _COVARIANCE_BACKENDS:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from .stats import StreamingCovariance
 
-__all__ = ["world", "computed_on_rank_zero", "reduce_covariance", "shard_loader", "init_from_env", "split_range", "gather_rows",
+__all__ = ["world", "computed_on_rank_zero", "solver_threads", "running_threads", "reduce_covariance", "shard_loader", "init_from_env", "split_range", "gather_rows",
            "broadcast_object", "all_reduce_sums", "all_reduce_tensor", "all_gather_rows", "distributed_shards"]
 
 
@@ -146,17 +147,49 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
-def computed_on_rank_zero(compute: Callable[[], object]) -> object:
+def solver_threads(requested: int | None) -> int:
+    """Threads for a computation rank 0 runs while the other processes wait for its broadcast: ``requested``,
+    or (None) this process's torch threads times the processes on this machine (``LOCAL_WORLD_SIZE``, set by
+    torchrun), at most the cores this process may run on. A waiting process sleeps in the collective, so its
+    cores are free."""
+    if requested is not None:
+        return int(requested)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads() * max(local, 1), cores))
+
+
+@contextmanager
+def running_threads(count: int):
+    """torch's intra-op threads and the BLAS libraries' (numpy's, through threadpoolctl) at ``count`` inside
+    the block, restored after it."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(limits=count, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def computed_on_rank_zero(compute: Callable[[], object], *, threads: int | None = None) -> object:
     """``compute()`` run on rank 0 only, its result (or the exception it raised) broadcast: every rank returns
     the same result or raises the same error, so none is left waiting. One process: ``compute()`` itself.
-    The result is pickled: put tensors and modules on the CPU first."""
+    ``threads``: rank 0 computes with that many threads (:func:`solver_threads`: the waiting processes' cores
+    too); None: its own. The result is pickled: put tensors and modules on the CPU first."""
     rank, size = world()
     if size == 1:
         return compute()
     result, failure = None, None
     if rank == 0:
         try:
-            result = compute()
+            if threads is None:
+                result = compute()
+            else:
+                with running_threads(threads):
+                    result = compute()
         except Exception as error:  # raised on every rank below
             failure = error
     result, failure = broadcast_object((result, failure))

@@ -396,3 +396,67 @@ def test_a_failure_in_rank_0s_plan_or_solver_is_raised_on_every_rank(tmp_path: P
     mp.spawn(_failing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     expected = ["ValueError: no plan on rank 0", "ArithmeticError: no factors for layer 2"]
     assert [torch.load(tmp_path / f"messages.{r}") for r in (0, 1)] == [expected, expected]
+
+
+def _borrowing_worker(rank: int, init_file: str, folder: str) -> None:
+    """A 2-process run on one machine as torchrun starts it (LOCAL_WORLD_SIZE=2), recording the threads each
+    layer's solve ran with."""
+    import threadpoolctl
+
+    from lowrank_fm import approximate
+    from lowrank_fm.methods.fm_nonlinear import FeatureMap
+
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    build, seen = FeatureMap.build, []
+
+    def recording_build(self, ctx, rank_, data=None, info=None):
+        if data is not None:
+            blas = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+            seen.append((torch.get_num_threads(), blas))
+        return build(self, ctx, rank_, data, info)
+
+    FeatureMap.build = recording_build
+    try:
+        model, report = approximate(tiny_model(), loader(), calib_file=Path(folder) / "two.h5", energy=0.9,
+                                    progress=False, seed=1, speed_gate=False)
+        with torch.no_grad():
+            outputs = model(probe())
+        torch.save({"seen": seen, "after": torch.get_num_threads(), "outputs": outputs,
+                    "ranks": [r.rank for r in report.layers]}, Path(folder) / f"borrow.{rank}")
+    finally:
+        FeatureMap.build = build
+        dist.destroy_process_group()
+
+
+def test_rank_0_solves_with_the_threads_of_the_processes_waiting_for_it(tmp_path: Path) -> None:
+    """Under torchrun on one machine (LOCAL_WORLD_SIZE=2, one thread each) rank 0 solves every layer with two
+    threads (torch's and the BLAS's; as many as the cores allow) while rank 1 waits, then returns to one;
+    the model equals the one-process model up to the summation order of the threaded solver."""
+    from lowrank_fm import approximate
+    from lowrank_fm.distributed import solver_threads
+
+    mp.spawn(_borrowing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    two = [torch.load(tmp_path / f"borrow.{r}", weights_only=False) for r in (0, 1)]
+    cores = len(os.sched_getaffinity(0))
+    expected = min(2, cores)
+    assert two[0]["seen"] and all(threads == expected and set(blas) <= {expected} for threads, blas in two[0]["seen"])
+    assert two[1]["seen"] == []  # rank 1 never solves
+    assert two[0]["after"] == two[1]["after"] == 1
+    assert torch.equal(two[0]["outputs"], two[1]["outputs"])  # rank 0's layers, broadcast
+    model, report = approximate(tiny_model(), loader(), calib_file=tmp_path / "one.h5", energy=0.9,
+                                progress=False, seed=1, speed_gate=False)
+    with torch.no_grad():
+        one = model(probe())
+    assert two[0]["ranks"] == [r.rank for r in report.layers]
+    difference = float((two[0]["outputs"] - one).abs().max() / one.abs().max())
+    print(f"2 processes (rank 0 solving with {expected} threads) vs 1: largest output difference {difference:.3g}")
+    assert difference < 0.05
+    # the count itself: asked for, or the local processes' threads within the cores
+    assert solver_threads(3) == 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCAL_WORLD_SIZE", "64")
+        assert solver_threads(None) == min(64 * torch.get_num_threads(), cores)
+        patch.delenv("LOCAL_WORLD_SIZE")
+        assert solver_threads(None) == torch.get_num_threads()
