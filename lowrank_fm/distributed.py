@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from .stats import StreamingCovariance
 
-__all__ = ["world", "computed_on_rank_zero", "solver_threads", "running_threads", "reduce_covariance", "shard_loader", "init_from_env", "split_range", "gather_rows",
-           "broadcast_object", "all_reduce_sums", "all_reduce_tensor", "all_gather_rows", "distributed_shards"]
+__all__ = ["world", "computed_on_rank_zero", "solver_threads", "running_threads", "reduce_covariance", "shard_loader",
+           "init_from_env", "split_range", "gather_rows", "broadcast_object", "all_reduce_sums", "all_reduce_tensor",
+           "all_gather_rows", "distributed_shards"]
 
 
 def world() -> tuple[int, int]:

@@ -209,8 +209,8 @@ def latency_model(method, contexts: dict, top_ranks: dict[str, int], work: nn.Mo
         ctx, top = contexts[name], top_ranks[name]
         ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
         curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.timing_module(ctx, r), ranks,
-                                         ctx.in_shape, config.speed_batch, repeats=config.speed_repeats, device=config.device,
-                                         channels_last=channels_last)
+                                         ctx.in_shape, config.speed_batch, repeats=config.speed_repeats,
+                                         device=config.device, channels_last=channels_last)
     rest = time_rest(work, {name: contexts[name].out_shape for name in top_ranks},
                      repeat_to_batch(example, config.speed_batch), repeats=config.speed_repeats, device=config.device,
                      channels_last=channels_last)

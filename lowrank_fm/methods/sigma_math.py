@@ -19,7 +19,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sigma_sqrt", "regularised_sigma", "sigma_error", "svd_sigma", "tucker2_sigma", "cp_sigma",
+__all__ = ["sigma_sqrt", "regularised_sigma", "svd_sigma", "tucker2_sigma", "cp_sigma",
            "corrected_bias"]
 
 JITTERS = (0.0, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -59,11 +59,6 @@ def regularised_sigma(covariance: np.ndarray) -> np.ndarray:
     if eps > 0:
         log.info("input covariance is singular: added a diagonal jitter of %g of its mean diagonal", eps)
     return root @ root.T
-
-
-def sigma_error(difference: np.ndarray, sigma: np.ndarray) -> float:
-    """tr(D Sigma D^T) = ||D Sigma^1/2||_F^2 for D (d, p) and Sigma (p, p)."""
-    return float(np.sum((difference @ sigma) * difference))
 
 
 def corrected_bias(bias: np.ndarray | None, weight: np.ndarray, approximation: np.ndarray, mean: np.ndarray) -> np.ndarray:
