@@ -404,10 +404,12 @@ def _finetune(new_model, model, data, args, report):
     mode = args.finetune
     epochs_done = []
 
-    def evaluate(student):  # top-1/top-5 on the test split after each epoch
+    def evaluate(student):  # top-1/top-5 on the test split after each epoch (once more: the start, when kept)
         epochs_done.append(1)
+        done = len(epochs_done)
+        desc = f"evaluate epoch {done}" if done <= args.finetune_epochs else "evaluate the approximated model kept"
         return accuracy(student, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
-                        num_workers=args.workers, progress=not args.quiet, desc=f"evaluate epoch {len(epochs_done)}")
+                        num_workers=args.workers, progress=not args.quiet, desc=desc)
 
     tuned, record = finetune(new_model, data.train, epochs=args.finetune_epochs, mode=mode,
                              teacher=model if mode == "distill" else None, evaluate=evaluate, device=args.device,
