@@ -404,15 +404,14 @@ def _finetune(new_model, model, data, args, report):
     mode = args.finetune
     epochs_done = []
 
-    def evaluate(student):  # top-1/top-5 on the test split after each epoch (once more: the start, when kept)
+    def evaluate(student):  # top-1/top-5 on the test split after each epoch
         epochs_done.append(1)
-        done = len(epochs_done)
-        desc = f"evaluate epoch {done}" if done <= args.finetune_epochs else "evaluate the approximated model kept"
         return accuracy(student, data.test, eval_images=args.eval_images, batch_size=256, device=args.device,
-                        num_workers=args.workers, progress=not args.quiet, desc=desc)
+                        num_workers=args.workers, progress=not args.quiet, desc=f"evaluate epoch {len(epochs_done)}")
 
     tuned, record = finetune(new_model, data.train, epochs=args.finetune_epochs, mode=mode,
-                             teacher=model if mode == "distill" else None, evaluate=evaluate, device=args.device,
+                             teacher=model if mode == "distill" else None, evaluate=evaluate,
+                             start_top1=report.accuracy["top1_after"], device=args.device,
                              seed=args.seed, progress=not args.quiet)
     report.timing["finetune_s"] = record["seconds"]
     report.finetune = {"mode": mode, "epochs": args.finetune_epochs, "top1": record["top1"],

@@ -235,6 +235,7 @@ def finetune(
     lr: float = 3e-3,
     batch_size: int = 64,
     evaluate: Callable[[nn.Module], Mapping] | None = None,
+    start_top1: float | None = None,
     distill_loss: str = "mse",
     temperature: float = 4.0,
     device: str | torch.device = "cpu",
@@ -268,6 +269,8 @@ def finetune(
         with ``top1`` and ``top5`` (fractions in [0, 1]; ``top5`` may be None) and optionally ``images`` (how
         many were evaluated), e.g. ``lambda m: lowrank_fm.zoo.evaluate.accuracy(m, test_set, device=device)``.
         The package itself knows no data set: None (default) measures nothing.
+    start_top1 : ``model``'s top-1 when the caller has measured it: the ``top1_returned`` of a run whose final
+        check keeps the start (None: ``evaluate`` measures it then).
     distill_loss, temperature : ``"mse"`` (default) or ``"kl"`` with temperature T (see Notes).
     device, seed, progress : where to train; the shuffling seed; a tqdm bar per epoch.
 
@@ -420,7 +423,8 @@ def finetune(
                         "approximated model unchanged", check["batches"], check["trained_median"],
                         check["start_median"], check["tolerance"])
             student.load_state_dict(run.start.state_dict())
-            if evaluate is not None:
+            record["top1_returned"] = start_top1
+            if start_top1 is None and evaluate is not None:
                 eval_start = time.perf_counter()
                 record["top1_returned"] = evaluate(student)["top1"]
                 run.eval_seconds += time.perf_counter() - eval_start

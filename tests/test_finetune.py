@@ -409,6 +409,12 @@ def test_a_fine_tune_that_raises_the_loss_returns_the_start():
     assert record["final_check"]["trained_median"] > math.log(2) + record["final_check"]["tolerance"]
     assert record["kept_start"] and record["top1_returned"] == evaluate(model)["top1"]
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.state_dict().values()))
+    # a caller that has scored the start already (the CLI, the benchmark) is not asked to score it again
+    calls = []
+    counting = lambda m: calls.append(1) or evaluate(m)  # noqa: E731
+    _, given = finetune(model, TensorDataset(x, y), epochs=1, lr=100.0, batch_size=8, evaluate=counting,
+                        start_top1=0.123, progress=False)
+    assert given["kept_start"] and given["top1_returned"] == 0.123 and len(calls) == 1  # the epoch's only
 
 
 def test_a_steady_fine_tune_never_restarts():

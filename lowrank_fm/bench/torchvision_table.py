@@ -144,7 +144,8 @@ def run_table_cells(
                 break
             try:
                 _, record = finetune(new_model, train, epochs=finetune_epochs, mode=mode,
-                                     teacher=model if mode == "distill" else None, evaluate=top1, device=device,
+                                     teacher=model if mode == "distill" else None, evaluate=top1,
+                                     start_top1=after["top1"], device=device,
                                      seed=seed, progress=progress)
             except FloatingPointError as error:  # a diverging loss: the row says so, the other cells still run
                 log.warning("%s %s: fine-tuning (%s) failed: %s", model_name, cell.label, mode, error)
