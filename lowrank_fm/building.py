@@ -236,12 +236,14 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
     info: dict[str, dict] = {}
     rank, size = world()
 
-    def on_layer(local_name, module, inputs, reference_inputs=None):
+    compensate = dense and config.shortcut_compensation
+
+    def on_layer(local_name, module, inputs, reference_inputs=None, shortcut_shift=None):
         name = prefix + local_name
         activation = activation_after(graph_module, local_name)
         if dense:
             data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
-                                        config.seed, activation, first_ordinal)
+                                        config.seed, activation, first_ordinal, shortcut_shift)
         else:
             data = samples(name, module, inputs, activation)
         layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
@@ -266,13 +268,13 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
             built, done = computed_on_rank_zero(solve, threads=solver_threads(config.solver_threads))
         replacement = built.to(config.device).eval()
-        info[name] = {**done, "activation": activation}
+        info[name] = {**done, "activation": activation, "shortcut_compensated": shortcut_shift is not None}
         replacements[name] = replacement
         return replacement
 
     local_targets = [name[len(prefix):] for name in ranks]
     LayerwisePass(graph_module, root_inputs, device=config.device, progress=config.progress,
-                  with_reference=dense).run(local_targets, on_layer)
+                  with_reference=dense, shortcut_shifts=compensate).run(local_targets, on_layer)
     return replacements, info
 
 

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-correction", dest="correction", action="store_false", default=True,
                         help="skip the whole-model correction of the last factor for methods other than fm / fm-3d "
                              "(default: refit it to the original responses from the approximated inputs)")
+    parser.add_argument("--no-shortcut-compensation", dest="shortcut_compensation", action="store_false", default=True,
+                        help="fit a layer before a residual sum to its own original output, not to the original sum "
+                             "minus the approximated shortcut (default: compensate the shortcut's error)")
     parser.add_argument("--sharded-solvers", action="store_true", default=False,
                         help="under torchrun: each rank fits its own rows and the solvers add their sums over the ranks "
                              "(faster; equal to one process only up to summation order); default: rank 0 solves")
@@ -266,7 +269,8 @@ def _run_into(args: argparse.Namespace, out: Path, stage: Path | None, spec, dat
         positions_per_image=args.positions_per_image, fit_positions=args.fit_positions, covariance=args.covariance, seed=args.seed,
         device=args.device, progress=not args.quiet,
         speed_gate=args.speed_gate, speed_batch=args.latency_batch, budget=args.budget, rank_multiple=args.rank_multiple,
-        correction=args.correction, sharded_solvers=args.sharded_solvers,
+        correction=args.correction, shortcut_compensation=args.shortcut_compensation,
+        sharded_solvers=args.sharded_solvers,
         solver_threads=args.solver_threads,
     )
     calib_file = Path(args.calib_file) if args.calib_file else out / "calibration.h5"

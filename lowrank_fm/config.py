@@ -100,6 +100,12 @@ class ApproxConfig:
         network's responses from the approximated network's inputs, each kept only when the held-out error
         drops (:mod:`lowrank_fm.correction`). Ranks and shapes are unchanged. False: the weights as the
         method computes them.
+    shortcut_compensation : in the layer-wise pass with ``fit_positions`` (the original network alongside), a
+        layer whose output y feeds a residual sum s = y + v is fitted to y + v - vhat (vhat: the other operand
+        in the network approximated so far), so the sum the next layers see tracks the original one instead of
+        carrying every earlier block's error along the shortcut (He, Zhang, Sun, ICCV 2017, multi-branch
+        enhancement). Applies to the correction and to the methods that fit data themselves (fm, fm-3d). With
+        ``fit_positions=None`` (the store) there is no v and nothing changes.
     sharded_solvers : under torchrun, each rank fits the solvers (fm's regression and RMSProp, the correction)
         on its own rows of the layer-wise pass and the sums are added over the ranks, instead of rank 0 solving
         on every rank's rows. Faster with many processes; the layers then equal one process's only up to the
@@ -146,6 +152,7 @@ class ApproxConfig:
     budget: str = "macs"
     rank_multiple: int = 1
     correction: bool = True
+    shortcut_compensation: bool = True
     sharded_solvers: bool = False
     solver_threads: int | None = None
 

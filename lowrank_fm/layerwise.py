@@ -29,11 +29,12 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["trace", "LayerwisePass", "activation_after", "NotTraceableError"]
+__all__ = ["trace", "LayerwisePass", "activation_after", "shortcut_partner", "NotTraceableError"]
 
 log = logging.getLogger(__name__)
 
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.relu_}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)
 
 
@@ -81,6 +82,75 @@ def activation_after(graph_module: fx.GraphModule, name: str) -> str:
             node = user
             continue
         return "relu" if _is_relu(graph_module, user) else "identity"
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def shortcut_partner(graph_module: fx.GraphModule, name: str, targets) -> fx.Node | None:
+    """The other operand v of the residual sum s = y + v that layer ``name``'s output y feeds (through
+    Identity or Dropout modules, e.g. a folded BatchNorm), or None.
+
+    None also when v depends on the layer itself or on a layer of ``targets`` that comes later in the graph
+    (that layer is still to be replaced, so v is not final yet: a torchvision block's ``downsample`` conv, run
+    after ``conv2``; the later layer gets the shift instead).
+    """
+    nodes = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name]
+    if len(nodes) != 1:
+        return None
+    layer = node = nodes[0]
+    while len(node.users) == 1 and _is_pass_through(graph_module, next(iter(node.users))):
+        node = next(iter(node.users))
+    users = list(node.users)
+    if len(users) != 1 or not _is_add(users[0]) or len(users[0].args) != 2:
+        return None
+    summed = users[0]
+    others = [arg for arg in summed.args if arg is not node]
+    if len(others) != 1 or not isinstance(others[0], fx.Node):
+        return None
+    partner = others[0]
+    order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
+    targets = set(targets)
+    for ancestor in _ancestors(partner) | {partner}:
+        if ancestor is layer or (ancestor.op == "call_module" and ancestor.target in targets
+                                 and order[ancestor] > order[layer]):
+            return None
+    return partner
+
+
+class _ShortcutShift:
+    """Per batch, v - vhat: the residual sum's other operand in the original network minus the same in the
+    network approximated so far (computed when read, one batch at a time)."""
+
+    def __init__(self, owner: "LayerwisePass", partner: fx.Node, networks: list, placeholders: list) -> None:
+        self._owner, self._partner, self._networks, self._placeholders = owner, partner, networks, placeholders
+
+    def __len__(self) -> int:
+        return len(self._owner.batches)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        values = []
+        for network, env in self._networks:  # kept by an earlier segment, or computed from what was kept
+            if self._partner in env:
+                values.append(env[self._partner][index])
+            else:
+                values.append(self._owner._evaluate(network, self._partner, index, env, {}, self._placeholders))
+        vhat, v = values
+        return v - vhat
 
 
 class _Spilled(NamedTuple):
@@ -157,23 +227,33 @@ class LayerwisePass:
     memory_budget : bytes of kept values held in memory before further ones spill to disk, one file per batch.
     with_reference : also carry the original network's values (a frozen copy of ``graph_module`` taken
         before any replacement) and pass a target layer's original inputs to the callback.
+    shortcut_shifts : (with ``with_reference``) also pass ``shortcut_shift=``: for a layer whose output feeds a
+        residual sum s = y + v (:func:`shortcut_partner`), per batch v - vhat, the other operand in the original
+        network minus the same in the approximated one, shaped as the layer's output; None for other layers.
+        A layer fitted to y + v - vhat from its approximated inputs makes yhat + vhat, the sum the next layers
+        see, match the original sum (He, Zhang, Sun, ICCV 2017, "multi-branch enhancement").
     """
 
     def __init__(self, graph_module: fx.GraphModule, batches: Sequence, *, memory_budget: int = 4 << 30,
-                 device="cpu", progress: bool = True, with_reference: bool = False) -> None:
+                 device="cpu", progress: bool = True, with_reference: bool = False,
+                 shortcut_shifts: bool = False) -> None:
+        if shortcut_shifts and not with_reference:
+            raise ValueError("shortcut_shifts needs with_reference=True (the original network's values)")
         self.graph_module = graph_module
         self.batches = list(batches)
         self.memory_budget = memory_budget
         self.device = torch.device(device)
         self.progress = progress
         self.with_reference = with_reference
+        self.shortcut_shifts = shortcut_shifts
 
     @torch.no_grad()
     def run(self, targets: Sequence[str], on_layer: Callable[[str, nn.Module, Sequence[torch.Tensor]], nn.Module | None]) -> list:
         """Run the pass; ``on_layer(name, module, inputs)`` returns the replacement (or None to keep the layer),
         where ``inputs[i]`` is the layer's input tensor for batch i (loaded lazily when spilled). With
         ``with_reference``, ``on_layer(name, module, inputs, reference_inputs)`` also gets the layer's inputs
-        in the original network. Returns the outputs of the approximated network per batch."""
+        in the original network, and with ``shortcut_shifts`` the keyword ``shortcut_shift`` (see the class).
+        Returns the outputs of the approximated network per batch."""
         gm = self.graph_module
         for module in gm.modules():  # values are kept for later nodes: in-place ops would overwrite them
             if getattr(module, "inplace", False):
@@ -201,7 +281,12 @@ class LayerwisePass:
                 node = nodes[start]
                 if is_target(node):
                     inputs = [self._all_batches(owner, node.args[0], env, placeholders) for owner, env in networks]
-                    replacement = on_layer(node.target, gm.get_submodule(node.target), *inputs)
+                    extra = {}
+                    if self.shortcut_shifts:
+                        partner = shortcut_partner(gm, node.target, targets)
+                        extra["shortcut_shift"] = (None if partner is None
+                                                   else _ShortcutShift(self, partner, networks, placeholders))
+                    replacement = on_layer(node.target, gm.get_submodule(node.target), *inputs, **extra)
                     if replacement is not None:
                         _set_submodule(gm, node.target, replacement)
                 segment = nodes[start:stop]

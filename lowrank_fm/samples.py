@@ -65,7 +65,8 @@ def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generat
 @torch.no_grad()
 def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Tensor],
                          reference_inputs: Sequence[torch.Tensor], n_fit: int, per_image: int, seed: int,
-                         activation: str, first_ordinal: int = 0) -> LayerData:
+                         activation: str, first_ordinal: int = 0,
+                         shortcut_shift: Sequence[torch.Tensor] | None = None) -> LayerData:
     """A layer's :class:`LayerData` from its input maps in the approximated and the original network.
 
     Parameters
@@ -80,11 +81,16 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     first_ordinal : the ordinal of the first image of ``inputs`` among all calibration images (a rank's shard
         under torch.distributed): positions are drawn as one process draws them for these images, and the
         held-out rows are those with ordinal >= n_fit
+    shortcut_shift : per batch, for a layer whose output y feeds a residual sum s = y + v, the tensor v - vhat
+        shaped as the layer's output (v in the original network, vhat in the approximated one; see
+        :class:`~lowrank_fm.layerwise.LayerwisePass`), or None
 
     Returns
     -------
     LayerData with inputs (n, p) = xhat patches in the network's precision (float32: 64 positions x p
-    values per image add up), targets (n, d) = x patches @ W^T + b in float64.
+    values per image add up), targets (n, d) = x patches @ W^T + b in float64, plus v - vhat at the same
+    positions with ``shortcut_shift``: a layer that reaches these targets from xhat makes the sum the next
+    layers see, yhat + vhat, equal to the original's y + v.
     """
     weight32 = unfold_weight(module).to(module.weight.dtype)
     bias = None if module.bias is None else module.bias.detach().double().cpu()
@@ -100,7 +106,19 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
         xs.append(patches_at(module, approx, image, position).cpu())  # the network's precision (float32)
         # the targets in the layer's own precision (as the network computes them), then float64
         target = (patches_at(module, original, image, position).cpu() @ weight32.T).double()
-        ys.append(target if bias is None else target + bias)
+        if bias is not None:
+            target = target + bias
+        if shortcut_shift is not None:
+            target = target + _rows_at(module, shortcut_shift[index], image, position).cpu().double()
+        ys.append(target)
         held.append((image.cpu() + seen) >= n_fit)
         seen += n_images
     return LayerData(torch.cat(xs), torch.cat(ys), torch.cat(held), activation)
+
+
+def _rows_at(module: nn.Module, output: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(n, d): a layer's output-shaped tensor at the sampled output positions (conv: (B, d, H', W');
+    Linear: (B, d) or (B, ..., d) with the middle dims flattened into tokens, ``position[:, 0]``)."""
+    if isinstance(module, nn.Conv2d):
+        return output[image, :, position[:, 0], position[:, 1]]
+    return output.reshape(output.shape[0], -1, output.shape[-1])[image, position[:, 0]]

@@ -187,3 +187,102 @@ def test_a_model_that_returns_its_input_beside_a_replaced_layer():
         ["conv"], lambda name, module, inputs: zero)
     for (x, y), batch in zip(outputs, batches):
         assert x is batch and y.shape == (batch.shape[0], 2, 5, 5) and float(y.abs().max()) == 0.0
+
+
+class _DownsampleBlock(nn.Module):
+    """A torchvision-style block: the shortcut's 1x1 conv runs after conv2 in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.downsample = nn.Conv2d(3, 6, 1)
+
+    def forward(self, x):
+        out = self.conv2(torch.relu(self.conv1(x)))
+        identity = self.downsample(x)
+        return torch.relu(out + identity)
+
+
+class _SelfSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.relu(y)
+
+
+def test_shortcut_partner_is_the_final_other_operand_of_the_sum(resnet):
+    from lowrank_fm.layerwise import shortcut_partner
+
+    gm = trace(resnet)
+    every = ["stem.0", "stages.0.0.conv1", "stages.0.0.conv2", "stages.1.0.conv2", "stages.1.0.shortcut.0"]
+    partner = shortcut_partner(gm, "stages.0.0.conv2", every)
+    assert partner is not None and partner.name == "stages_0_0_shortcut"  # the identity shortcut's output
+    assert shortcut_partner(gm, "stages.0.0.conv1", every) is None  # feeds a ReLU, not a sum
+    assert shortcut_partner(gm, "stem.0", every) is None
+    # the projection shortcut is still to be replaced when conv2 comes: its output is not final yet
+    assert shortcut_partner(gm, "stages.1.0.conv2", every) is None
+    assert shortcut_partner(gm, "stages.1.0.conv2", ["stages.1.0.conv2"]).op == "call_module"
+    later = shortcut_partner(gm, "stages.1.0.shortcut.0", every)  # ... and it gets the shift of conv2's branch
+    assert later is not None and later.name == "stages_1_0_bn2"  # (BatchNorm folded: an Identity after conv2)
+    block = trace(_DownsampleBlock())
+    assert shortcut_partner(block, "conv2", ["conv1", "conv2", "downsample"]) is None
+    assert shortcut_partner(block, "downsample", ["conv1", "conv2", "downsample"]).name == "conv2"
+    assert shortcut_partner(trace(_SelfSum()), "conv", ["conv"]) is None  # the other operand depends on the layer
+
+
+def test_shortcut_shift_is_the_original_minus_the_approximated_other_operand():
+    """v - vhat against the block's input in two separately run networks (hooks), after an upstream change."""
+    torch.manual_seed(4)
+    model = ResNetSmall((8, 16), blocks=1).eval()
+    fold_batchnorm(model, torch.randn(2, 1, 12, 12))
+    changed = nn.Conv2d(1, 8, 3, padding=1)
+    approximated = __import__("copy").deepcopy(model)
+    approximated.stem[0] = changed
+    batches = [torch.randn(2, 1, 12, 12), torch.randn(3, 1, 12, 12)]
+
+    def block_inputs(network):
+        seen = []
+        handle = network.stages[0][0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        with torch.no_grad():
+            for b in batches:
+                network(b)
+        handle.remove()
+        return seen
+
+    want = [v - vhat for v, vhat in zip(block_inputs(model), block_inputs(approximated))]
+    shifts = {}
+
+    def on_layer(name, module, inputs, reference_inputs, shortcut_shift):
+        shifts[name] = None if shortcut_shift is None else [shortcut_shift[i] for i in range(len(batches))]
+        return changed if name == "stem.0" else None
+
+    LayerwisePass(trace(model), batches, progress=False, with_reference=True, shortcut_shifts=True).run(
+        ["stem.0", "stages.0.0.conv1", "stages.0.0.conv2"], on_layer)
+    assert shifts["stem.0"] is None and shifts["stages.0.0.conv1"] is None
+    for got, expected in zip(shifts["stages.0.0.conv2"], want):
+        assert float(expected.abs().amax()) > 0.1  # the upstream change reached the shortcut
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="with_reference"):
+        LayerwisePass(trace(model), batches, shortcut_shifts=True)
+
+
+def test_samples_from_maps_add_the_shortcut_shift_at_their_positions():
+    from lowrank_fm.samples import layer_data_from_maps
+
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    originals = [torch.randn(2, 3, 9, 8), torch.randn(3, 3, 9, 8)]
+    approximated = [x + 0.1 * torch.randn_like(x) for x in originals]
+    shifts = [torch.randn(2, 4, 5, 4), torch.randn(3, 4, 5, 4)]
+    options = dict(n_fit=4, per_image=20, seed=0, activation="identity")  # every position: rows in grid order
+    plain = layer_data_from_maps("layer", conv, approximated, originals, **options)
+    shifted = layer_data_from_maps("layer", conv, approximated, originals, **options, shortcut_shift=shifts)
+    rows = torch.cat([s.permute(0, 2, 3, 1).reshape(-1, 4) for s in shifts]).double()
+    torch.testing.assert_close(shifted.targets - plain.targets, rows)
+    responses = torch.cat([conv(x).detach().permute(0, 2, 3, 1).reshape(-1, 4) for x in originals]).double()
+    torch.testing.assert_close(shifted.targets, responses + rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted.inputs, plain.inputs)

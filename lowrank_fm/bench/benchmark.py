@@ -74,6 +74,11 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
                               {"method": "auto", "allocation": "output", "output_matching": True}),
                  BenchmarkRun("auto, allocation output, fit from the store", s,
                               _FROM_STORE | {"method": "auto", "allocation": "output"})]
+        # before / after the shortcut compensation (on by default; residual networks only)
+        runs += [BenchmarkRun("fm, rmsprop, no shortcut compensation", s,
+                              {"method": "fm", "solver": "rmsprop", "shortcut_compensation": False}),
+                 BenchmarkRun("auto, allocation output, no shortcut compensation", s,
+                              {"method": "auto", "allocation": "output", "shortcut_compensation": False})]
     return runs
 
 
