@@ -4,6 +4,7 @@ needs no data or the model cannot be traced; then each layer's error on the held
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 
@@ -124,7 +125,7 @@ def correct_last_factor(layer: nn.Module, replacement: nn.Module, data: LayerDat
         features = last_factor_inputs(replacement.cpu(), layer, data.inputs)
     weight, bias = last_factor_matrix(replacement)
     B, c, done = refit_output_factor(features, data.targets, data.heldout, weight, bias,
-                                     activation=data.activation, seed=seed, shards=data.shards)
+                                     activation=data.activation, seed=seed, shards=data.shards, offset=data.offset)
     if done["kept"] != "original":
         set_last_factor(replacement, B, c)
     return done
@@ -164,7 +165,8 @@ def _gather_layer_data(data: LayerData) -> LayerData | None:
     from .distributed import gather_rows
 
     parts = [gather_rows(t) for t in (data.inputs, data.targets, data.heldout)]
-    return None if parts[0] is None else LayerData(*parts, data.activation)
+    offset = None if data.offset is None else gather_rows(data.offset)
+    return None if parts[0] is None else LayerData(*parts, data.activation, offset=offset)
 
 
 def _traceable_root(work: nn.Module, names: list[str], batches: list):
@@ -224,7 +226,7 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
     (``config.solver_threads``). Either way rank 0's built layer (with what the build
     did) is broadcast, so every rank goes on through its shard with the very same layer."""
     from .distributed import computed_on_rank_zero, distributed_shards, solver_threads, world
-    from .layerwise import LayerwisePass, activation_after
+    from .layerwise import LayerwisePass, activation_after, activation_after_sum
 
     root = _traceable_root(work, list(ranks), batches)
     if root is None:
@@ -238,19 +240,23 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
     compensate = dense and config.shortcut_compensation
 
-    def on_layer(local_name, module, inputs, reference_inputs=None, shortcut_shift=None):
+    def on_layer(local_name, module, inputs, reference_inputs=None, shortcut_shift=None, shortcut_value=None):
         name = prefix + local_name
         activation = activation_after(graph_module, local_name)
+        layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
         if dense:
+            # the correction compares the sums through the activation after them (fm's own solvers fit y + v - vhat)
+            on_sum = shortcut_shift is not None and not layer_method.needs_inputs
             data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
-                                        config.seed, activation, first_ordinal, shortcut_shift)
+                                        config.seed, activation_after_sum(graph_module, local_name) if on_sum
+                                        else activation, first_ordinal, shortcut_shift,
+                                        shortcut_value if on_sum else None)
         else:
             data = samples(name, module, inputs, activation)
-        layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
         corrected = not layer_method.needs_inputs and corrects(layer_method, config)
         if size > 1 and config.sharded_solvers and (layer_method.solves_shards or corrected):
             # every rank fits its own rows, the solvers adding their sums over the ranks
-            data = LayerData(data.inputs, data.targets, data.heldout, data.activation, distributed_shards())
+            data = dataclasses.replace(data, shards=distributed_shards())
             built, done = _solve_on_every_rank(method, layer_method, contexts[name], ranks[name], data, config.seed)
         else:
             if size > 1:  # rank 0 gets every row: the layer is the one a single process builds, bit for bit
@@ -268,7 +274,8 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
             built, done = computed_on_rank_zero(solve, threads=solver_threads(config.solver_threads))
         replacement = built.to(config.device).eval()
-        info[name] = {**done, "activation": activation, "shortcut_compensated": shortcut_shift is not None}
+        info[name] = {**done, "activation": data.activation if data is not None else activation,
+                      "shortcut_compensated": shortcut_shift is not None}
         replacements[name] = replacement
         return replacement
 

@@ -65,10 +65,19 @@ def _objective(Y: torch.Tensor, Z: torch.Tensor, B: torch.Tensor, c: torch.Tenso
                                shards=shards)
 
 
+def _with_offset(Z: torch.Tensor, Y: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Z, o] and y + o: with B' = [B, I], B' [z; o] + c = (B z + c) + o, so the objectives compare the sums."""
+    return torch.cat([Z.double(), offset.double()], dim=1), Y + offset.double()
+
+
+def _extended(B: torch.Tensor) -> torch.Tensor:
+    return torch.cat([B.double(), torch.eye(B.shape[0], dtype=torch.float64)], dim=1)
+
+
 def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None, *, activation: str = "identity", solver: str = "rmsprop",
-                        steps: int | None = None, seed: int = 0, shards: RowShards | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                        steps: int | None = None, seed: int = 0, shards: RowShards | None = None,
+                        offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Refit a factorized layer's last factor to the original responses from the approximated inputs.
 
     Parameters
@@ -83,6 +92,9 @@ def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor,
     steps : RMSProp steps (None: the solver's default); seed : seeds RMSProp's mini-batches
     shards : RowShards or None: ``Z``, ``Y``, ``heldout`` are one process's rows; the least squares' moments,
         the objectives and RMSProp's gradients are sums over the processes (each works on its own rows only)
+    offset : None, or (n, d) o added to both sides before the activation (a layer before a residual sum, fitted
+        with the shortcut compensation: Y = y + v - vhat, o = vhat, f the activation after the sum): the
+        objectives become ||f(y_i + o_i) - f(B z_i + c + o_i)||^2; the least squares is unchanged
 
     Returns
     -------
@@ -118,22 +130,30 @@ def refit_output_factor(Z: torch.Tensor, Y: torch.Tensor, heldout: torch.Tensor,
     Y = Y.double()
     B0 = weight.detach().double()
     c0 = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().double()
-    fy = torch.relu(Y[val]) if activation == "relu" else Y[val]
+    if offset is not None and tuple(offset.shape) != tuple(Y.shape):
+        raise ValueError(f"offset must have the shape of Y {tuple(Y.shape)}, got {tuple(offset.shape)}")
+    # what the objectives compare: (Zs, Ys) = (Z, Y), or ([Z, o], y + o) with B extended to [B, I]
+    Zs, Ys = (Z, Y) if offset is None else _with_offset(Z, Y, offset)
+    extend = (lambda B: B) if offset is None else _extended
+    fy = torch.relu(Ys[val]) if activation == "relu" else Ys[val]
     squares, count = total(every, float(fy.pow(2).sum()), fy.shape[0])
     scale = max(squares / max(count, 1.0), 1e-30)
 
-    best = (_objective(Y[val], Z[val], B0, c0, activation, shards), B0, c0, "original")
+    best = (_objective(Ys[val], Zs[val], extend(B0), c0, activation, shards), B0, c0, "original")
     info: dict = {"error_original": best[0] / scale, "iterations": 0, "samples": int(n_fit)}
     B1, c1 = affine_least_squares(Z[fit], Y[fit], shards=shards)
-    linear = _objective(Y[val], Z[val], B1, c1, activation, shards)
+    linear = _objective(Ys[val], Zs[val], extend(B1), c1, activation, shards)
     info["error_linear"] = linear / scale
     if linear < best[0]:
         best = (linear, B1, c1, "linear")
     if solver == "rmsprop":
         kwargs = {} if steps is None else {"steps": int(steps)}
-        before, after, (B2, c2), _ = rmsprop_minimise([B1, c1], lambda params, z: z @ params[0].T + params[1],
-                                                 Z[fit], Y[fit], Z[val], Y[val], activation=activation, seed=seed,
-                                                 shards=shards, **kwargs)
+
+        def forward(params, z):  # B z + c, plus the offset columns when there are any
+            return z[:, :q] @ params[0].T + params[1] + (z[:, q:] if z.shape[1] > q else 0.0)
+
+        before, after, (B2, c2), _ = rmsprop_minimise([B1, c1], forward, Zs[fit], Ys[fit], Zs[val], Ys[val],
+                                                      activation=activation, seed=seed, shards=shards, **kwargs)
         info["iterations"] = int(kwargs.get("steps", 300))
         info["error_refined"] = after / scale
         if after < before and after < best[0]:  # rmsprop_minimise returns its start when nothing beat it

@@ -29,7 +29,8 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["trace", "LayerwisePass", "activation_after", "shortcut_partner", "NotTraceableError"]
+__all__ = ["trace", "LayerwisePass", "activation_after", "activation_after_sum", "shortcut_partner",
+           "NotTraceableError"]
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,22 @@ def activation_after(graph_module: fx.GraphModule, name: str) -> str:
     Dropout modules, e.g. a folded BatchNorm) feeds only a ReLU, else ``"identity"``.
 
     A ResNet conv whose output is added to a shortcut before the ReLU gets ``"identity"``: the ReLU acts on
-    the sum, so the only target that does not depend on the other branch is the linear response itself.
+    the sum, so the only target that does not depend on the other branch is the linear response itself
+    (with the shortcut compensation, :func:`activation_after_sum` is the one that acts on the sum).
     """
     nodes = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name]
-    if len(nodes) != 1:
-        return "identity"
-    node = nodes[0]
+    return "identity" if len(nodes) != 1 else _activation_following(graph_module, nodes[0])
+
+
+def activation_after_sum(graph_module: fx.GraphModule, name: str) -> str:
+    """The nonlinearity that follows the residual sum s = y + v that layer ``name``'s output y feeds
+    (``"relu"`` or ``"identity"``; ``"identity"`` when y feeds no such sum)."""
+    summed = _residual_sum(graph_module, name)
+    return "identity" if summed is None else _activation_following(graph_module, summed[0])
+
+
+def _activation_following(graph_module: fx.GraphModule, node: fx.Node) -> str:
+    """``"relu"`` when ``node``'s value (through pass-through modules) feeds only a ReLU, else ``"identity"``."""
     while True:
         users = list(node.users)
         if len(users) != 1:
@@ -101,14 +112,9 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def shortcut_partner(graph_module: fx.GraphModule, name: str, targets) -> fx.Node | None:
-    """The other operand v of the residual sum s = y + v that layer ``name``'s output y feeds (through
-    Identity or Dropout modules, e.g. a folded BatchNorm), or None.
-
-    None also when v depends on the layer itself or on a layer of ``targets`` that comes later in the graph
-    (that layer is still to be replaced, so v is not final yet: a torchvision block's ``downsample`` conv, run
-    after ``conv2``; the later layer gets the shift instead).
-    """
+def _residual_sum(graph_module: fx.GraphModule, name: str) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(the sum node, its other operand, the layer's node) when layer ``name``'s output (through pass-through
+    modules) feeds only a sum of two nodes, else None."""
     nodes = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name]
     if len(nodes) != 1:
         return None
@@ -118,11 +124,24 @@ def shortcut_partner(graph_module: fx.GraphModule, name: str, targets) -> fx.Nod
     users = list(node.users)
     if len(users) != 1 or not _is_add(users[0]) or len(users[0].args) != 2:
         return None
-    summed = users[0]
-    others = [arg for arg in summed.args if arg is not node]
+    others = [arg for arg in users[0].args if arg is not node]
     if len(others) != 1 or not isinstance(others[0], fx.Node):
         return None
-    partner = others[0]
+    return users[0], others[0], layer
+
+
+def shortcut_partner(graph_module: fx.GraphModule, name: str, targets) -> fx.Node | None:
+    """The other operand v of the residual sum s = y + v that layer ``name``'s output y feeds (through
+    Identity or Dropout modules, e.g. a folded BatchNorm), or None.
+
+    None also when v depends on the layer itself or on a layer of ``targets`` that comes later in the graph
+    (that layer is still to be replaced, so v is not final yet: a torchvision block's ``downsample`` conv, run
+    after ``conv2``; the later layer gets the shift instead).
+    """
+    summed = _residual_sum(graph_module, name)
+    if summed is None:
+        return None
+    _, partner, layer = summed
     order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
     targets = set(targets)
     for ancestor in _ancestors(partner) | {partner}:
@@ -134,10 +153,12 @@ def shortcut_partner(graph_module: fx.GraphModule, name: str, targets) -> fx.Nod
 
 class _ShortcutShift:
     """Per batch, v - vhat: the residual sum's other operand in the original network minus the same in the
-    network approximated so far (computed when read, one batch at a time)."""
+    network approximated so far (computed when read, one batch at a time); with ``approximated``, vhat."""
 
-    def __init__(self, owner: "LayerwisePass", partner: fx.Node, networks: list, placeholders: list) -> None:
+    def __init__(self, owner: "LayerwisePass", partner: fx.Node, networks: list, placeholders: list,
+                 approximated: bool = False) -> None:
         self._owner, self._partner, self._networks, self._placeholders = owner, partner, networks, placeholders
+        self._approximated = approximated
 
     def __len__(self) -> int:
         return len(self._owner.batches)
@@ -150,7 +171,7 @@ class _ShortcutShift:
             else:
                 values.append(self._owner._evaluate(network, self._partner, index, env, {}, self._placeholders))
         vhat, v = values
-        return v - vhat
+        return vhat if self._approximated else v - vhat
 
 
 class _Spilled(NamedTuple):
@@ -229,7 +250,8 @@ class LayerwisePass:
         before any replacement) and pass a target layer's original inputs to the callback.
     shortcut_shifts : (with ``with_reference``) also pass ``shortcut_shift=``: for a layer whose output feeds a
         residual sum s = y + v (:func:`shortcut_partner`), per batch v - vhat, the other operand in the original
-        network minus the same in the approximated one, shaped as the layer's output; None for other layers.
+        network minus the same in the approximated one, shaped as the layer's output, and ``shortcut_value=``,
+        per batch vhat; both None for other layers.
         A layer fitted to y + v - vhat from its approximated inputs makes yhat + vhat, the sum the next layers
         see, match the original sum (He, Zhang, Sun, ICCV 2017, "multi-branch enhancement").
     """
@@ -284,8 +306,9 @@ class LayerwisePass:
                     extra = {}
                     if self.shortcut_shifts:
                         partner = shortcut_partner(gm, node.target, targets)
-                        extra["shortcut_shift"] = (None if partner is None
-                                                   else _ShortcutShift(self, partner, networks, placeholders))
+                        for key, approximated in (("shortcut_shift", False), ("shortcut_value", True)):
+                            extra[key] = (None if partner is None else
+                                          _ShortcutShift(self, partner, networks, placeholders, approximated))
                     replacement = on_layer(node.target, gm.get_submodule(node.target), *inputs, **extra)
                     if replacement is not None:
                         _set_submodule(gm, node.target, replacement)

@@ -66,7 +66,8 @@ def draw_positions(n_images: int, grid: tuple[int, int], per_image: int, generat
 def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Tensor],
                          reference_inputs: Sequence[torch.Tensor], n_fit: int, per_image: int, seed: int,
                          activation: str, first_ordinal: int = 0,
-                         shortcut_shift: Sequence[torch.Tensor] | None = None) -> LayerData:
+                         shortcut_shift: Sequence[torch.Tensor] | None = None,
+                         shortcut_value: Sequence[torch.Tensor] | None = None) -> LayerData:
     """A layer's :class:`LayerData` from its input maps in the approximated and the original network.
 
     Parameters
@@ -84,6 +85,8 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     shortcut_shift : per batch, for a layer whose output y feeds a residual sum s = y + v, the tensor v - vhat
         shaped as the layer's output (v in the original network, vhat in the approximated one; see
         :class:`~lowrank_fm.layerwise.LayerwisePass`), or None
+    shortcut_value : per batch vhat (same shapes), or None: its rows become the result's ``offset``, so that
+        ``activation`` (then the one after the sum) can be applied to the sums
 
     Returns
     -------
@@ -95,7 +98,7 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
     weight32 = unfold_weight(module).to(module.weight.dtype)
     bias = None if module.bias is None else module.bias.detach().double().cpu()
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    xs, ys, held = [], [], []
+    xs, ys, held, offsets = [], [], [], []
     seen = int(first_ordinal)
     for index, (approx, original) in enumerate(zip(inputs, reference_inputs)):
         n_images = approx.shape[0]
@@ -110,10 +113,13 @@ def layer_data_from_maps(name: str, module: nn.Module, inputs: Sequence[torch.Te
             target = target + bias
         if shortcut_shift is not None:
             target = target + _rows_at(module, shortcut_shift[index], image, position).cpu().double()
+        if shortcut_value is not None:
+            offsets.append(_rows_at(module, shortcut_value[index], image, position).cpu().double())
         ys.append(target)
         held.append((image.cpu() + seen) >= n_fit)
         seen += n_images
-    return LayerData(torch.cat(xs), torch.cat(ys), torch.cat(held), activation)
+    return LayerData(torch.cat(xs), torch.cat(ys), torch.cat(held), activation,
+                     offset=torch.cat(offsets) if offsets else None)
 
 
 def _rows_at(module: nn.Module, output: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

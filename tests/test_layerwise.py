@@ -232,6 +232,11 @@ def test_shortcut_partner_is_the_final_other_operand_of_the_sum(resnet):
     assert shortcut_partner(block, "conv2", ["conv1", "conv2", "downsample"]) is None
     assert shortcut_partner(block, "downsample", ["conv1", "conv2", "downsample"]).name == "conv2"
     assert shortcut_partner(trace(_SelfSum()), "conv", ["conv"]) is None  # the other operand depends on the layer
+    from lowrank_fm.layerwise import activation_after_sum
+
+    assert activation_after_sum(gm, "stages.0.0.conv2") == "relu"  # the block's ReLU, after the sum
+    assert activation_after_sum(gm, "stages.0.0.conv1") == "identity"  # feeds no sum
+    assert activation_after_sum(trace(_SelfSum()), "conv") == "identity"  # y + relu(y) reaches the output
 
 
 def test_shortcut_shift_is_the_original_minus_the_approximated_other_operand():
@@ -253,11 +258,14 @@ def test_shortcut_shift_is_the_original_minus_the_approximated_other_operand():
         handle.remove()
         return seen
 
-    want = [v - vhat for v, vhat in zip(block_inputs(model), block_inputs(approximated))]
-    shifts = {}
+    hats = block_inputs(approximated)
+    want = [v - vhat for v, vhat in zip(block_inputs(model), hats)]
+    shifts, values = {}, {}
 
-    def on_layer(name, module, inputs, reference_inputs, shortcut_shift):
+    def on_layer(name, module, inputs, reference_inputs, shortcut_shift, shortcut_value):
+        assert (shortcut_shift is None) == (shortcut_value is None)
         shifts[name] = None if shortcut_shift is None else [shortcut_shift[i] for i in range(len(batches))]
+        values[name] = None if shortcut_value is None else [shortcut_value[i] for i in range(len(batches))]
         return changed if name == "stem.0" else None
 
     LayerwisePass(trace(model), batches, progress=False, with_reference=True, shortcut_shifts=True).run(
@@ -265,6 +273,8 @@ def test_shortcut_shift_is_the_original_minus_the_approximated_other_operand():
     assert shifts["stem.0"] is None and shifts["stages.0.0.conv1"] is None
     for got, expected in zip(shifts["stages.0.0.conv2"], want):
         assert float(expected.abs().amax()) > 0.1  # the upstream change reached the shortcut
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(values["stages.0.0.conv2"], hats):
         torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="with_reference"):
         LayerwisePass(trace(model), batches, shortcut_shifts=True)

@@ -109,6 +109,9 @@ class LayerData:
     shards : None when these rows are all the layer's rows; else these are one process's share and
         :class:`~lowrank_fm.methods.shards.RowShards` adds partial sums over the processes (solvers that
         support it: ``Method.solves_shards``)
+    offset : None, or (n, d) float64: for a layer before a residual sum s = y + v fitted with the shortcut
+        compensation, vhat at the same rows (the approximated network's shortcut); ``activation`` then acts on
+        the sum, f(targets + offset) against f(yhat + offset) (only the whole-model correction reads it)
     """
 
     inputs: torch.Tensor
@@ -116,6 +119,7 @@ class LayerData:
     heldout: torch.Tensor
     activation: str = "identity"
     shards: RowShards | None = None
+    offset: torch.Tensor | None = None
 
     def fit_and_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean row masks (fit, validation): the held-out rows validate; without any (on every shard), the
