@@ -104,8 +104,9 @@ class ApproxConfig:
         layer whose output y feeds a residual sum s = y + v is fitted to y + v - vhat (vhat: the other operand
         in the network approximated so far), so the sum the next layers see tracks the original one instead of
         carrying every earlier block's error along the shortcut (He, Zhang, Sun, ICCV 2017, multi-branch
-        enhancement). Applies to the correction and to the methods that fit data themselves (fm, fm-3d). With
-        ``fit_positions=None`` (the store) there is no v and nothing changes.
+        enhancement). Applies to the correction and to the methods that fit data themselves (fm, fm-3d); the
+        correction's refinement and held-out choice then compare the sums through the activation after them,
+        f(y + v) against f(yhat + vhat). With ``fit_positions=None`` (the store) there is no v and nothing changes.
     sharded_solvers : under torchrun, each rank fits the solvers (fm's regression and RMSProp, the correction)
         on its own rows of the layer-wise pass and the sums are added over the ranks, instead of rank 0 solving
         on every rank's rows. Faster with many processes; the layers then equal one process's only up to the

@@ -165,13 +165,14 @@ class _ShortcutShift:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         values = []
-        for network, env in self._networks:  # kept by an earlier segment, or computed from what was kept
+        # (approximated, original); vhat alone needs only the first. A value kept by an earlier segment is read,
+        # any other computed from what was kept
+        for network, env in self._networks[:1] if self._approximated else self._networks:
             if self._partner in env:
                 values.append(env[self._partner][index])
             else:
                 values.append(self._owner._evaluate(network, self._partner, index, env, {}, self._placeholders))
-        vhat, v = values
-        return vhat if self._approximated else v - vhat
+        return values[0] if self._approximated else values[1] - values[0]
 
 
 class _Spilled(NamedTuple):
@@ -274,7 +275,8 @@ class LayerwisePass:
         """Run the pass; ``on_layer(name, module, inputs)`` returns the replacement (or None to keep the layer),
         where ``inputs[i]`` is the layer's input tensor for batch i (loaded lazily when spilled). With
         ``with_reference``, ``on_layer(name, module, inputs, reference_inputs)`` also gets the layer's inputs
-        in the original network, and with ``shortcut_shifts`` the keyword ``shortcut_shift`` (see the class).
+        in the original network, and with ``shortcut_shifts`` the keywords ``shortcut_shift`` and
+        ``shortcut_value`` (see the class).
         Returns the outputs of the approximated network per batch."""
         gm = self.graph_module
         for module in gm.modules():  # values are kept for later nodes: in-place ops would overwrite them
