@@ -242,14 +242,13 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
     def on_layer(local_name, module, inputs, reference_inputs=None, shortcut_shift=None, shortcut_value=None):
         name = prefix + local_name
-        activation = activation_after(graph_module, local_name)
         layer_method = method.for_layer(contexts[name])  # auto: the method chosen for this layer
+        # the correction compares the sums through the activation after them (fm's own solvers fit y + v - vhat)
+        on_sum = shortcut_shift is not None and not layer_method.needs_inputs
+        activation = (activation_after_sum if on_sum else activation_after)(graph_module, local_name)
         if dense:
-            # the correction compares the sums through the activation after them (fm's own solvers fit y + v - vhat)
-            on_sum = shortcut_shift is not None and not layer_method.needs_inputs
             data = layer_data_from_maps(name, module, inputs, reference_inputs, n_fit, config.fit_positions,
-                                        config.seed, activation_after_sum(graph_module, local_name) if on_sum
-                                        else activation, first_ordinal, shortcut_shift,
+                                        config.seed, activation, first_ordinal, shortcut_shift,
                                         shortcut_value if on_sum else None)
         else:
             data = samples(name, module, inputs, activation)
@@ -274,8 +273,7 @@ def _build_layerwise(work: nn.Module, method: Method, contexts: dict[str, LayerC
 
             built, done = computed_on_rank_zero(solve, threads=solver_threads(config.solver_threads))
         replacement = built.to(config.device).eval()
-        info[name] = {**done, "activation": data.activation if data is not None else activation,
-                      "shortcut_compensated": shortcut_shift is not None}
+        info[name] = {**done, "activation": activation, "shortcut_compensated": shortcut_shift is not None}
         replacements[name] = replacement
         return replacement
 
