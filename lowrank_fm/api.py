@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from .inputs import check_reiterable, count_images, default_to_input, iter_input
 from .methods import LayerContext, get_method
 from .planner import Plan, default_allocation, highest_cheaper_rank, keep_reasons, plan_ranks
 from .report import LayerRecord, Report
-from .surgery import check_finite_weights, find_layers, fold_batchnorm, set_module
+from .surgery import check_finite_weights, find_layers, fold_batchnorm, get_module, set_module
 
 __all__ = ["approximate", "default_to_input", "check_finite_weights"]
 
@@ -61,17 +62,22 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     """The plan stage: what the planner needs measured (output errors, the latency model, the whole-plan
     timer, the speed gate), then :func:`plan_ranks`. Measurements are timed apart from the planning. Returns
     the plan and the speed gate's :class:`~lowrank_fm.speedgate.LayerTiming` per layer it timed."""
-    from .sensitivity import output_errors_for
+    from .sensitivity import joint_output_divergence, output_errors_for
     from .speedgate import SpeedGate, latency_model, plan_timer, timing_layout
 
     start, measured_before = time.perf_counter(), sum(timing.get(k, 0.0) for k in _PLAN_STAGES[1:])
     macs = {n: c.macs for n, c in costs.items()}
     progress = _progress(config)
-    output_errors = None
+    output_errors, divergence, n_divergence = None, None, 0
     if config.speedup is not None and (config.allocation or default_allocation(method)) == "output" and contexts:
         n_sensitivity = min(n_fit, config.sensitivity_images or method.sensitivity_images)
         sample = list(iter_inputs(data, to_input, 0, n_sensitivity, config.device))
         output_errors = output_errors_for(method, work, contexts, macs, sample, config)
+        n_divergence = min(method.divergence_images(), n_fit - n_sensitivity)
+        if output_errors is not None and n_divergence > 0:
+            held_out = list(iter_inputs(data, to_input, n_sensitivity, n_sensitivity + n_divergence, config.device))
+            divergence = partial(joint_output_divergence, work, {n: get_module(work, n) for n in output_errors},
+                                 {n: contexts[n].stats for n in output_errors}, batches=held_out)
     layout = _timed(timing, "layout", timing_layout)(work, example, config) if contexts else {"layout": "nchw"}
     latency, measure_plan = None, None
     if config.budget == "latency":
@@ -87,14 +93,15 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
         gate = _timed(timing, "speed_gate", lambda name, ctx, rank: speed_gate.check(
             name, ctx.module, method.timing_module(ctx, rank), ctx.in_shape))
     plan = plan_ranks(method, layers, contexts, macs, reasons, config, latency=latency, output_errors=output_errors,
-                      measure_plan=measure_plan, gate=gate, progress=progress)
+                      measure_plan=measure_plan, gate=gate, progress=progress, divergence=divergence)
     if gate is not None:
         plan.selection["speed_gate"].update(batch=config.speed_batch, repeats=config.speed_repeats, **layout)
     if latency is not None:  # the latency model's parts: what the plan was made from
         plan.selection["latency_model"] = {**layout, "rest_ms": latency[1],
                                            "layers_original_ms": sum(c.original_ms for c in latency[0].values())}
     if output_errors is not None:
-        plan.selection["allocation_signal"] = f"output error on {n_sensitivity} calibration images"
+        plan.selection["allocation_signal"] = f"output error on {n_sensitivity} calibration images" + (
+            f", plans compared on {n_divergence} more" if divergence is not None else "")
     if "auto" in plan.selection:  # auto's candidate curves: a stage of their own
         timing["candidates_s"] = plan.selection["auto"]["curves_s"]
     measured = sum(timing.get(k, 0.0) for k in _PLAN_STAGES[1:]) - measured_before

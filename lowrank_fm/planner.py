@@ -173,7 +173,8 @@ class _Spectra:
         return self.values[ctx.name]
 
 
-def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
+def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
+            divergence=None):
     """``uniform``, ``energy``, ``error``, ``output``: the greedy of :mod:`lowrank_fm.ranks` over MACs or
     measured latency, scored by kept energy or by the relative error (responses, or the network's output)."""
     allocation = config.allocation or default_allocation(method)
@@ -205,7 +206,8 @@ def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output
     return result.ranks, {}, selection
 
 
-def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
+def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
+                 divergence=None):
     """``alds-minmax``: (groups k, rank j) per layer minimising the largest relative error under the MAC
     budget (Liebenwein et al. 2021); every candidate below break-even, the original layer at error 0."""
     budget = (fixed + sum(macs[n] for n in free)) / float(config.speedup) - fixed
@@ -241,7 +243,8 @@ def pareto_envelope(points: list, original_macs: int) -> list:
     return envelope
 
 
-def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None):
+def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
+          divergence=None):
     """``auto``: one (method, rank) per layer. Each layer's candidates (:meth:`~lowrank_fm.methods.auto.Auto.
     candidate_points`, predicted error against MACs) are reduced to their Pareto envelope, which is a cost
     curve like a single method's ranks; the ``error`` greedy of :func:`~lowrank_fm.ranks.select_ranks_for_speedup`
@@ -249,45 +252,72 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
 
     With ``allocation="output"`` (``output_errors``: the network's output error e_out(r) when the layer's
     responses are projected on r principal directions, :mod:`lowrank_fm.sensitivity`) each layer's predicted
-    errors are scaled by its sensitivity s_l = median over the measured ranks of e_out(r) / e(r), e(r) the
-    layer's own error there (:func:`~lowrank_fm.predicted_error.tail_error`): the sum minimised is then
-    sum_l s_l^2 e_l^2, the layers' errors as the network's output sees them."""
+    errors are weighted by a power of its sensitivity s_l = median over the measured ranks of e_out(r) / e(r),
+    e(r) the layer's own error there (:func:`~lowrank_fm.predicted_error.tail_error`): the sum minimised is
+    sum_l s_l^(2 gamma) e_l^2. gamma = 1 counts the layers' errors as the network's output sees them, one
+    layer at a time; gamma = 0 ignores the sensitivity. Their sum misses how the errors interact (deep residual
+    networks gain from the weights, plain ones can lose), so with several exponents
+    (``AutoSettings.sensitivity_exponents``) and ``divergence`` (layer name -> predicted error ->
+    :func:`~lowrank_fm.sensitivity.joint_output_divergence` on other calibration images than the sensitivity's), each exponent's
+    plan is simulated whole and the one whose outputs move least is kept."""
     from .sensitivity import rank_grid  # (sensitivity imports the planner)
 
     start = time.perf_counter()
     progress = progress or (lambda items, desc: items)
-    points, envelopes, budget_layers, sensitivity = {}, {}, [], {}
+    points, sensitivity = {}, {}
     for name in progress(list(free), "auto: candidate curves"):
         points[name] = method.candidate_points(free[name], macs[name])
         if output_errors is not None and name in output_errors:  # measured where output_errors_for measured it
             measured = rank_grid(highest_cheaper_rank(method, free[name], macs[name]), method.sensitivity_points())
             sensitivity[name] = _sensitivity(output_errors[name], free[name], measured)
-            points[name] = [dataclasses.replace(p, error=p.error * sensitivity[name]) for p in points[name]]
-        envelope = pareto_envelope(points[name], macs[name])
+    curves_s = time.perf_counter() - start
+    exponents = method.settings.sensitivity_exponents if sensitivity else (0.0,)
+    plans = {gamma: _auto_plan(points, sensitivity, gamma, macs, config, fixed) for gamma in exponents}
+    simulated = {}
+    if len(plans) > 1 and divergence is not None:
+        for gamma, (_, chosen_points) in plans.items():
+            simulated[gamma] = divergence({name: point.error for name, point in chosen_points.items()})
+    exponent = min(simulated, key=simulated.get) if simulated and None not in simulated.values() else exponents[-1]
+    result, chosen_points = plans[exponent]
+    ranks = {name: None for name in free}
+    options = {}
+    for name, point in chosen_points.items():
+        ranks[name], options[name] = point.rank, {"method": point.method}
+    counts: dict[str, int] = {}
+    for point in chosen_points.values():
+        counts[point.method] = counts.get(point.method, 0) + 1
+    weighting = {"sensitivity": sensitivity, "sensitivity_exponent": exponent} if sensitivity else {}
+    if simulated:
+        weighting["simulated_divergence"] = {str(g): d for g, d in simulated.items()}
+    selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
+                 "reachable": result.reachable, "allocation": "auto", "budget": "macs",
+                 "auto": {"candidates": list(method.settings.candidates), "methods": counts, "curves_s": curves_s,
+                          "choice_s": time.perf_counter() - start - curves_s, **weighting,
+                          "notes": {name: _auto_note(point, points[name]) for name, point in chosen_points.items()}}}
+    return ranks, options, selection
+
+
+def _auto_plan(points: dict[str, list], sensitivity: dict[str, float], exponent: float, macs: dict[str, int],
+               config, fixed: int) -> tuple:
+    """The budget greedy over the layers' Pareto envelopes with each layer's errors scaled by s_l^exponent
+    (layers without a measured sensitivity unscaled). Returns the greedy's result and the chosen point per
+    layer that is approximated, with its own (unscaled) predicted error."""
+    envelopes, budget_layers = {}, []
+    for name, layer_points in points.items():
+        weight = sensitivity.get(name, 1.0) ** exponent
+        envelope = pareto_envelope([dataclasses.replace(p, error=p.error * weight) for p in layer_points], macs[name])
         envelopes[name] = envelope
         if envelope:
             errors = np.array([1.0] + [p.error for p in envelope])
             budget_layers.append(BudgetLayer(name, np.ones(len(envelope)), lambda i, e=envelope: e[i - 1].macs,
                                              macs[name], errors=errors))
-    curves_s = time.perf_counter() - start
     result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score="error")
-    ranks, options, chosen_points = {}, {}, {}
-    for name in free:
-        index = result.ranks.get(name)
-        if index is None:
-            ranks[name] = None
-            continue
-        point = envelopes[name][index - 1]
-        ranks[name], options[name], chosen_points[name] = point.rank, {"method": point.method}, point
-    counts: dict[str, int] = {}
-    for point in chosen_points.values():
-        counts[point.method] = counts.get(point.method, 0) + 1
-    selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
-                 "reachable": result.reachable, "allocation": "auto", "budget": "macs",
-                 "auto": {"candidates": list(method.settings.candidates), "methods": counts, "curves_s": curves_s,
-                          **({"sensitivity": sensitivity} if sensitivity else {}),
-                          "notes": {name: _auto_note(point, points[name]) for name, point in chosen_points.items()}}}
-    return ranks, options, selection
+    chosen = {}
+    for name, index in result.ranks.items():
+        if index is not None:
+            point = envelopes[name][index - 1]
+            chosen[name] = dataclasses.replace(point, error=point.error / (sensitivity.get(name, 1.0) ** exponent))
+    return result, chosen
 
 
 def _sensitivity(output_curve: np.ndarray, ctx: LayerContext, measured: list[int]) -> float:
@@ -326,7 +356,8 @@ _STRATEGIES: dict[str, Callable] = {"uniform": _greedy, "energy": _greedy, "erro
 
 
 def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, int], config, spectrum: _Spectra,
-            latency=None, output_errors=None, progress=None) -> tuple[dict[str, int | None], dict[str, dict], dict]:
+            latency=None, output_errors=None, progress=None, divergence=None
+            ) -> tuple[dict[str, int | None], dict[str, dict], dict]:
     """Rank per target layer (None: keep original), the per-layer options, and the selection summary."""
     overrides = {n: min(config.layer_ranks[n], method.full_rank(c)) for n, c in contexts.items() if n in config.layer_ranks}
     free = {n: c for n, c in contexts.items() if n not in overrides}
@@ -346,7 +377,8 @@ def _choose(method: Method, contexts: dict[str, LayerContext], macs: dict[str, i
             fixed = int(1e6 * latency[1])
         strategy = _STRATEGIES["auto" if "auto" in method.allocations else config.allocation or default_allocation(method)]
         chosen, options, selection = strategy(method, free, macs, config, fixed=fixed, spectrum=spectrum,
-                                              latency=latency, output_errors=output_errors, progress=progress)
+                                              latency=latency, output_errors=output_errors, progress=progress,
+                                              divergence=divergence)
     chosen = {**chosen, **overrides}
     if config.rank_multiple > 1:
         chosen = {n: None if r is None else _rounded(method, _with_options(contexts[n], options.get(n)), r,
@@ -410,8 +442,8 @@ def _replan_for_latency(method, contexts, macs, config, spectrum, latency, outpu
 
 def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[str, LayerContext], macs: dict[str, int],
                reasons: Mapping[str, str | None], config, *, latency=None, output_errors=None,
-               measure_plan: Callable | None = None, gate: Callable | None = None, progress=lambda items, desc: items
-               ) -> Plan:
+               measure_plan: Callable | None = None, gate: Callable | None = None, progress=lambda items, desc: items,
+               divergence: Callable | None = None) -> Plan:
     """Every rank decision of a run.
 
     Parameters
@@ -423,13 +455,17 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
     config : the run's :class:`~lowrank_fm.config.ApproxConfig` (the policy)
     latency : (curves by layer, milliseconds of the rest of the model) for ``budget="latency"``
     output_errors : per layer, the relative output error per rank (``allocation="output"``)
+    divergence : ``{layer: predicted relative error} -> float``, how far the outputs move with those errors at
+        once (:func:`~lowrank_fm.sensitivity.joint_output_divergence`): ``auto`` keeps the sensitivity
+        weighting whose plan moves them least
     measure_plan : ``(ranks, contexts) -> {"median", "min", "max", "rounds"}``, the measured speedup of a
         plan (``budget="latency"``)
     gate : ``(name, context, rank) -> bool``, True when the factorized layer is faster (the speed gate);
         None: no gate
     """
     spectrum = _Spectra(method)
-    chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors, progress)
+    chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors, progress,
+                                         divergence)
     notes = selection.get("auto", {}).get("notes", {})
     _check_reachable(config, selection, latency)
     if latency is not None and measure_plan is not None:

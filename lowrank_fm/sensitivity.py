@@ -26,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .methods.base import ResponseStats
+from .predicted_error import tail_error
 
-__all__ = ["rank_grid", "project_responses", "output_error_curves"]
+__all__ = ["rank_grid", "project_responses", "output_error_curves", "rank_for_error", "joint_output_divergence"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +111,60 @@ def output_errors_for(method, work, contexts: dict, macs: dict[str, int], batche
     if curves is None:
         log.warning("allocation 'output' needs tensor outputs; using 'error' instead")
     return curves
+
+
+def rank_for_error(stats: ResponseStats, error: float) -> int:
+    """The smallest rank r >= 1 whose response projection leaves a relative error of at most ``error``:
+    min {r : e(r) <= error}, e(r) = :func:`~lowrank_fm.predicted_error.tail_error` (the full rank when none
+    does)."""
+    tail = tail_error(stats.eigenvalues, stats.mean)
+    within = np.nonzero(tail[1:] <= error)[0]
+    return int(within[0]) + 1 if within.size else len(tail) - 1
+
+
+def output_divergence(approximated: torch.Tensor, reference: torch.Tensor) -> float:
+    """Summed over the batch: KL(p || p') with p = softmax(g(x)), p' = softmax(g'(x)) over dim 1 for (B, K)
+    outputs (class scores: what a changed prediction is made of); for outputs of another shape, the squared
+    difference ||g'(x) - g(x)||^2 (the caller divides by sum ||g(x)||^2)."""
+    if reference.ndim != 2:
+        return float((approximated - reference).double().pow(2).sum())
+    p_log = torch.log_softmax(reference.double(), dim=1)
+    q_log = torch.log_softmax(approximated.double(), dim=1)
+    return float((p_log.exp() * (p_log - q_log)).sum())
+
+
+@torch.no_grad()
+def joint_output_divergence(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, ResponseStats],
+                            errors: dict[str, float], batches: Sequence) -> float | None:
+    """How far the network's outputs move when every layer of ``errors`` carries an error of its size at once.
+
+    Each named layer's responses are projected, all in the same forward pass (hooks, nothing else changes), on
+    their top r_l principal directions, y' = U_r U_r^T (y - ybar) + ybar with r_l = :func:`rank_for_error`
+    (stats_l, errors[l]): an error of the predicted size, in the directions the layer varies most. The result:
+    for (B, K) outputs the mean over images of KL(softmax g(x) || softmax g'(x)); otherwise
+    sum ||g'(x) - g(x)||^2 / sum ||g(x)||^2. Unlike the sum of the layers' own output errors, it sees how their
+    errors interact. None when the outputs are not tensors.
+
+    Parameters: model (outputs g(x)); modules, stats: layer name -> module of ``model`` and its response
+    statistics; errors: layer name -> relative error of that layer's response; batches: model inputs.
+    """
+    references = [model(b) for b in batches]
+    if not references or not all(torch.is_tensor(r) for r in references):
+        return None
+    handles = []
+    for name, error in errors.items():
+        s, module = stats[name], modules[name]
+        dtype = next(module.parameters()).dtype
+        rank = rank_for_error(s, error)
+        mean = torch.from_numpy(s.mean).to(dtype)
+        basis = torch.from_numpy(np.ascontiguousarray(s.eigenvectors[:, :rank])).to(dtype)
+        handles.append(module.register_forward_hook(
+            lambda _m, _a, out, mean=mean, basis=basis: project_responses(out, mean.to(out.device), basis.to(out.device))))
+    try:
+        total = sum(output_divergence(model(b), r) for b, r in zip(batches, references))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if references[0].ndim == 2:
+        return total / sum(r.shape[0] for r in references)
+    return total / max(sum(float(r.double().pow(2).sum()) for r in references), 1e-300)

@@ -56,13 +56,19 @@ class AutoSettings:
     calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
     calibration time); sensitivity_points : ranks per layer at which ``allocation="output"`` measures the output
     error for the layer's sensitivity (a median ratio, :func:`lowrank_fm.planner._auto`), each one forward pass
-    of the sensitivity images (``ApproxConfig.sensitivity_images``, by default ``Auto.sensitivity_images``)."""
+    of the sensitivity images (``ApproxConfig.sensitivity_images``, by default ``Auto.sensitivity_images``);
+    sensitivity_exponents : the powers gamma of the sensitivity s_l that weigh a layer's predicted errors
+    (s_l^gamma e_l) in the plans ``allocation="output"`` compares; with more than one, each plan is simulated
+    whole on ``divergence_images`` further calibration images and the one whose outputs move least is kept
+    (:func:`lowrank_fm.planner._auto`), with one (or without those images) the last is used."""
 
     candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma")
     grid_points: int = 6
     probe_limit: int = 4608
     input_rows: float | None = 8.0
     sensitivity_points: int = 4
+    sensitivity_exponents: tuple[float, ...] = (0.0, 0.5, 1.0)
+    divergence_images: int = 256
 
     def __post_init__(self) -> None:
         names = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
@@ -73,6 +79,13 @@ class AutoSettings:
             raise ValueError(f"grid_points must be at least 2, got {self.grid_points}")
         if self.sensitivity_points < 2:
             raise ValueError(f"sensitivity_points must be at least 2, got {self.sensitivity_points}")
+        exponents = tuple(float(g) for g in np.atleast_1d(self.sensitivity_exponents))
+        object.__setattr__(self, "sensitivity_exponents", exponents)
+        if not exponents or not all(math.isfinite(g) and g >= 0 for g in exponents):
+            raise ValueError(f"sensitivity_exponents must be one or more finite numbers >= 0, got {exponents}")
+        if isinstance(self.divergence_images, bool) or int(self.divergence_images) != self.divergence_images \
+                or self.divergence_images < 0:
+            raise ValueError(f"divergence_images must be a whole number >= 0, got {self.divergence_images!r}")
         if self.input_rows is not None and (isinstance(self.input_rows, bool) or not self.input_rows > 0):
             raise ValueError(f"input_rows must be a positive number or None (every patch), got {self.input_rows!r}")
 
@@ -117,6 +130,9 @@ class Auto(Method):
 
     def sensitivity_points(self) -> int:
         return self.settings.sensitivity_points
+
+    def divergence_images(self) -> int:
+        return int(self.settings.divergence_images) if len(self.settings.sensitivity_exponents) > 1 else 0
 
     def for_layer(self, ctx: LayerContext) -> Method:
         choice = ctx.options.get("method", self.settings.candidates[0])

@@ -221,6 +221,12 @@ class Method:
         ``sensitivity_points`` setting."""
         return 12
 
+    def divergence_images(self) -> int:
+        """Calibration images (after the sensitivity images) on which the planner simulates whole plans
+        (:func:`lowrank_fm.sensitivity.joint_output_divergence`) to choose between them: none for a single
+        plan; ``auto`` with several ``sensitivity_exponents``, its ``divergence_images`` setting."""
+        return 0
+
     def for_layer(self, ctx: LayerContext) -> "Method":
         """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the
         one named in ``ctx.options``. The layer-wise pass asks it whether the layer fits data itself
