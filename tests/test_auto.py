@@ -299,3 +299,30 @@ def test_the_output_allocation_weighs_each_layer_by_how_much_of_its_error_reache
     approximated = {l.name for l in report.layers if l.status == "approximated"}
     assert approximated and set(auto["sensitivity"]) >= approximated and all(v > 0 for v in auto["sensitivity"].values())
     assert report.selection["allocation_signal"].startswith("output error on")
+
+
+def test_the_output_allocation_keeps_the_sensitivity_weighting_whose_simulated_plan_moves_the_outputs_least(
+        vgg_digits, digits_loader):
+    """Several exponents: each plan simulated, the least divergent one kept, and it is the plan that exponent
+    alone gives; one exponent: no simulation; exponent 0 alone: the unweighted allocation's plan."""
+    common = dict(method="auto", speedup=2.5, allocation="output", speed_gate=False, progress=False)
+
+    def plan(**settings):
+        _, report = approximate(vgg_digits, digits_loader, ApproxConfig(**common, method_settings=settings))
+        return {l.name: (l.rank, l.extra.get("method")) for l in report.layers}, report.selection
+
+    chosen_plan, selection = plan(sensitivity_exponents=(0.0, 0.5, 1.0))
+    auto = selection["auto"]
+    simulated = auto["simulated_divergence"]
+    assert set(simulated) == {"0.0", "0.5", "1.0"} and all(v > 0 for v in simulated.values())
+    assert auto["sensitivity_exponent"] == float(min(simulated, key=simulated.get))
+    assert "plans compared on" in selection["allocation_signal"]
+    alone, alone_selection = plan(sensitivity_exponents=(auto["sensitivity_exponent"],))
+    assert alone == chosen_plan and "simulated_divergence" not in alone_selection["auto"]
+    other = next(g for g in (0.0, 1.0) if g != auto["sensitivity_exponent"])
+    assert plan(sensitivity_exponents=(other,))[0] != chosen_plan  # the choice is between different plans
+    unweighted_exponent, _ = plan(sensitivity_exponents=(0.0,))
+    _, unweighted = approximate(vgg_digits, digits_loader, ApproxConfig(**{**common, "allocation": "auto"}))
+    assert unweighted_exponent == {l.name: (l.rank, l.extra.get("method")) for l in unweighted.layers}
+    with pytest.raises(ValueError, match="sensitivity_exponents"):
+        ApproxConfig(**common, method_settings={"sensitivity_exponents": (1.0, -0.5)})
