@@ -74,6 +74,10 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
                               {"method": "auto", "allocation": "output", "output_matching": True}),
                  BenchmarkRun("auto, allocation output, fit from the store", s,
                               _FROM_STORE | {"method": "auto", "allocation": "output"})]
+        # the output allocation with one sensitivity weighting, s_l^1 (the default until the plans of gamma = 0,
+        # 0.5 and 1 were compared by simulation; "auto" is gamma = 0)
+        runs += [BenchmarkRun("auto, allocation output, sensitivity weights fixed (gamma 1)", s,
+                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (1.0,)})]
         # before / after the shortcut compensation (on by default; residual networks only)
         runs += [BenchmarkRun("fm, rmsprop, no shortcut compensation", s,
                               {"method": "fm", "solver": "rmsprop", "shortcut_compensation": False}),
