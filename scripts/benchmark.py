@@ -33,25 +33,9 @@ from lowrank_fm.bench.speed_benchmark import SPEED_GRID, SPEED_GRID_CUDA, make_p
 from lowrank_fm.bench.torchvision_table import TORCHVISION_MODELS  # noqa: E402
 
 
-_FAST = ["svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)", "tucker1 (weight-only)",
-         "fm-linear (symmetric)", "fm, no solver, no output matching", "fm, rmsprop", "fm-3d, rmsprop"]
-# every run whose rows the README's tables and prose cite, in the order --all runs them (scripts/ paths,
-# from the repository root); all of them took about 75 min on the 2 shared cores here (2026-11-25)
-README_CELLS = [
-    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", *_FAST],
-    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "1.5", "--labels", "fm, rmsprop",
-     "fm-3d, rmsprop", "fm-linear (symmetric)", "svd (weight-only)", "spatial (weight-only)", "tucker2 (weight-only)"],
-    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "--labels", "fm, closed-form",
-     "fm, rmsprop + output matching"],
-    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "--labels", "tucker2-sigma (data-aware)"],
-    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "--labels", "alds (weight-only)",
-     "alds-sigma (data-aware)"],
-    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "3", "--labels", "tucker2-sigma (data-aware)"],
-    ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "2", "3", "--labels", "tucker1 (weight-only)"],
-    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "3", "2", "--labels", "alds (weight-only)",
-     "alds-sigma (data-aware)", "svd-sigma (data-aware)", "fm-3d, rmsprop, allocation output"],
-    ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "2", "--labels", "fm, closed-form",
-     "fm, rmsprop + output matching"],
+# the runs --all makes besides the accuracy cells (those are every current row of results/accuracy.jsonl, see
+# lowrank_fm.bench.benchmark.rerun_commands), in this order (scripts/ paths, from the repository root)
+OTHER_README_RUNS = [
     ["benchmark.py", "--speed", "--models", "vgg-digits"],
     ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
     ["benchmark.py", "--speed", "--models", "vgg16"],
@@ -91,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--readme", action="store_true",
                         help="rewrite the generated tables of README.md from results/ (runs nothing)")
     parser.add_argument("--all", action="store_true",
-                        help="re-run every cell the README shows (README_CELLS), then rewrite its tables")
+                        help="re-run every cell the README shows (each current row of results/accuracy.jsonl, then "
+                             "OTHER_README_RUNS), then rewrite its tables")
     return parser
 
 
@@ -176,11 +161,19 @@ def _peers_plots(results: Path) -> None:
 
 
 def _all(args: argparse.Namespace) -> int:
-    """Every cell whose row a README table shows (README_CELLS), one after the other, then --readme."""
+    """Every cell whose row a README table shows, one after the other, then --readme: the accuracy cells are
+    the current rows of results/accuracy.jsonl (:func:`~lowrank_fm.bench.benchmark.rerun_commands`, several
+    CPU-hours on 2 cores), then OTHER_README_RUNS."""
     import subprocess
 
+    from lowrank_fm.bench.benchmark import rerun_commands
+    from lowrank_fm.bench.provenance import read_rows
+
     root = Path(__file__).resolve().parents[1]
-    for script, *argv in README_CELLS:
+    commands, orphans = rerun_commands(read_rows(root / "results" / "accuracy.jsonl"))
+    for cell in orphans:
+        logging.warning("not re-run (its label is no longer in the grid; archive its row): %s", cell)
+    for script, *argv in commands + OTHER_README_RUNS:
         command = [sys.executable, str(root / "scripts" / script), *argv, "--threads", str(args.threads)]
         logging.info("running %s", " ".join(command[1:]))
         code = subprocess.run(command, cwd=root).returncode

@@ -62,3 +62,28 @@ def test_every_run_of_the_grid_makes_a_valid_configuration_and_method():
             assert config.speedup == run.speedup and method.name == run.settings["method"], (model, run.label)
             for name, value in run.settings.items():
                 assert getattr(config, name, config.method_settings.get(name)) == value, (model, run.label, name)
+
+
+def test_the_rerun_commands_cover_every_current_cell_once_and_only_those():
+    """--all re-runs what the table shows: the latest row of each cell, grouped by model and target, labels in
+    grid order; a superseded row adds nothing, a row without provenance (archived style) nothing, and a label
+    the grid no longer has is named instead of run."""
+    from lowrank_fm.bench.benchmark import rerun_commands
+
+    def row(model, label, target, date):
+        return {"model": model, "label": label, "target_speedup": target, "eval_images": 10000,
+                "provenance": {"date_utc": date}}
+
+    rows = [row("vgg-fmnist", "fm, rmsprop", 4.0, "2026-01-01"), row("vgg-fmnist", "auto", 4.0, "2026-01-02"),
+            row("vgg-fmnist", "spatial (weight-only)", 4.0, "2026-01-03"),
+            row("vgg-fmnist", "fm, rmsprop", 4.0, "2026-01-04"),  # re-run of the first cell
+            row("vgg-fmnist", "fm, rmsprop", 3.0, "2026-01-05"), row("resnet-fmnist", "fm, rmsprop", 3.0, "2026-01-01"),
+            row("vgg-fmnist", "a label from an old grid", 3.0, "2026-01-01"),
+            {"model": "vgg-fmnist", "label": "svd (weight-only)", "target_speedup": 4.0, "eval_images": 10000}]
+    commands, orphans = rerun_commands(rows)
+    assert commands == [
+        ["benchmark.py", "--models", "resnet-fmnist", "--speedups", "3", "--labels", "fm, rmsprop"],
+        ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "3", "--labels", "fm, rmsprop"],
+        ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "--labels", "spatial (weight-only)", "fm, rmsprop",
+         "auto"]]
+    assert orphans == [("vgg-fmnist", "a label from an old grid", 3.0, 10000)]

@@ -21,7 +21,8 @@ from ..zoo.evaluate import accuracy
 from ..zoo.models import bundled_spec, create_model, model_data
 from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
-__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "run_config", "markdown_table", "DEFAULT_GRID", "cell_key"]
+__all__ = ["BenchmarkRun", "run_benchmark", "run_cells", "run_config", "markdown_table", "DEFAULT_GRID", "cell_key",
+           "rerun_commands"]
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +215,25 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{100 * r['top1_before']:.2f} | {100 * r['top1_after']:.2f} | {r['drop_points']:.2f} | "
                      f"{r['approximate_wall_s']:.1f} | {r.get('run_wall_s', float('nan')):.1f} |")
     return "\n".join(lines)
+
+
+def rerun_commands(rows: list[dict]) -> tuple[list[list[str]], list[tuple]]:
+    """The ``scripts/benchmark.py`` command lines that re-run every cell the accuracy table shows (the current
+    rows, :func:`cell_key`), one per model and target with its labels in grid order (on the full test split,
+    as the grid runs), and the cells that cannot be re-run (a label no longer in :data:`DEFAULT_GRID`):
+    ``(commands, orphans)``."""
+    groups: dict[tuple, list[str]] = {}
+    orphans = []
+    for row in current_rows(rows, cell_key):
+        model, label, target, _ = cell_key(row)
+        if label not in {r.label for r in DEFAULT_GRID.get(model, [])}:
+            orphans.append(cell_key(row))
+            continue
+        groups.setdefault((model, target), []).append(label)
+    order = {r.label: i for runs in DEFAULT_GRID.values() for i, r in enumerate(runs)}
+    commands = []
+    for (model, target), labels in sorted(groups.items()):
+        commands.append(["benchmark.py", "--models", model, "--speedups", f"{target:g}",
+                         "--labels", *sorted(set(labels), key=order.get)])
+    return commands, orphans
+
