@@ -67,8 +67,8 @@ class AutoSettings:
     probe_limit: int = 4608
     input_rows: float | None = 8.0
     sensitivity_points: int = 4
-    sensitivity_exponents: tuple[float, ...] = (0.0, 0.5, 1.0)
-    divergence_images: int = 256
+    sensitivity_exponents: tuple[float, ...] = (0.0, 1.0)
+    divergence_images: int = 512
 
     def __post_init__(self) -> None:
         names = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
