@@ -324,5 +324,8 @@ def test_the_output_allocation_keeps_the_sensitivity_weighting_whose_simulated_p
     unweighted_exponent, _ = plan(sensitivity_exponents=(0.0,))
     _, unweighted = approximate(vgg_digits, digits_loader, ApproxConfig(**{**common, "allocation": "auto"}))
     assert unweighted_exponent == {l.name: (l.rank, l.extra.get("method")) for l in unweighted.layers}
-    with pytest.raises(ValueError, match="sensitivity_exponents"):
-        ApproxConfig(**common, method_settings={"sensitivity_exponents": (1.0, -0.5)})
+    for bad in ((1.0, -0.5), "high", (), float("nan")):
+        with pytest.raises(ValueError, match="sensitivity_exponents must be one or more finite numbers >= 0"):
+            ApproxConfig(**common, method_settings={"sensitivity_exponents": bad})
+    with pytest.raises(ValueError, match="divergence_images must be a whole number"):
+        ApproxConfig(**common, method_settings={"divergence_images": 2.5})

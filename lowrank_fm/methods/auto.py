@@ -22,6 +22,13 @@ multiply-adds, most of the run: calibration of vgg-fmnist 28 -> 7 s, resnet56-ci
 resnet-fmnist 16 -> 1.6 s). Side by side on seven cells (issue 17, 2026-11-26) the layers' methods stayed but
 for 4 of 114 near ties and the top-1 drops moved by -0.15 to +0.12 points.
 
+With ``allocation="output"`` the planner weighs each layer's predicted errors by its output sensitivity to the
+power gamma, for each of ``sensitivity_exponents`` (by default 0 and 1: the one-layer-at-a-time sensitivities
+ignored or trusted), simulates each plan whole (:func:`lowrank_fm.sensitivity.joint_output_divergence` on
+``divergence_images`` further calibration images: every layer's responses projected at once to its predicted
+error, the outputs compared by softmax KL) and keeps the one whose outputs move least: one forward pass of
+those images per plan and one of the original (``rank_selection.auto.choice_s``).
+
 Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
 the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
 ``ctx.options`` (an override of ``layer_ranks``), the first candidate (``fm``) is used.
@@ -79,10 +86,14 @@ class AutoSettings:
             raise ValueError(f"grid_points must be at least 2, got {self.grid_points}")
         if self.sensitivity_points < 2:
             raise ValueError(f"sensitivity_points must be at least 2, got {self.sensitivity_points}")
-        exponents = tuple(float(g) for g in np.atleast_1d(self.sensitivity_exponents))
-        object.__setattr__(self, "sensitivity_exponents", exponents)
+        try:
+            exponents = tuple(float(g) for g in np.atleast_1d(self.sensitivity_exponents))
+        except (TypeError, ValueError):
+            exponents = ()
         if not exponents or not all(math.isfinite(g) and g >= 0 for g in exponents):
-            raise ValueError(f"sensitivity_exponents must be one or more finite numbers >= 0, got {exponents}")
+            raise ValueError(f"sensitivity_exponents must be one or more finite numbers >= 0 (e.g. 0,1), got "
+                             f"{self.sensitivity_exponents!r}")
+        object.__setattr__(self, "sensitivity_exponents", exponents)
         if isinstance(self.divergence_images, bool) or int(self.divergence_images) != self.divergence_images \
                 or self.divergence_images < 0:
             raise ValueError(f"divergence_images must be a whole number >= 0, got {self.divergence_images!r}")
