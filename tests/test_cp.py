@@ -102,3 +102,21 @@ def test_linear_layers_pointwise_and_grouped_convs_are_refused_with_a_reason():
     assert method.supports(nn.Conv2d(3, 4, 3)) is None
     assert method.supports(nn.Conv2d(3, 4, (1, 3))) is None
     assert method.needs_responses is False
+
+
+def test_the_mttkrp_of_every_mode_is_the_unfolding_times_the_khatri_rao_product():
+    """Against the definition written out: M_n[i, r] = sum over the other indices of K times the other three
+    factors' entries (np.einsum), for a non-cubic kernel (T, S, kh, kw) = (5, 4, 3, 2)."""
+    from lowrank_fm.methods.cp import _mttkrp
+
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal((5, 4, 3, 2))
+    factors = [rng.standard_normal((n, 6)) for n in kernel.shape]
+    unfolded = kernel.reshape(5, -1)
+    projected = np.einsum("tsij,tr->sijr", kernel, factors[0])
+    expected = [np.einsum("tsij,sr,ir,jr->tr", kernel, *factors[1:]),
+                np.einsum("tsij,tr,ir,jr->sr", kernel, factors[0], factors[2], factors[3]),
+                np.einsum("tsij,tr,sr,jr->ir", kernel, factors[0], factors[1], factors[3]),
+                np.einsum("tsij,tr,sr,ir->jr", kernel, *factors[:3])]
+    for mode in range(4):
+        np.testing.assert_allclose(_mttkrp(unfolded, projected, factors, mode), expected[mode], rtol=1e-12, atol=1e-12)

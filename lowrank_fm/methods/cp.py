@@ -27,18 +27,31 @@ from .base import LayerContext, Method, unfold_weight
 
 __all__ = ["cp_als", "cp_reconstruct", "CPSettings", "CPDecomposition"]
 
-# einsum subscripts of the MTTKRP (kernel unfolded along mode n times the Khatri-Rao product of the others)
-_MTTKRP = ("tsij,sr,ir,jr->tr", "tsij,tr,ir,jr->sr", "tsij,tr,sr,jr->ir", "tsij,tr,sr,ir->jr")
-
-
 def cp_reconstruct(a_t: np.ndarray, a_s: np.ndarray, a_h: np.ndarray, a_w: np.ndarray) -> np.ndarray:
     """The (T, S, kh, kw) kernel sum_r a_T[:, r] o a_S[:, r] o a_H[:, r] o a_W[:, r]."""
     return np.einsum("tr,sr,ir,jr->tsij", a_t, a_s, a_h, a_w, optimize=True)
 
 
-def _mttkrp(kernel: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
-    others = [f for m, f in enumerate(factors) if m != mode]
-    return np.einsum(_MTTKRP[mode], kernel, *others, optimize=True)
+def _khatri_rao(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(I_a I_b I_c, R): row (i_a, i_b, i_c), C-major, holds a[i_a] * b[i_b] * c[i_c] (columnwise products)."""
+    return (a[:, None, None, :] * b[None, :, None, :] * c[None, None, :, :]).reshape(-1, a.shape[1])
+
+
+def _mttkrp(unfolded: np.ndarray, projected: np.ndarray | None, factors: list[np.ndarray], mode: int) -> np.ndarray:
+    """M_n = X_(n) (Khatri-Rao product of the other factors), (I_n, R), for the kernel X (T, S, kh, kw).
+
+    Mode 0 (T): ``unfolded`` X_(0) (T, S kh kw) times the Khatri-Rao product of a_S, a_H, a_W. The other modes
+    share ``projected`` P[s, i, j, r] = sum_t X[t, s, i, j] a_T[t, r] (one product X_(0)^T a_T, formed once
+    a_T is updated) and sum it against the remaining two factors, e.g. M_S[s, r] = sum_{i,j} P[s, i, j, r]
+    a_H[i, r] a_W[j, r]: two (T x S kh kw x R) products per sweep instead of four."""
+    if mode == 0:
+        return unfolded @ _khatri_rao(factors[1], factors[2], factors[3])
+    _, a_s, a_h, a_w = factors
+    if mode == 1:
+        return np.einsum("sijr,ir,jr->sr", projected, a_h, a_w)
+    if mode == 2:
+        return np.einsum("sijr,sr,jr->ir", projected, a_s, a_w)
+    return np.einsum("sijr,sr,ir->jr", projected, a_s, a_h)
 
 
 def _svd_init(kernel: np.ndarray, rank: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -66,6 +79,7 @@ def _fit(kernel: np.ndarray, factors: list[np.ndarray], norm: float) -> float:
 def _als_run(kernel, factors, iterations, ridge, tol, norm):
     """One CP-ALS run from ``factors`` (unit columns except the last mode updated); returns (factors, fit)."""
     rank = factors[0].shape[1]
+    unfolded, projected = kernel.reshape(kernel.shape[0], -1), None
     factors = [_normalise(f)[0] for f in factors]
     weights = np.ones(rank)
     grams = [f.T @ f for f in factors]
@@ -76,7 +90,7 @@ def _als_run(kernel, factors, iterations, ridge, tol, norm):
             for m in range(4):
                 if m != mode:
                     v *= grams[m]
-            m_n = _mttkrp(kernel, factors, mode)
+            m_n = _mttkrp(unfolded, projected, factors, mode)
             # proximal ridge: min ||X_(n) - A KR^T||^2 + lam ||A - A_old||^2 (A_old carries the weights); it
             # bounds the step when the Gram is near-singular (degenerate, cancelling components) and has the
             # plain least-squares solution as its fixed point, so it does not bias a converged fit
@@ -85,6 +99,8 @@ def _als_run(kernel, factors, iterations, ridge, tol, norm):
             solved = np.linalg.solve(v + lam * np.eye(rank), (m_n + lam * old).T).T
             factors[mode], weights = _normalise(solved)
             grams[mode] = factors[mode].T @ factors[mode]
+            if mode == 0:
+                projected = (unfolded.T @ factors[0]).reshape(*kernel.shape[1:], rank)
         # ||K - Khat||^2 = ||K||^2 - 2 <K, Khat> + ||Khat||^2, from the last update's MTTKRP and the Grams
         inner = float(np.sum((factors[3] * weights) * m_n))
         gram_all = np.outer(weights, weights)
