@@ -139,7 +139,7 @@ def test_auto_builds_each_layer_with_its_method_and_says_why(vgg_digits, digits_
     approximated = [l for l in report.layers if l.status == "approximated"]
     assert report.totals["theoretical_speedup"] >= 2.5
     chosen = {l.extra["method"] for l in approximated}
-    assert chosen <= {"fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma"}
+    assert chosen <= {"fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma", "cp"}
     for layer in approximated:
         assert layer.extra["why"].startswith(f"{layer.extra['method']} rank {layer.rank}: predicted error")
         if layer.extra["method"] in ("fm", "fm-3d"):
@@ -329,3 +329,31 @@ def test_the_output_allocation_keeps_the_sensitivity_weighting_whose_simulated_p
             ApproxConfig(**common, method_settings={"sensitivity_exponents": bad})
     with pytest.raises(ValueError, match="divergence_images must be a whole number"):
         ApproxConfig(**common, method_settings={"divergence_images": 2.5})
+
+
+def test_cp_is_a_candidate_only_on_small_kernels_and_below_the_als_share_of_the_macs():
+    """CP-ALS is the costliest probe: cp's points stop at the highest rank of at most als_macs_fraction of the
+    layer's MACs (counted independently here: S R H W + R kh H' W + R kw H' W' + T R H' W'), and a kernel of
+    more than als_kernel_limit weights gets no cp point at all; the layers auto builds with cp take one ALS
+    start."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, padding=1)
+    images = torch.randn(20, 12, 8, 8)
+    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 108).double().numpy()
+    y = conv(images).permute(0, 2, 3, 1).reshape(-1, 16).detach().double().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
+    ctx = layer_context(conv, images[:1])
+    ctx = type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
+                    eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape,
+                    InputStats(*_moments_of(patches), len(patches)))
+    original = 16 * 108 * 64
+    auto = get_method("auto", {"candidates": ("spatial", "cp")})
+    cp_points = [p for p in auto.candidate_points(ctx, original) if p.method == "cp"]
+    cp_macs = {r: 12 * r * 64 + r * 3 * 64 + r * 3 * 64 + 16 * r * 64 for r in range(1, 100)}
+    highest = max(r for r, m in cp_macs.items() if m <= 0.5 * original)
+    assert [p.rank for p in cp_points] == list(range(1, highest + 1))
+    assert all(p.macs == cp_macs[p.rank] for p in cp_points) and all(0 <= p.error <= 1 for p in cp_points)
+    assert cp_points[-1].error < cp_points[0].error
+    small_limit = get_method("auto", {"candidates": ("spatial", "cp"), "als_kernel_limit": conv.weight.numel() - 1})
+    assert {p.method for p in small_limit.candidate_points(ctx, original)} == {"spatial"}
+    assert auto.delegates["cp"].settings.restarts == 1 and get_method("cp").settings.restarts == 3

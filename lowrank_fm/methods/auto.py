@@ -1,7 +1,8 @@
 """``auto``: the best decomposition for each layer under one budget.
 
-Every target layer gets candidate decompositions (by default ``fm``, ``fm-3d``, ``tucker2-sigma``, ``spatial``
-and, for Linear layers, ``svd-sigma``), each with a predicted error-versus-MACs curve; the planner's ``auto``
+Every target layer gets candidate decompositions (by default ``fm``, ``fm-3d``, ``tucker2-sigma``, ``spatial``,
+for Linear layers ``svd-sigma``, and ``cp`` on kernels of at most 64 x 64 x 3 x 3 weights, below half the layer's
+MACs: ``als_kernel_limit``, ``als_macs_fraction``), each with a predicted error-versus-MACs curve; the planner's ``auto``
 strategy (:mod:`lowrank_fm.planner`) picks one (method, rank) per layer for the whole-model budget, and the
 layer-wise pass builds each layer with its method (``ctx.options["method"]``), plus the whole-model correction
 of its last factor for the methods that do not fit data themselves.
@@ -50,7 +51,13 @@ __all__ = ["Auto", "AutoSettings", "CandidatePoint", "probe_error"]
 
 #: settings of the chains built only to predict errors (the layer itself is built with the method's defaults):
 #: one Sigma-norm sweep from the Frobenius start gives the predicted error within about 0.01 of thirty
-PROBE_SETTINGS = {"tucker2-sigma": {"als_iterations": 1}}
+PROBE_SETTINGS = {"tucker2-sigma": {"als_iterations": 1}, "cp": {"restarts": 1, "iterations": 30},
+                  "cp-sigma": {"restarts": 1, "iterations": 30}}
+#: the candidates fitted by CP-ALS, whose probes cost the most (their cost grows with the kernel and the rank)
+ALS_CANDIDATES = ("cp", "cp-sigma")
+#: settings of the layers auto builds with a candidate, where they differ from the method's defaults: one CP-ALS
+#: start (from the SVD), the whole-model correction refitting its last factor after it
+BUILD_SETTINGS = {"cp": {"restarts": 1, "iterations": 150}, "cp-sigma": {"restarts": 1, "iterations": 150}}
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,9 @@ class AutoSettings:
     """candidates : the methods tried on every layer, in order of preference on a tie (the first is also the
     default for a layer without a choice); grid_points : ranks probed per method and layer; probe_limit : the
     widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone;
-    input_rows : the input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches
+    als_kernel_limit : ``cp`` / ``cp-sigma`` (CP-ALS, whose probes cost the most) are candidates only on kernels
+    of at most this many weights (T S kh kw; 64 x 64 x 3 x 3 by default), and only at ranks of at most
+    ``als_macs_fraction`` of the layer's MACs (probed with one ALS start of 30 sweeps); input_rows : the input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches
     (p its patch width; :mod:`calibration.input_stats`: the same number of seeded output positions from every
     calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
     calibration time); sensitivity_points : ranks per layer at which ``allocation="output"`` measures the output
@@ -69,13 +78,15 @@ class AutoSettings:
     whole on ``divergence_images`` further calibration images and the one whose outputs move least is kept
     (:func:`lowrank_fm.planner._auto`), with one (or without those images) the last is used."""
 
-    candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma")
+    candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma", "cp")
     grid_points: int = 6
     probe_limit: int = 4608
+    als_kernel_limit: int = 64 * 64 * 9
+    als_macs_fraction: float = 0.5
     input_rows: float | None = 8.0
     sensitivity_points: int = 4
     sensitivity_exponents: tuple[float, ...] = (0.0, 1.0)
-    divergence_images: int = 512
+    divergence_images: int = 256
 
     def __post_init__(self) -> None:
         names = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
@@ -97,6 +108,9 @@ class AutoSettings:
         if isinstance(self.divergence_images, bool) or int(self.divergence_images) != self.divergence_images \
                 or self.divergence_images < 0:
             raise ValueError(f"divergence_images must be a whole number >= 0, got {self.divergence_images!r}")
+        if not 0 < self.als_macs_fraction <= 1 or self.als_kernel_limit < 0:
+            raise ValueError(f"als_macs_fraction must be in (0, 1] and als_kernel_limit >= 0, got "
+                             f"{self.als_macs_fraction!r}, {self.als_kernel_limit!r}")
         if self.input_rows is not None and (isinstance(self.input_rows, bool) or not self.input_rows > 0):
             raise ValueError(f"input_rows must be a positive number or None (every patch), got {self.input_rows!r}")
 
@@ -129,7 +143,7 @@ class Auto(Method):
         super().__init__(settings, seed=seed)
         from . import get_method  # the registry imports this module
 
-        self.delegates = {name: get_method(name, seed=seed) for name in self.settings.candidates}
+        self.delegates = {name: get_method(name, BUILD_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
         self.probes = {name: get_method(name, PROBE_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
 
     def input_covariance_for(self, module: nn.Module) -> bool:
@@ -191,6 +205,14 @@ class Auto(Method):
             top = highest_cheaper_rank(method, ctx, original_macs)
             if not is_cheaper(method, ctx, top, original_macs):
                 continue
+            if name in ALS_CANDIDATES:
+                if ctx.module.weight.numel() > self.settings.als_kernel_limit:
+                    continue
+                affordable = [r for r in range(1, top + 1)
+                              if method.macs(ctx, r) <= self.settings.als_macs_fraction * original_macs]
+                if not affordable:
+                    continue
+                top = affordable[-1]
             if _is_response_projection(method, ctx):
                 tail = tail_error(ctx.stats.eigenvalues, ctx.stats.mean)
                 errors = {r: float(tail[r]) for r in range(1, top + 1)}
