@@ -32,6 +32,19 @@ def _moments_of(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, (X - mean).T @ (X - mean) / len(X)
 
 
+def _context_with_exact_statistics(conv: nn.Conv2d, images: torch.Tensor):
+    """The LayerContext of a 3x3, padding-1 ``conv`` on ``images`` with the response statistics and input-patch
+    moments of every position of every image (computed here with numpy, not by calibration)."""
+    c = conv.in_channels * 9
+    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, c).double().numpy()
+    y = conv(images).permute(0, 2, 3, 1).reshape(-1, conv.out_channels).detach().double().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
+    ctx = layer_context(conv, images[:1])
+    return type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
+                     eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape,
+                     InputStats(*_moments_of(patches), len(patches)))
+
+
 def _relative_residual(Y: np.ndarray, Z: np.ndarray) -> float:
     """sqrt(min over B, c of sum ||y - B z - c||^2 / sum ||y||^2), by numpy lstsq on [Z, 1]."""
     design = np.hstack([Z, np.ones((len(Z), 1))])
@@ -159,14 +172,7 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
     vertical, horizontal = torch.randn(2, 16, 3), torch.randn(16, 2, 3)
     with torch.no_grad():
         conv.weight.copy_(torch.einsum("kch,dkw->dchw", vertical, horizontal))
-    images = torch.randn(30, 16, 8, 8)
-    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 144).double().numpy()
-    y = conv(images).permute(0, 2, 3, 1).reshape(-1, 16).detach().double().numpy()
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
-    ctx = layer_context(conv, images[:1])
-    ctx = type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
-                    eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape,
-                    InputStats(*_moments_of(patches), len(patches)))
+    ctx = _context_with_exact_statistics(conv, torch.randn(30, 16, 8, 8))
     macs = {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
     config = ApproxConfig(method="auto", speedup=4.0)
     plan = plan_ranks(get_method("auto"), {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: ctx}, macs,
@@ -338,14 +344,7 @@ def test_cp_is_a_candidate_only_on_small_kernels_and_below_the_als_share_of_the_
     start."""
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 16, 3, padding=1)
-    images = torch.randn(20, 12, 8, 8)
-    patches = F.unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 108).double().numpy()
-    y = conv(images).permute(0, 2, 3, 1).reshape(-1, 16).detach().double().numpy()
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(y.T, bias=True))
-    ctx = layer_context(conv, images[:1])
-    ctx = type(ctx)(ctx.name, conv, ctx.positions, ResponseStats(y.mean(0), eigenvalues[::-1].copy(),
-                    eigenvectors[:, ::-1].copy(), len(y)), ctx.in_shape, ctx.out_shape,
-                    InputStats(*_moments_of(patches), len(patches)))
+    ctx = _context_with_exact_statistics(conv, torch.randn(20, 12, 8, 8))
     original = 16 * 108 * 64
     auto = get_method("auto", {"candidates": ("spatial", "cp")})
     cp_points = [p for p in auto.candidate_points(ctx, original) if p.method == "cp"]
