@@ -257,9 +257,9 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     sum_l s_l^(2 gamma) e_l^2. gamma = 1 counts the layers' errors as the network's output sees them, one
     layer at a time; gamma = 0 ignores the sensitivity. Their sum misses how the errors interact (deep residual
     networks gain from the weights, plain ones can lose), so with several exponents
-    (``AutoSettings.sensitivity_exponents``) and ``divergence`` (layer name -> predicted error ->
-    :func:`~lowrank_fm.sensitivity.joint_output_divergence` on other calibration images than the sensitivity's), each exponent's
-    plan is simulated whole and the one whose outputs move least is kept."""
+    (``AutoSettings.sensitivity_exponents``) and ``divergence`` ({layer name: predicted error} ->
+    :func:`~lowrank_fm.sensitivity.joint_output_divergence` on calibration images other than the sensitivity's),
+    each exponent's plan is simulated whole and the one whose outputs move least is kept."""
     from .sensitivity import rank_grid  # (sensitivity imports the planner)
 
     start = time.perf_counter()
@@ -316,7 +316,7 @@ def _auto_plan(points: dict[str, list], sensitivity: dict[str, float], exponent:
     for name, index in result.ranks.items():
         if index is not None:
             point = envelopes[name][index - 1]
-            chosen[name] = dataclasses.replace(point, error=point.error / (sensitivity.get(name, 1.0) ** exponent))
+            chosen[name] = next(p for p in points[name] if (p.method, p.rank) == (point.method, point.rank))
     return result, chosen
 
 

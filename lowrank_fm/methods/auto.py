@@ -1,11 +1,11 @@
 """``auto``: the best decomposition for each layer under one budget.
 
 Every target layer gets candidate decompositions (by default ``fm``, ``fm-3d``, ``tucker2-sigma``, ``spatial``,
-for Linear layers ``svd-sigma``, and ``cp`` on kernels of at most 64 x 64 x 3 x 3 weights, below half the layer's
-MACs: ``als_kernel_limit``, ``als_macs_fraction``), each with a predicted error-versus-MACs curve; the planner's ``auto``
-strategy (:mod:`lowrank_fm.planner`) picks one (method, rank) per layer for the whole-model budget, and the
-layer-wise pass builds each layer with its method (``ctx.options["method"]``), plus the whole-model correction
-of its last factor for the methods that do not fit data themselves.
+for Linear layers ``svd-sigma``, and ``cp`` on kernels of at most 64 x 64 x 3 x 3 weights, below half the
+layer's MACs: ``als_kernel_limit``, ``als_macs_fraction``), each with a predicted error-versus-MACs curve; the
+planner's ``auto`` strategy (:mod:`lowrank_fm.planner`) picks one (method, rank) per layer for the whole-model
+budget, and the layer-wise pass builds each layer with its method (``ctx.options["method"]``), plus the
+whole-model correction of its last factor for the methods that do not fit data themselves.
 
 Predicted error of a candidate (method m, rank r): its chain is built from the weights and the statistics
 (no samples), then :func:`lowrank_fm.predicted_error.refit_error` gives the relative output error left after
@@ -67,9 +67,9 @@ class AutoSettings:
     widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone;
     als_kernel_limit : ``cp`` / ``cp-sigma`` (CP-ALS, whose probes cost the most) are candidates only on kernels
     of at most this many weights (T S kh kw; 64 x 64 x 3 x 3 by default), and only at ranks of at most
-    ``als_macs_fraction`` of the layer's MACs (probed with one ALS start of 30 sweeps); input_rows : the input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches
-    (p its patch width; :mod:`calibration.input_stats`: the same number of seeded output positions from every
-    calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
+    ``als_macs_fraction`` of the layer's MACs (probed with one ALS start of 30 sweeps); input_rows : the
+    input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches (p its patch width;
+    :mod:`calibration.input_stats`: the same number of seeded output positions from every calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
     calibration time); sensitivity_points : ranks per layer at which ``allocation="output"`` measures the output
     error for the layer's sensitivity (a median ratio, :func:`lowrank_fm.planner._auto`), each one forward pass
     of the sensitivity images (``ApproxConfig.sensitivity_images``, by default ``Auto.sensitivity_images``);
@@ -143,7 +143,8 @@ class Auto(Method):
         super().__init__(settings, seed=seed)
         from . import get_method  # the registry imports this module
 
-        self.delegates = {name: get_method(name, BUILD_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
+        self.delegates = {name: get_method(name, BUILD_SETTINGS.get(name), seed=seed)
+                          for name in self.settings.candidates}
         self.probes = {name: get_method(name, PROBE_SETTINGS.get(name), seed=seed) for name in self.settings.candidates}
 
     def input_covariance_for(self, module: nn.Module) -> bool:
