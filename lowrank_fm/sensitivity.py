@@ -47,6 +47,16 @@ def project_responses(y: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) 
     return torch.einsum("br...,dr->bd...", coefficients, basis) + mean.view(shape)
 
 
+def _project_outputs(module: nn.Module, stats: ResponseStats, rank: int):
+    """A forward hook on ``module`` replacing its output by :func:`project_responses` on the top ``rank``
+    principal directions of ``stats``; returns the hook's handle (``.remove()`` undoes it)."""
+    dtype = next(module.parameters()).dtype
+    mean = torch.from_numpy(stats.mean).to(dtype)
+    basis = torch.from_numpy(np.ascontiguousarray(stats.eigenvectors[:, :rank])).to(dtype)
+    return module.register_forward_hook(
+        lambda _m, _a, out: project_responses(out, mean.to(out.device), basis.to(out.device)))
+
+
 @torch.no_grad()
 def output_error_curves(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, ResponseStats],
                         highest: dict[str, int], batches: Sequence, *, points: int = 12,
@@ -75,12 +85,7 @@ def output_error_curves(model: nn.Module, modules: dict[str, nn.Module], stats: 
     bar = tqdm(jobs, desc="output sensitivity", disable=not progress, leave=False)
     measured: dict[str, dict[int, float]] = {name: {} for name in modules}
     for name, rank in bar:
-        s = stats[name]
-        dtype = next(modules[name].parameters()).dtype
-        mean = torch.from_numpy(s.mean).to(dtype)
-        basis = torch.from_numpy(np.ascontiguousarray(s.eigenvectors[:, :rank])).to(dtype)
-        handle = modules[name].register_forward_hook(
-            lambda _m, _a, out, mean=mean, basis=basis: project_responses(out, mean.to(out.device), basis.to(out.device)))
+        handle = _project_outputs(modules[name], stats[name], rank)
         try:
             error = sum(float((model(b) - r).double().pow(2).sum()) for b, r in zip(batches, references))
         finally:
@@ -151,15 +156,8 @@ def joint_output_divergence(model: nn.Module, modules: dict[str, nn.Module], sta
     references = [model(b) for b in batches]
     if not references or not all(torch.is_tensor(r) for r in references):
         return None
-    handles = []
-    for name, error in errors.items():
-        s, module = stats[name], modules[name]
-        dtype = next(module.parameters()).dtype
-        rank = rank_for_error(s, error)
-        mean = torch.from_numpy(s.mean).to(dtype)
-        basis = torch.from_numpy(np.ascontiguousarray(s.eigenvectors[:, :rank])).to(dtype)
-        handles.append(module.register_forward_hook(
-            lambda _m, _a, out, mean=mean, basis=basis: project_responses(out, mean.to(out.device), basis.to(out.device))))
+    handles = [_project_outputs(modules[name], stats[name], rank_for_error(stats[name], error))
+               for name, error in errors.items()]
     try:
         total = sum(output_divergence(model(b), r) for b, r in zip(batches, references))
     finally:

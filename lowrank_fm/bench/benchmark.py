@@ -230,9 +230,9 @@ def rerun_commands(rows: list[dict]) -> tuple[list[list[str]], list[tuple]]:
             orphans.append(cell_key(row))
             continue
         groups.setdefault((model, target), []).append(label)
-    order = {r.label: i for runs in DEFAULT_GRID.values() for i, r in enumerate(runs)}
     commands = []
     for (model, target), labels in sorted(groups.items()):
+        order = {r.label: i for i, r in enumerate(DEFAULT_GRID[model])}  # the model's own grid order
         commands.append(["benchmark.py", "--models", model, "--speedups", f"{target:g}",
                          "--labels", *sorted(set(labels), key=order.get)])
     return commands, orphans
