@@ -19,6 +19,13 @@ def test_rerun_replaces_the_earlier_row_and_rows_follow_the_grid_order():
     assert "| fm-3d, rmsprop | 3x |" in lines[2] and "| 85.00 | 5.00 |" in lines[2]
 
 
+def test_the_drop_shows_its_standard_error_where_the_row_has_one():
+    plain, with_se = _row("svd (weight-only)", 2.0, 0.85), {**_row("svd (weight-only)", 3.0, 0.85), "drop_se_points": 0.123}
+    lines = markdown_table([plain, with_se]).splitlines()[2:]
+    assert "| 85.00 | 5.00 | 1.0 |" in lines[0]
+    assert "| 85.00 | 5.00 ± 0.12 | 1.0 |" in lines[1]
+
+
 def test_rows_without_provenance_are_not_shown_and_the_latest_date_wins():
     old = {k: v for k, v in _row("svd (weight-only)", 2.0, 0.10).items() if k != "provenance"}
     later = _row("svd (weight-only)", 3.0, 0.60, date="2026-11-25T02:00:00Z")
@@ -44,6 +51,7 @@ def test_parallel_jobs_give_the_rows_of_a_serial_run(tmp_path, vgg_digits):
         other = by_label[row["label"]]
         assert other["ranks"] == row["ranks"]
         assert other["top1_after"] == row["top1_after"]
+        assert other["drop_se_points"] == row["drop_se_points"] and 0.0 <= row["drop_se_points"] < 100.0
         assert other["threads"] == 1
     for row in written:  # every row written carries its provenance, made in the process that ran it
         assert row["provenance"]["threads"] == 1 and row["provenance"]["torch"]

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..api import approximate
 from ..config import ApproxConfig
-from ..zoo.evaluate import accuracy
+from ..zoo.evaluate import accuracy, drop_standard_error
 from ..zoo.models import bundled_spec, create_model, model_data
 from .provenance import append_row, code_state, current_rows, machine_load, provenance
 
@@ -158,7 +158,8 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
     model = create_model(model_name)
     indices = calibration_indices(len(data.train), calib_fraction, None, seed)
     loader = DataLoader(Subset(data.train, indices.tolist()), batch_size=64, shuffle=False)
-    top1_before = accuracy(model, data.test, eval_images=eval_images, progress=progress)["top1"]
+    before = accuracy(model, data.test, eval_images=eval_images, progress=progress, per_image=True)
+    top1_before = before["top1"]
     rows = []
     for run in runs:
         load_before = machine_load()
@@ -167,13 +168,14 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
         new_model, report = approximate(model, loader, config, n_images=len(indices), image_ids=indices,
                                         model_name=model_name, dataset_name=spec.dataset)
         wall = time.perf_counter() - start
-        after = accuracy(new_model, data.test, eval_images=eval_images, progress=progress)
+        after = accuracy(new_model, data.test, eval_images=eval_images, progress=progress, per_image=True)
         evaluate = time.perf_counter() - start - wall
         row = {
             "model": model_name, "label": run.label, "target_speedup": run.speedup, "settings": run.settings,
             "theoretical_speedup": report.totals["theoretical_speedup"],
             "top1_before": top1_before, "top1_after": after["top1"],
             "drop_points": 100 * (top1_before - after["top1"]), "eval_images": after["images"],
+            "drop_se_points": 100 * drop_standard_error(before["top1_hits"], after["top1_hits"]),
             "approximate_wall_s": wall, "run_wall_s": wall + evaluate, "timing": report.timing, "calib_images": len(indices),
             "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
             "threads": torch.get_num_threads(),
@@ -193,7 +195,8 @@ def cell_key(row: dict) -> tuple:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per run: model, method, target, achieved speedup, top-1 before/after, drop, wall time.
+    """One line per run: model, method, target, achieved speedup, top-1 before/after, drop (with its paired
+    standard error, :func:`~lowrank_fm.zoo.evaluate.drop_standard_error`, where the row has one), wall time.
 
     Only current rows (with ``provenance``) are shown, and a re-run replaces an earlier one: of the rows of
     one cell (:func:`cell_key`) the latest is shown.
@@ -212,9 +215,15 @@ def markdown_table(rows: list[dict]) -> str:
 
     for r in sorted(rows, key=lambda r: (r["model"], r["target_speedup"], place(r["label"]))):
         lines.append(f"| {r['model']} | {r['label']} | {r['target_speedup']:g}x | {r['theoretical_speedup']:.2f}x | "
-                     f"{100 * r['top1_before']:.2f} | {100 * r['top1_after']:.2f} | {r['drop_points']:.2f} | "
+                     f"{100 * r['top1_before']:.2f} | {100 * r['top1_after']:.2f} | {_drop(r)} | "
                      f"{r['approximate_wall_s']:.1f} | {r.get('run_wall_s', float('nan')):.1f} |")
     return "\n".join(lines)
+
+
+def _drop(row: dict) -> str:
+    """The drop in points, "0.40 ± 0.09" with the standard error where the row has one (rows since it is kept)."""
+    se = row.get("drop_se_points")
+    return f"{row['drop_points']:.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
 def rerun_commands(rows: list[dict]) -> tuple[list[list[str]], list[tuple]]:

@@ -1,7 +1,7 @@
 """``auto``: the best decomposition for each layer under one budget.
 
 Every target layer gets candidate decompositions (by default ``fm``, ``fm-3d``, ``tucker2-sigma``, ``spatial``,
-for Linear layers ``svd-sigma``, and ``cp`` on kernels of at most 64 x 64 x 3 x 3 weights, below half the
+for Linear layers ``svd-sigma``, and ``cp`` on kernels of at most 128 x 128 x 3 x 3 weights, below half the
 layer's MACs: ``als_kernel_limit``, ``als_macs_fraction``), each with a predicted error-versus-MACs curve; the
 planner's ``auto`` strategy (:mod:`lowrank_fm.planner`) picks one (method, rank) per layer for the whole-model
 budget, and the layer-wise pass builds each layer with its method (``ctx.options["method"]``), plus the
@@ -66,7 +66,7 @@ class AutoSettings:
     default for a layer without a choice); grid_points : ranks probed per method and layer; probe_limit : the
     widest input patch (c kh kw, or in_features) probed, wider layers take the first candidate alone;
     als_kernel_limit : ``cp`` / ``cp-sigma`` (CP-ALS, whose probes cost the most) are candidates only on kernels
-    of at most this many weights (T S kh kw; 64 x 64 x 3 x 3 by default), and only at ranks of at most
+    of at most this many weights (T S kh kw; 128 x 128 x 3 x 3 by default), and only at ranks of at most
     ``als_macs_fraction`` of the layer's MACs (probed with one ALS start of 30 sweeps); input_rows : the
     input-patch moments (mu, Sigma) of a layer are kept over about ``input_rows`` x p patches (p its patch width;
     :mod:`calibration.input_stats`: the same number of seeded output positions from every calibration image), None: every patch of every image (n L p^2 multiply-adds per layer, most of a run's
@@ -81,7 +81,7 @@ class AutoSettings:
     candidates: tuple[str, ...] = ("fm", "fm-3d", "tucker2-sigma", "spatial", "svd-sigma", "cp")
     grid_points: int = 6
     probe_limit: int = 4608
-    als_kernel_limit: int = 64 * 64 * 9
+    als_kernel_limit: int = 128 * 128 * 9
     als_macs_fraction: float = 0.5
     input_rows: float | None = 8.0
     sensitivity_points: int = 4
