@@ -38,6 +38,7 @@ from lowrank_fm.bench.torchvision_table import TORCHVISION_MODELS  # noqa: E402
 OTHER_README_RUNS = [
     ["benchmark.py", "--speed", "--models", "vgg-digits"],
     ["benchmark.py", "--speed", "--models", "vgg-fmnist", "--speedups", "3"],
+    ["benchmark.py", "--speed", "--models", "resnet-fmnist"],
     ["benchmark.py", "--speed", "--models", "vgg16"],
     ["calibration_benchmark.py", "--model", "vgg-fmnist-narrow"],
     ["peers.py", "--models", "vgg-fmnist", "resnet-fmnist"],  # needs the extra "peers"

@@ -46,3 +46,23 @@ def test_speed_benchmark_writes_rows_table_and_plots(tmp_path, vgg_digits):
     if matplotlib_available() is None:
         written = make_plots(rows, tmp_path)
         assert {p.name for p in written} == {"accuracy_vs_speedup_vgg-digits.png", "spectra_vgg-digits_svd_1.5x.png"}
+
+
+def test_every_cell_of_the_speed_grids_makes_a_valid_configuration_and_method():
+    """Each cell's settings are fields of the run or settings of its method, and the method constructs with
+    them; the default a user gets under --speedup (auto, allocation output) is timed on both fmnist models."""
+    from lowrank_fm.bench.speed_benchmark import SPEED_GRID, SPEED_GRID_CUDA
+    from lowrank_fm.config import ApproxConfig
+    from lowrank_fm.methods import get_method
+
+    for grid in (SPEED_GRID, SPEED_GRID_CUDA):
+        for model, runs in grid.items():
+            for run in runs:
+                config = ApproxConfig(speedup=run.speedup, seed=0).replace(**run.settings)
+                assert get_method(config.method, config.method_settings).name == run.settings["method"], (model, run)
+    default = ApproxConfig(speedup=3.0)
+    for model in ("vgg-fmnist", "resnet-fmnist"):
+        autos = [r for r in SPEED_GRID[model] if r.label == "auto, allocation output" and r.speedup == 3.0]
+        assert len(autos) == 1, model
+        config = ApproxConfig(speedup=3.0).replace(**autos[0].settings)
+        assert (config.method, config.allocation, config.speed_gate) == ("auto", "output", default.speed_gate), model
