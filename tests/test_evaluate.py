@@ -28,7 +28,8 @@ def test_drop_standard_error_by_hand_and_from_the_discordant_pairs():
     rng = np.random.default_rng(1)
     before = rng.random(1000) < 0.9
     after = before.copy()
-    lost, gained = rng.choice(np.flatnonzero(before), 40, replace=False), rng.choice(np.flatnonzero(~before), 15, replace=False)
+    lost = rng.choice(np.flatnonzero(before), 40, replace=False)
+    gained = rng.choice(np.flatnonzero(~before), 15, replace=False)
     after[lost], after[gained] = False, True
     n, b, c = 1000, 40, 15
     mcnemar = np.sqrt((b + c - (b - c) ** 2 / n) / (n - 1) / n)

@@ -68,9 +68,9 @@ def _fmnist_grid() -> list[SpeedRun]:
     for s in (2.0, 3.0, 4.0):
         runs += [SpeedRun("vgg-fmnist", "fm, rmsprop", s, {"method": "fm"}, export=s == 3.0),
                  SpeedRun("vgg-fmnist", "fm, rmsprop, ranks multiple of 8", s, {"method": "fm", "rank_multiple": 8}),
-                 SpeedRun("vgg-fmnist", "svd (weight-only)", s, {"method": "svd"}),
-                 SpeedRun("vgg-fmnist", "spatial (weight-only)", s, {"method": "spatial"}),
-                 SpeedRun("vgg-fmnist", "tucker2 (weight-only)", s, {"method": "tucker2"}),
+                 SpeedRun("vgg-fmnist", "svd (weight-only)", s, {"method": "svd", "correction": False}),
+                 SpeedRun("vgg-fmnist", "spatial (weight-only)", s, {"method": "spatial", "correction": False}),
+                 SpeedRun("vgg-fmnist", "tucker2 (weight-only)", s, {"method": "tucker2", "correction": False}),
                  SpeedRun("vgg-fmnist", "auto, allocation output", s, _AUTO)]
     return runs
 
@@ -86,8 +86,8 @@ _KEPT = [SpeedRun("vgg-digits", f"every layer kept (energy 1.0), run {i}", None,
 
 def _vgg16_cells(batch_sizes: tuple[int, ...], rounds: int, allocators: tuple[str, ...]) -> list[SpeedRun]:
     return [SpeedRun("vgg16", f"svd (weight-only), {budget} budget", 4.0,
-                     {"method": "svd", "include": ("features",), "allocation": "uniform", "budget": budget,
-                      "rank_multiple": 8, "speed_repeats": 3},
+                     {"method": "svd", "correction": False, "include": ("features",), "allocation": "uniform",
+                      "budget": budget, "rank_multiple": 8, "speed_repeats": 3},
                      batch_sizes=batch_sizes, speed_only=True, rounds=rounds, allocators=allocators)
             for budget in ("macs", "latency")]
 
@@ -102,7 +102,8 @@ SPEED_GRID = {
 # layers, and without it: 4x theoretical); glibc's allocator is moot there
 SPEED_GRID_CUDA = {"vgg16": _vgg16_cells((64,), 7, ("reuse",)) + [
     SpeedRun("vgg16", "svd (weight-only), no speed gate", 4.0,
-             {"method": "svd", "include": ("features",), "allocation": "uniform", "speed_gate": False, "rank_multiple": 8},
+             {"method": "svd", "correction": False, "include": ("features",), "allocation": "uniform",
+              "speed_gate": False, "rank_multiple": 8},
              batch_sizes=(64,), speed_only=True, rounds=7, allocators=("reuse",))]}
 
 
