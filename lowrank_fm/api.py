@@ -81,8 +81,10 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
     layout = _timed(timing, "layout", timing_layout)(work, example, config) if contexts else {"layout": "nchw"}
     latency, measure_plan = None, None
     if config.budget == "latency":
-        tops = {n: highest_cheaper_rank(method, c, macs[n]) for n, c in contexts.items() if n not in config.layer_ranks}
-        latency = _timed(timing, "latency_model", latency_model)(method, contexts, tops, work, example, config, layout,
+        targets = {n: {key: (variant, highest_cheaper_rank(method, variant, macs[n]))
+                       for key, variant in method.timing_variants(c).items()}
+                   for n, c in contexts.items() if n not in config.layer_ranks}
+        latency = _timed(timing, "latency_model", latency_model)(method, targets, work, example, config, layout,
                                                                   progress)
         measure_plan = _timed(timing, "latency_model", plan_timer(method, work, example, config, layout))
     gate, speed_gate = None, None
@@ -98,7 +100,8 @@ def _plan(method, layers, contexts, costs, reasons, work, example, data, to_inpu
         plan.selection["speed_gate"].update(batch=config.speed_batch, repeats=config.speed_repeats, **layout)
     if latency is not None:  # the latency model's parts: what the plan was made from
         plan.selection["latency_model"] = {**layout, "rest_ms": latency[1],
-                                           "layers_original_ms": sum(c.original_ms for c in latency[0].values())}
+                                           "layers_original_ms": sum(next(iter(c.values())).original_ms
+                                                                         for c in latency[0].values())}
     if output_errors is not None:
         plan.selection["allocation_signal"] = f"output error on {n_sensitivity} calibration images" + (
             f", plans compared on {n_divergence} more" if divergence is not None else "")

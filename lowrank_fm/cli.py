@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-speed-gate", dest="speed_gate", action="store_false", default=True,
                         help="factorize layers even when they are not faster than the original (timed at --latency-batch)")
     parser.add_argument("--budget", choices=["macs", "latency"], default="macs",
-                        help="what --speedup counts: MACs (default) or measured per-layer latency")
+                        help="what --speedup counts: MACs (default) or measured per-layer latency (with --method "
+                             "auto: every candidate method timed; fm is the default method under it)")
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="reuse",
                         help="reuse (default): freed tensor memory stays in the process for the next forward, as it "
                              "would under jemalloc; system: glibc returns it and large outputs are page-faulted on "

@@ -20,11 +20,13 @@ def default_method(speedup: float | None, budget: str = "macs", allocation: str 
                    method_settings: Mapping | None = None) -> str:
     """The method a run gets when it names none: ``"auto"`` (each layer's decomposition chosen under the budget)
     for a ``speedup`` MAC budget it can plan with these settings, else ``"fm"`` (an ``energy`` run, as the
-    design card prescribes; ``budget="latency"``, ``ranks="vbmf"``, another ``allocation``, or settings of fm)."""
+    design card prescribes; ``budget="latency"``, ``ranks="vbmf"``, another ``allocation``, or settings of fm).
+    ``auto`` plans a latency budget when named (``--method auto --budget latency``), but it times every candidate
+    of every layer at a few ranks, so it is not the default there."""
     from .methods import method_class, settings_from
     from .planner import check_policy
 
-    if speedup is None:
+    if speedup is None or budget == "latency":
         return "fm"
     auto = method_class("auto")
     try:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: The budget strategies of ``speedup``, by name; a method lists those it honours in ``Method.allocations``.
 ALLOCATIONS = ("uniform", "energy", "error", "output", "alds-minmax", "auto")
-_MACS_ONLY = ("alds-minmax", "auto")  # strategies that cannot plan a latency budget
+_MACS_ONLY = ("alds-minmax",)  # strategies that cannot plan a latency budget
 
 
 def default_allocation(method: type[Method] | Method) -> str:
@@ -55,7 +55,7 @@ def check_policy(method: type[Method] | Method, allocation: str | None, budget: 
         raise ValueError(f"method {method.name!r} plans its budget with {list(method.allocations)} only; "
                          f"allocation {allocation!r} (--allocation) does not apply to it: leave it out")
     chosen = allocation or default_allocation(method)
-    if budget == "latency" and (chosen in _MACS_ONLY or "auto" in method.allocations):
+    if budget == "latency" and chosen in _MACS_ONLY:
         raise ValueError(f"method {method.name!r} plans its {chosen!r} budget on MACs only; --budget latency does "
                          f"not apply to it: use --budget macs (the speed gate still times every layer)")
     if ranks == "vbmf" and not hasattr(method, "vbmf_rank"):
@@ -162,15 +162,21 @@ def _rounded(method: Method, ctx: LayerContext, rank: int, multiple: int, origin
 
 
 class _Spectra:
-    """Each layer's spectrum, computed once per plan (an SVD of a large layer takes seconds)."""
+    """Each layer's spectrum, computed once per plan (an SVD of a large layer takes seconds), and ``auto``'s
+    candidate points, probed once per plan (a latency plan that misses is planned again on the same curves)."""
 
     def __init__(self, method: Method) -> None:
-        self.method, self.values = method, {}
+        self.method, self.values, self.points = method, {}, {}
 
     def __call__(self, ctx: LayerContext) -> np.ndarray:
         if ctx.name not in self.values:
             self.values[ctx.name] = np.asarray(self.method.spectrum(ctx), dtype=np.float64)
         return self.values[ctx.name]
+
+    def candidate_points(self, ctx: LayerContext, original_macs: int) -> list:
+        if ctx.name not in self.points:
+            self.points[ctx.name] = self.method.candidate_points(ctx, original_macs)
+        return self.points[ctx.name]
 
 
 def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
@@ -190,7 +196,7 @@ def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output
         if latency is None:
             cost_at, original = (lambda r, ctx=ctx: method.macs(ctx, r)), macs[name]
         else:  # integer nanoseconds, + r so that the cost strictly grows with the rank
-            curve = latency[0][name]
+            curve = latency[0][name][None]
             cost_at, original = (lambda r, curve=curve: int(1e6 * curve.at(r)) + r), int(1e6 * curve.original_ms)
         budget_layers.append(BudgetLayer(name, values, cost_at, original, errors=errors))
     if allocation == "uniform":
@@ -231,12 +237,13 @@ def _alds_minmax(method, free, macs, config, *, fixed, spectrum, latency=None, o
     return ranks, {name: {"groups": k} for name, k in groups.items()}, selection
 
 
-def pareto_envelope(points: list, original_macs: int) -> list:
-    """The points (anything with ``macs`` and ``error``) below ``original_macs`` that no other point beats on
-    both: sorted by MACs, each strictly less error than every cheaper one (the first listed wins a tie)."""
+def pareto_envelope(points: list, original_cost: int, cost: Callable = lambda p: p.macs) -> list:
+    """The points (anything with ``error``, and a ``cost``: by default their ``macs``) cheaper than
+    ``original_cost`` that no other point beats on both: sorted by cost, each strictly less error than every
+    cheaper one (the first listed wins a tie)."""
     envelope: list = []
-    for point in sorted((p for p in points if p.macs < original_macs), key=lambda p: p.macs):
-        if envelope and point.macs == envelope[-1].macs:
+    for point in sorted((p for p in points if cost(p) < original_cost), key=cost):
+        if envelope and cost(point) == cost(envelope[-1]):
             continue
         if not envelope or point.error < envelope[-1].error:
             envelope.append(point)
@@ -259,20 +266,33 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     networks gain from the weights, plain ones can lose), so with several exponents
     (``AutoSettings.sensitivity_exponents``) and ``divergence`` ({layer name: predicted error} ->
     :func:`~lowrank_fm.sensitivity.joint_output_divergence` on calibration images other than the sensitivity's),
-    each exponent's plan is simulated whole and the one whose outputs move least is kept."""
+    each exponent's plan is simulated whole and the one whose outputs move least is kept.
+
+    With ``latency`` ({layer: {candidate method: LatencyCurve}}, milliseconds of the rest; ``budget="latency"``)
+    a point's cost is its method's measured time at its rank instead of its MACs, and the budget is the
+    model's measured time over the target: a candidate whose chain runs slowly for its MACs (cp's depthwise
+    convs on a CPU) is chosen only where its error pays for its time."""
     from .sensitivity import rank_grid  # (sensitivity imports the planner)
 
     start = time.perf_counter()
     progress = progress or (lambda items, desc: items)
     points, sensitivity = {}, {}
     for name in progress(list(free), "auto: candidate curves"):
-        points[name] = method.candidate_points(free[name], macs[name])
+        points[name] = spectrum.candidate_points(free[name], macs[name])
         if output_errors is not None and name in output_errors:  # measured where output_errors_for measured it
             measured = rank_grid(highest_cheaper_rank(method, free[name], macs[name]), method.sensitivity_points())
             sensitivity[name] = _sensitivity(output_errors[name], free[name], measured)
     curves_s = time.perf_counter() - start
     exponents = method.settings.sensitivity_exponents if sensitivity else (0.0,)
-    plans = {gamma: _auto_plan(points, sensitivity, gamma, macs, config, fixed) for gamma in exponents}
+    if latency is None:
+        costs = {name: (lambda p: p.macs) for name in points}
+        originals = dict(macs)
+    else:  # integer nanoseconds, + rank so that a method's cost strictly grows with its rank
+        costs = {name: (lambda p, curves=latency[0][name]: int(1e6 * curves[p.method].at(p.rank)) + p.rank)
+                 for name in points}
+        originals = {name: int(1e6 * next(iter(latency[0][name].values())).original_ms) for name in points}
+        points = {name: [p for p in layer_points if p.method in latency[0][name]] for name, layer_points in points.items()}
+    plans = {gamma: _auto_plan(points, sensitivity, gamma, costs, originals, config, fixed) for gamma in exponents}
     simulated = {}
     if len(plans) > 1 and divergence is not None:
         for gamma, (_, chosen_points) in plans.items():
@@ -290,27 +310,31 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     if simulated:
         weighting["simulated_divergence"] = {str(g): d for g, d in simulated.items()}
     selection = {"target_speedup": config.speedup, "planned_speedup": result.achieved_speedup,
-                 "reachable": result.reachable, "allocation": "auto", "budget": "macs",
+                 "reachable": result.reachable, "allocation": "auto",
+                 "budget": "macs" if latency is None else "latency",
                  "auto": {"candidates": list(method.settings.candidates), "methods": counts, "curves_s": curves_s,
                           "choice_s": time.perf_counter() - start - curves_s, **weighting,
                           "notes": {name: _auto_note(point, points[name]) for name, point in chosen_points.items()}}}
     return ranks, options, selection
 
 
-def _auto_plan(points: dict[str, list], sensitivity: dict[str, float], exponent: float, macs: dict[str, int],
-               config, fixed: int) -> tuple:
-    """The budget greedy over the layers' Pareto envelopes with each layer's errors scaled by s_l^exponent
+def _auto_plan(points: dict[str, list], sensitivity: dict[str, float], exponent: float, costs: dict[str, Callable],
+               originals: dict[str, int], config, fixed: int) -> tuple:
+    """The budget greedy over the layers' Pareto envelopes (cost ``costs[name](point)``: MACs, or measured
+    nanoseconds; the original layer's ``originals[name]``) with each layer's errors scaled by s_l^exponent
     (layers without a measured sensitivity unscaled). Returns the greedy's result and the chosen point per
     layer that is approximated, with its own (unscaled) predicted error."""
     envelopes, budget_layers = {}, []
     for name, layer_points in points.items():
         weight = sensitivity.get(name, 1.0) ** exponent
-        envelope = pareto_envelope([dataclasses.replace(p, error=p.error * weight) for p in layer_points], macs[name])
+        envelope = pareto_envelope([dataclasses.replace(p, error=p.error * weight) for p in layer_points],
+                                   originals[name], costs[name])
         envelopes[name] = envelope
         if envelope:
             errors = np.array([1.0] + [p.error for p in envelope])
-            budget_layers.append(BudgetLayer(name, np.ones(len(envelope)), lambda i, e=envelope: e[i - 1].macs,
-                                             macs[name], errors=errors))
+            budget_layers.append(BudgetLayer(name, np.ones(len(envelope)),
+                                             lambda i, e=envelope, cost=costs[name]: cost(e[i - 1]),
+                                             originals[name], errors=errors))
     result = select_ranks_for_speedup(budget_layers, config.speedup, fixed_macs=fixed, score="error")
     chosen = {}
     for name, index in result.ranks.items():
@@ -409,7 +433,7 @@ def _check_reachable(config, selection: dict, latency) -> None:
 
 
 def _replan_for_latency(method, contexts, macs, config, spectrum, latency, output_errors, chosen, options, selection,
-                        measure_plan, *, rounds: int = 2, tolerance: float = 0.05):
+                        measure_plan, *, rounds: int = 2, tolerance: float = 0.05, divergence=None):
     """Measure the latency plan on the whole model and re-plan when it misses.
 
     The per-layer curves are timed in isolation and do not add up exactly to the model's time, so a plan
@@ -433,7 +457,7 @@ def _replan_for_latency(method, contexts, macs, config, spectrum, latency, outpu
             break
         planned *= target / measured
         chosen, options, selection = _choose(method, contexts, macs, dataclasses.replace(config, speedup=max(planned, 1.0)),
-                                             spectrum, latency, output_errors)
+                                             spectrum, latency, output_errors, divergence=divergence)
     measured, chosen, options, selection = best
     log.info("latency plan: %s", ", ".join(f"planned {c['planned_for']:.2f}x -> measured {c['measured']:.2f}x" for c in checks))
     return chosen, options, {**selection, "target_speedup": target, "measured_plan_speedup": measured,
@@ -470,7 +494,8 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
     _check_reachable(config, selection, latency)
     if latency is not None and measure_plan is not None:
         chosen, options, selection = _replan_for_latency(method, contexts, macs, config, spectrum, latency,
-                                                         output_errors, chosen, options, selection, measure_plan)
+                                                         output_errors, chosen, options, selection, measure_plan,
+                                                         divergence=divergence)
     plan: dict[str, LayerPlan] = {}
     for name in layers:
         if reasons[name] is not None:

@@ -193,25 +193,31 @@ def timing_layout(work: nn.Module, example, config) -> dict:
     return {"layout": layout, **{f"model_{name}_ms": value for name, value in ms.items()}}
 
 
-def latency_model(method, contexts: dict, top_ranks: dict[str, int], work: nn.Module, example, config, layout: dict,
-                  progress=lambda items, desc: items) -> tuple[dict[str, LatencyCurve], float]:
-    """Per-layer latency curves (ms against rank, measured at ``config.speed_batch`` in ``layout``, at ranks
-    up to ``top_ranks[name]``) of the named layers, and the milliseconds of the rest of the model (the model
-    with those layers replaced by free stand-ins, same layout: isolated layer times do not add up to the
-    whole model's, so the rest is measured rather than taken as a difference)."""
+def latency_model(method, targets: dict[str, dict], work: nn.Module, example, config, layout: dict,
+                  progress=lambda items, desc: items) -> tuple[dict[str, dict], float]:
+    """Per-layer latency curves and the milliseconds of the rest of the model.
+
+    ``targets``: layer name -> {variant: (context, top rank)}, the variants of :meth:`Method.timing_variants`
+    (None: the layer as the method builds it; for ``auto``, each candidate method). Each variant's curve is ms
+    against rank, measured at ``config.speed_batch`` in ``layout`` at ranks up to its top; returned as
+    {name: {variant: LatencyCurve}}. The rest is the model with the named layers replaced by free stand-ins, same
+    layout (isolated layer times do not add up to the whole model's, so it is measured, not taken as a
+    difference)."""
     from .latency import repeat_to_batch
 
     if not torch.is_tensor(example) or example.ndim != 4:
         raise ValueError("budget='latency' needs image-tensor inputs (N, C, H, W) to time the whole model")
     channels_last = layout["layout"] == "channels_last"
-    curves = {}
-    for name in progress(list(top_ranks), "latency model"):
-        ctx, top = contexts[name], top_ranks[name]
-        ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
-        curves[name] = fit_latency_curve(ctx.module, lambda r, ctx=ctx: method.timing_module(ctx, r), ranks,
-                                         ctx.in_shape, config.speed_batch, repeats=config.speed_repeats,
-                                         device=config.device, channels_last=channels_last)
-    rest = time_rest(work, {name: contexts[name].out_shape for name in top_ranks},
+    curves: dict[str, dict] = {}
+    for name in progress(list(targets), "latency model"):
+        curves[name] = {}
+        for variant, (ctx, top) in targets[name].items():
+            ranks = {max(1, top // 8), max(1, top // 4), max(1, top // 2), top}
+            curves[name][variant] = fit_latency_curve(
+                ctx.module, lambda r, ctx=ctx: method.timing_module(ctx, r), ranks, ctx.in_shape, config.speed_batch,
+                repeats=config.speed_repeats, device=config.device, channels_last=channels_last)
+    first = {name: next(iter(variants.values()))[0] for name, variants in targets.items()}
+    rest = time_rest(work, {name: ctx.out_shape for name, ctx in first.items()},
                      repeat_to_batch(example, config.speed_batch), repeats=config.speed_repeats, device=config.device,
                      channels_last=channels_last)
     return curves, rest

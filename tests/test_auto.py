@@ -124,7 +124,7 @@ def test_the_envelope_keeps_the_points_no_other_beats():
     points = [CandidatePoint("a", 1, 10, 0.9), CandidatePoint("b", 1, 10, 0.8), CandidatePoint("a", 2, 20, 0.5),
               CandidatePoint("b", 2, 25, 0.6), CandidatePoint("b", 3, 30, 0.2), CandidatePoint("a", 3, 40, 0.3),
               CandidatePoint("a", 4, 100, 0.0)]
-    envelope = pareto_envelope(points, original_macs=100)
+    envelope = pareto_envelope(points, 100)
     # equal MACs: the first listed wins; (b, 25) and (a, 40) are beaten by cheaper points; 100 MACs is not cheaper
     assert [(p.method, p.rank) for p in envelope] == [("a", 1), ("a", 2), ("b", 3)]
 
@@ -181,11 +181,38 @@ def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
     assert "predicted error 0.000" in plan.note
 
 
+def test_a_latency_budget_costs_each_candidate_by_its_measured_time():
+    """The separable layer again, where spatial is exact: under a MAC budget auto takes spatial; when the latency
+    model says spatial's chain runs slower than the original at every rank (cp's depthwise convs on a CPU can),
+    the latency budget gives the layer to fm instead, at a rank whose measured time meets the budget."""
+    from lowrank_fm.speedgate import LatencyCurve
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    vertical, horizontal = torch.randn(2, 16, 3), torch.randn(16, 2, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("kch,dkw->dchw", vertical, horizontal))
+    ctx = _context_with_exact_statistics(conv, torch.randn(30, 16, 8, 8))
+    macs = {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
+    method = get_method("auto", {"candidates": ("fm", "spatial")})
+    assert set(method.timing_variants(ctx)) == {"fm", "spatial"}
+    layers, reasons = {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: None, "rest": "not targeted"}
+    by_macs = plan_ranks(method, layers, {ctx.name: ctx}, macs, reasons, ApproxConfig(method="auto", speedup=2.0))
+    assert by_macs.layers[ctx.name].options == {"method": "spatial"}
+    original_ms, rest_ms = 1.0, 0.5
+    curves = {"fm": LatencyCurve(original_ms, 0.0, 0.05, {}), "spatial": LatencyCurve(original_ms, 1.5, 0.01, {})}
+    config = ApproxConfig(method="auto", speedup=1.3, budget="latency")
+    plan = plan_ranks(method, layers, {ctx.name: ctx}, macs, reasons, config, latency=({ctx.name: curves}, rest_ms))
+    chosen = plan.layers[ctx.name]
+    assert chosen.options == {"method": "fm"} and plan.selection["budget"] == "latency"
+    # the budget by hand: rest + fm's time at the rank <= (rest + original) / speedup, and one rank more breaks it
+    budget_ms = (rest_ms + original_ms) / 1.3
+    assert rest_ms + 0.05 * chosen.rank <= budget_ms < rest_ms + 0.05 * (chosen.rank + 1)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
-    (dict(method="auto", speedup=2.0, budget="latency"), r"on MACs only; --budget latency does not apply"),
     (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['output', 'auto'\] only"),
-    (dict(method="auto", speedup=2.0, allocation="output", budget="latency"), r"on MACs only"),
     (dict(method="fm", speedup=2.0, allocation="auto"), r"method 'fm' plans its budget with"),
     (dict(method="auto", speedup=2.0, method_settings={"candidates": ("auto",)}), r"other than 'auto'"),
 ])
@@ -264,7 +291,7 @@ def test_auto_keeps_the_input_moments_over_about_input_rows_times_p_patches(vgg_
 def test_the_default_method_is_auto_for_a_mac_budget_and_fm_otherwise():
     assert ApproxConfig().method_name == "fm"  # an --energy run, as the design card prescribes
     assert ApproxConfig(speedup=3.0).method_name == "auto"
-    assert ApproxConfig(speedup=3.0, budget="latency").method_name == "fm"  # auto plans MACs only
+    assert ApproxConfig(speedup=3.0, budget="latency").method_name == "fm"  # auto plans it only when named
     assert ApproxConfig(speedup=3.0, allocation="output").method_name == "auto"  # weighted by output sensitivity
     assert ApproxConfig(speedup=3.0, allocation="energy").method_name == "fm"
     assert ApproxConfig(speedup=3.0).replace(solver="none").method_name == "fm"  # a setting of fm names fm

@@ -37,6 +37,7 @@ the layer-wise pass treat an ``auto`` layer exactly like a layer of that method.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -188,27 +189,43 @@ class Auto(Method):
     def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
         return self.for_layer(ctx).timing_module(ctx, rank)
 
+    def _applicable(self, ctx: LayerContext) -> list[str]:
+        """The candidates that apply to ``ctx``'s layer, in order: those that support it, one per distinct chain
+        (fm-3d on a 1x1 conv is fm), cp / cp-sigma only on kernels of at most ``als_kernel_limit`` weights."""
+        names, structures = [], set()
+        for name, method in self.delegates.items():
+            if method.supports(ctx.module) is not None:
+                continue
+            if name in ALS_CANDIDATES and ctx.module.weight.numel() > self.settings.als_kernel_limit:
+                continue
+            structure = _structure(method, ctx)
+            if structure not in structures:
+                structures.add(structure)
+                names.append(name)
+        return names
+
+    def timing_variants(self, ctx: LayerContext) -> dict[str | None, LayerContext]:
+        """One context per applicable candidate (``options["method"]`` set), the first alone for a layer too wide
+        to probe (:meth:`candidate_points` gives it that one)."""
+        names = self._applicable(ctx)
+        names = names[:1] if not self.input_covariance_for(ctx.module) else names
+        return {name: dataclasses.replace(ctx, options={**ctx.options, "method": name}) for name in names}
+
     def candidate_points(self, ctx: LayerContext, original_macs: int) -> list[CandidatePoint]:
         """Every (method, rank) below break-even with its MACs and predicted error, for the planner."""
         from ..planner import highest_cheaper_rank, is_cheaper
 
         points: list[CandidatePoint] = []
-        seen_structures = set()
         wide = not self.input_covariance_for(ctx.module)
         moments = None
-        for name, method in self.delegates.items():
-            if method.supports(ctx.module) is not None or (wide and points):
-                continue
-            structure = _structure(method, ctx)
-            if structure in seen_structures:  # e.g. fm-3d on a 1x1 conv is fm
-                continue
-            seen_structures.add(structure)
+        for name in self._applicable(ctx):
+            if wide and points:
+                break
+            method = self.delegates[name]
             top = highest_cheaper_rank(method, ctx, original_macs)
             if not is_cheaper(method, ctx, top, original_macs):
                 continue
             if name in ALS_CANDIDATES:
-                if ctx.module.weight.numel() > self.settings.als_kernel_limit:
-                    continue
                 affordable = [r for r in range(1, top + 1)
                               if method.macs(ctx, r) <= self.settings.als_macs_fraction * original_macs]
                 if not affordable:

@@ -227,6 +227,12 @@ class Method:
         plan; ``auto`` with several ``sensitivity_exponents``, its ``divergence_images`` setting."""
         return 0
 
+    def timing_variants(self, ctx: LayerContext) -> dict[str | None, LayerContext]:
+        """The contexts whose latency curves ``budget="latency"`` measures for this layer, by the layer option
+        they stand for: the layer itself (key None); for ``auto``, one per candidate method (key its name, the
+        context's ``options["method"]``)."""
+        return {None: ctx}
+
     def for_layer(self, ctx: LayerContext) -> "Method":
         """The method that builds ``ctx``'s layer: itself, or for a method that chooses per layer (``auto``) the
         one named in ``ctx.options``. The layer-wise pass asks it whether the layer fits data itself
