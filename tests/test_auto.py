@@ -170,16 +170,22 @@ def test_auto_builds_each_layer_with_its_method_and_says_why(vgg_digits, digits_
     assert accuracy(new_model, digits.test)["top1"] > 0.9
 
 
-def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
-    """A kernel that is a sum of two separable (kh x 1)(1 x kw) terms: spatial at rank 2 is exact, while a
-    channel rank 2 of fm leaves most of the response. auto picks spatial for that layer."""
+def _separable_layer():
+    """A 16 -> 16 3x3 conv whose kernel is a sum of two separable (kh x 1)(1 x kw) terms, its context with exact
+    statistics on 30 random 8x8 images, and the MACs of it and of a free rest of the model."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
     vertical, horizontal = torch.randn(2, 16, 3), torch.randn(16, 2, 3)
     with torch.no_grad():
         conv.weight.copy_(torch.einsum("kch,dkw->dchw", vertical, horizontal))
     ctx = _context_with_exact_statistics(conv, torch.randn(30, 16, 8, 8))
-    macs = {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
+    return conv, ctx, {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
+
+
+def test_a_separable_layer_goes_to_the_method_that_is_exact_on_it():
+    """A kernel that is a sum of two separable (kh x 1)(1 x kw) terms: spatial at rank 2 is exact, while a
+    channel rank 2 of fm leaves most of the response. auto picks spatial for that layer."""
+    conv, ctx, macs = _separable_layer()
     config = ApproxConfig(method="auto", speedup=4.0)
     plan = plan_ranks(get_method("auto"), {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: ctx}, macs,
                       {ctx.name: None, "rest": "not targeted"}, config).layers[ctx.name]
@@ -193,13 +199,7 @@ def test_a_latency_budget_costs_each_candidate_by_its_measured_time():
     the latency budget gives the layer to fm instead, at a rank whose measured time meets the budget."""
     from lowrank_fm.speedgate import LatencyCurve
 
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 16, 3, padding=1)
-    vertical, horizontal = torch.randn(2, 16, 3), torch.randn(16, 2, 3)
-    with torch.no_grad():
-        conv.weight.copy_(torch.einsum("kch,dkw->dchw", vertical, horizontal))
-    ctx = _context_with_exact_statistics(conv, torch.randn(30, 16, 8, 8))
-    macs = {ctx.name: 16 * 144 * ctx.positions, "rest": 0}
+    conv, ctx, macs = _separable_layer()
     method = get_method("auto", {"candidates": ("fm", "spatial")})
     assert set(method.timing_variants(ctx)) == {"fm", "spatial"}
     layers, reasons = {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: None, "rest": "not targeted"}
