@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_fm.stats import StreamingCovariance, merge_moments
+from lowrank_fm.stats import StreamingCovariance
 
 from .sampling import sample_positions_batch
 from .store import CalibrationMismatchError, CalibrationReader, CalibrationWriter
@@ -204,17 +204,20 @@ class InputPatchStats:
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
-        mean = x.mean(0)
-        scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        mean, count = x.mean(0), x.shape[0]
+        if self.mean_[name] is None:
+            self.count_[name], self.mean_[name] = 0, mean
+            self.scatter_[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        # merge_moments in place (a p x p matrix is not allocated and added per batch: 2 s of vgg-fmnist's
+        # calibration for auto): S += sum (x - m_b)(x - m_b)^T + (n_a n_b / n) delta delta^T, m += (n_b / n) delta
+        scatter = self.scatter_[name] = self.scatter_[name].to(x.device)
         for part in x.split(max(1, _CENTRED_BYTES // (8 * x.shape[1]))):  # centred copies of bounded size
             centred = part - mean
             scatter.addmm_(centred.T, centred)
-        if self.mean_[name] is None:
-            self.count_[name], self.mean_[name], self.scatter_[name] = x.shape[0], mean, scatter
-            return
-        self.count_[name], self.mean_[name], self.scatter_[name] = merge_moments(
-            self.count_[name], self.mean_[name].to(x.device), self.scatter_[name].to(x.device),
-            x.shape[0], mean, scatter)
+        before, delta = self.count_[name], mean - self.mean_[name].to(x.device)
+        total = before + count
+        scatter.addr_(delta, delta, alpha=before * count / total)
+        self.count_[name], self.mean_[name] = total, self.mean_[name].to(x.device) + (count / total) * delta
 
     def resume(self, writer: CalibrationWriter) -> "InputPatchStats":
         """Start from the statistics stored in ``writer``'s file, which must cover its committed images."""

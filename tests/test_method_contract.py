@@ -19,6 +19,8 @@ and Linear layers):
 5. Settings: the defaults construct; an unknown setting is refused by name.
 6. Timing: ``timing_module(ctx, r)``, what the speed gate and the latency model time, has the submodules,
    geometry and parameter shapes of ``build(ctx, r)``.
+7. Probes: ``chains_at(ctx, ranks)`` (the chains ``auto`` predicts errors of) gives at each rank the output of
+   ``build(ctx, r)`` without samples, and the layer's own output at full rank.
 
 :class:`ToyIdentitySplit`, a method defined here, goes through the same :func:`check_layer` and
 :func:`check_settings` once registered: nothing else names it.
@@ -242,6 +244,18 @@ def check_layer(name: str, layer_id: str) -> None:
     for r in sorted({1, max(1, full // 2)}):
         assert structure(method.timing_module(ctx, r)) == structure(cheap.build(ctx, r, None, {})), (
             f"{name} at rank {r} of {layer_id}: the timing module differs from the build")
+
+    # the chains auto probes: at each rank the module build(ctx, r) gives without samples (one shared
+    # factorization where a method overrides chains_at), exact at full rank
+    ranks = sorted({1, max(1, full // 2), full})
+    chains = cheap.chains_at(ctx, ranks)
+    assert sorted(chains) == ranks, f"{name} on {layer_id}: chains at {sorted(chains)}, asked {ranks}"
+    with torch.no_grad():
+        for r in ranks:
+            torch.testing.assert_close(chains[r](x), cheap.build(ctx, r)(x), rtol=1e-9, atol=1e-12)
+        if name not in EXACT_AT_KNOWN_CP_RANK:
+            error = float((chains[full](x) - expected).abs().max())
+            assert error <= TOLERANCE * max(1.0, float(expected.abs().max())), (name, layer_id, error)
 
     # float32 in, float32 out, close to the layer at float32 precision
     module32, x32 = make_layer(layer_id, torch.float32)

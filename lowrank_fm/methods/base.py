@@ -270,6 +270,12 @@ class Method:
         filled with what the build did (solver, fit), for the layer's report record."""
         raise NotImplementedError
 
+    def chains_at(self, ctx: LayerContext, ranks) -> dict[int, nn.Module]:
+        """{rank: ``build(ctx, rank)``} without samples, for each of ``ranks`` (``auto`` predicts each
+        candidate's error at a few ranks). A method whose ranks truncate one factorization overrides it to
+        compute that factorization once."""
+        return {int(r): self.build(ctx, int(r)) for r in ranks}
+
     def timing_module(self, ctx: LayerContext, rank: int) -> nn.Module:
         """A module with the layers, shapes and biases of ``build(ctx, rank)``, for timing only (the speed gate,
         the latency model, the whole-plan timer): a dense layer's time depends on its shapes, not on its values.

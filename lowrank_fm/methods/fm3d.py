@@ -36,7 +36,7 @@ from .base import LayerContext, LayerData
 from .fm import fm_linear_factors
 from .fm_nonlinear import FeatureMap, fit_two_factors
 from .solvers import rmsprop_minimise
-from .spatial import spatial_factors
+from .spatial import spatial_factors, spatial_svd
 
 __all__ = ["spatial_rank_for", "vertical_responses", "refit_horizontal", "refine_jointly", "FeatureMap3D"]
 
@@ -139,10 +139,21 @@ class FeatureMap3D(FeatureMap):
               ) -> nn.Module:
         if not self._separable(ctx.module):
             return super().build(ctx, rank, data, info)
+        return self._build_separated(ctx, rank, data, info)
+
+    def chains_at(self, ctx: LayerContext, ranks) -> dict[int, nn.Module]:
+        """One SVD of the spatial split for every rank."""
+        if not self._separable(ctx.module):
+            return super().chains_at(ctx, ranks)
+        svd = spatial_svd(ctx.module.weight.detach())
+        return {int(r): self._build_separated(ctx, int(r), svd=svd) for r in ranks}
+
+    def _build_separated(self, ctx: LayerContext, rank: int, data: LayerData | None = None, info: dict | None = None,
+                         svd: tuple[torch.Tensor, ...] | None = None) -> nn.Module:
         conv = ctx.module
         kernel = tuple(conv.kernel_size)
         k = self.spatial_rank(ctx, rank)
-        vertical, horizontal = spatial_factors(conv.weight.detach(), k)
+        vertical, horizontal = spatial_factors(conv.weight.detach(), k, svd)
         H = horizontal.reshape(conv.out_channels, -1)
         bias = None if conv.bias is None else conv.bias.detach().double()
         done = {"spatial_rank": k}

@@ -17,7 +17,7 @@ from torch import nn
 from ..layers import spatial_chain
 from .base import LayerContext, Method
 
-__all__ = ["spatial_factors", "SpatialSeparable"]
+__all__ = ["spatial_svd", "spatial_factors", "SpatialSeparable"]
 
 
 def _rearranged(weight: torch.Tensor) -> torch.Tensor:
@@ -26,10 +26,17 @@ def _rearranged(weight: torch.Tensor) -> torch.Tensor:
     return weight.double().permute(1, 2, 0, 3).reshape(c * kh, n * kw)
 
 
-def spatial_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical filters (K, C, kh, 1) and horizontal filters (N, K, 1, kw) of the best rank-K separation."""
+def spatial_svd(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(U, s, V^T) of the rearranged kernel M (C kh, N kw): the separations of every rank truncate it."""
+    return tuple(torch.linalg.svd(_rearranged(weight), full_matrices=False))
+
+
+def spatial_factors(weight: torch.Tensor, rank: int, svd: tuple[torch.Tensor, ...] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical filters (K, C, kh, 1) and horizontal filters (N, K, 1, kw) of the best rank-K separation,
+    M ~ (U_K s_K^1/2)(s_K^1/2 V_K^T); ``svd``: :func:`spatial_svd` of ``weight`` when it is already known."""
     n, c, kh, kw = weight.shape
-    u, s, vh = torch.linalg.svd(_rearranged(weight), full_matrices=False)
+    u, s, vh = spatial_svd(weight) if svd is None else svd
     root = s[:rank].sqrt()
     vertical = (u[:, :rank] * root).T.reshape(rank, c, kh, 1)
     horizontal = (vh[:rank].T * root).reshape(n, kw, rank).permute(0, 2, 1).reshape(n, rank, 1, kw)
@@ -66,3 +73,9 @@ class SpatialSeparable(Method):
 
     def build(self, ctx: LayerContext, rank: int, data=None, info: dict | None = None) -> nn.Module:
         return spatial_chain(ctx.module, *spatial_factors(ctx.module.weight.detach(), rank))
+
+    def chains_at(self, ctx: LayerContext, ranks) -> dict[int, nn.Module]:
+        """One SVD for every rank."""
+        weight = ctx.module.weight.detach()
+        svd = spatial_svd(weight)
+        return {int(r): spatial_chain(ctx.module, *spatial_factors(weight, int(r), svd)) for r in ranks}

@@ -24,14 +24,16 @@ __all__ = ["Tucker2Sigma", "Tucker2SigmaSettings"]
 
 @dataclass(frozen=True)
 class Tucker2SigmaSettings:
-    """als_iterations : most Sigma-norm ALS sweeps; hooi_iterations : most sweeps of the Frobenius HOOI start
-    (``auto`` predicts errors with a few of each)."""
+    """als_iterations : most Sigma-norm ALS sweeps; hooi_iterations : most sweeps of the Frobenius HOOI start;
+    cg_iterations : most conjugate-gradient steps of each sweep's input-factor solve (``auto`` predicts errors
+    with fewer of each)."""
 
     als_iterations: int = 30
     hooi_iterations: int = Tucker2.iterations
+    cg_iterations: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("als_iterations", "hooi_iterations"):
+        for name in ("als_iterations", "hooi_iterations", "cg_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -50,7 +52,8 @@ class Tucker2Sigma(Tucker2):
         start = tucker2(conv.weight, rank_out, rank_in, iterations=self.settings.hooi_iterations)
         weight = conv.weight.detach().double().numpy()
         core, u_out, u_in, history = tucker2_sigma(weight, stats.regularised_covariance,
-                                                   *(f.numpy() for f in start), iterations=self.settings.als_iterations)
+                                                   *(f.numpy() for f in start), iterations=self.settings.als_iterations,
+                                                   cg_iterations=self.settings.cg_iterations)
         approx = np.einsum("abhw,ta,sb->tshw", core, u_out, u_in, optimize=True).reshape(weight.shape[0], -1)
         bias = corrected_bias(None if conv.bias is None else conv.bias.detach().double().numpy(),
                               weight.reshape(weight.shape[0], -1), approx, stats.mean)
