@@ -21,7 +21,7 @@ from conftest import layer_context
 from lowrank_fm import approximate
 from lowrank_fm.config import ApproxConfig
 from lowrank_fm.methods import InputStats, ResponseStats, get_method
-from lowrank_fm.methods.auto import CandidatePoint, probe_error
+from lowrank_fm.methods.auto import CandidatePoint, chain_error
 from lowrank_fm.planner import pareto_envelope, plan_ranks
 from lowrank_fm.predicted_error import LayerMoments, affine_error, refit_error, tail_error
 
@@ -123,7 +123,7 @@ def test_the_probe_predicts_the_refit_of_the_chain_run_on_images(method, rank):
         Z = windows.transpose(1, 2).reshape(-1, windows.shape[1]).numpy()
     W = conv.weight.detach().reshape(8, -1).numpy()
     moments = LayerMoments.of(W, conv.bias.detach().numpy(), mean, cov)
-    assert probe_error(get_method(method), ctx, rank, moments) == pytest.approx(_relative_residual(y, Z), rel=1e-6)
+    assert chain_error(get_method(method).build(ctx, rank), conv, moments) == pytest.approx(_relative_residual(y, Z), rel=1e-6)
 
 
 def test_the_envelope_keeps_the_points_no_other_beats():

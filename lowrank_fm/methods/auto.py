@@ -48,7 +48,7 @@ from torch import nn
 from ..predicted_error import LayerMoments, affine_error, refit_error, tail_error
 from .base import LayerContext, LayerData, Method, unfold_weight
 
-__all__ = ["Auto", "AutoSettings", "CandidatePoint", "chain_error", "probe_error"]
+__all__ = ["Auto", "AutoSettings", "CandidatePoint", "chain_error"]
 
 #: settings of the chains built only to predict errors (the layer itself is built with the method's defaults):
 #: one Sigma-norm sweep from the Frobenius start gives the predicted error within about 0.01 of thirty; its
@@ -275,12 +275,6 @@ def _is_response_projection(method: Method, ctx: LayerContext) -> bool:
 def _structure(method: Method, ctx: LayerContext) -> str:
     """What the method builds on this layer, to skip a candidate that would repeat another."""
     return "response projection" if _is_response_projection(method, ctx) else method.name
-
-
-def probe_error(method: Method, ctx: LayerContext, rank: int, moments: LayerMoments) -> float:
-    """The predicted relative error of ``method`` at ``rank`` on ``ctx``'s layer: :func:`chain_error` of its
-    chain built without samples."""
-    return chain_error(method.build(ctx, rank), ctx.module, moments)
 
 
 def chain_error(chain: nn.Module, layer: nn.Module, moments: LayerMoments) -> float:
