@@ -123,7 +123,9 @@ def test_the_probe_predicts_the_refit_of_the_chain_run_on_images(method, rank):
         Z = windows.transpose(1, 2).reshape(-1, windows.shape[1]).numpy()
     W = conv.weight.detach().reshape(8, -1).numpy()
     moments = LayerMoments.of(W, conv.bias.detach().numpy(), mean, cov)
-    assert chain_error(get_method(method).build(ctx, rank), conv, moments) == pytest.approx(_relative_residual(y, Z), rel=1e-6)
+    chain = get_method(method).build(ctx, rank)
+    assert chain_error(chain, conv, moments) == pytest.approx(_relative_residual(y, Z), rel=1e-6)
+    assert all(p.dtype == torch.float64 for p in chain.parameters())  # the caller's chain is left in its dtype
 
 
 def test_the_envelope_keeps_the_points_no_other_beats():

@@ -37,6 +37,7 @@ the layer-wise pass treat an ``auto`` layer exactly like a layer of that method.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -285,33 +286,32 @@ def chain_error(chain: nn.Module, layer: nn.Module, moments: LayerMoments) -> fl
     from ..layers import last_factor_inputs, last_factor_refittable
 
     with torch.no_grad():
-        chain = chain.cpu()
+        chain = copy.deepcopy(chain).cpu()  # the caller's chain stays where it is, in its dtype
         p = moments.W.shape[1]
         if last_factor_refittable(chain, layer) is None:
-            # the identity patches through the earlier factors in float32 (a float32 network's factors lose
-            # nothing: each entry the first factor gives is one of its weights exactly; vgg-fmnist's predicted
-            # errors moved by 5e-8 of themselves), as float32 convolutions run 3-10 times faster on a CPU than
-            # float64 ones (a 256x256x3x3 layer's fm-3d probes 3.1 -> 1.6 s)
+            # the identity patches through the earlier factors in float32 (last_factor_inputs takes the weights in
+            # the patches' dtype; a float32 network's factors lose nothing: each entry the first factor gives is
+            # one of its weights exactly; vgg-fmnist's predicted errors moved by 5e-8 of themselves), as float32
+            # convolutions run 3-10 times faster on a CPU than float64 ones (a 256x256x3x3 layer's fm-3d probes
+            # 3.1 -> 1.6 s)
             basis = torch.cat([torch.zeros(1, p), torch.eye(p)])
-            z = last_factor_inputs(chain.float(), layer, basis).double().numpy()
+            z = last_factor_inputs(chain, layer, basis).double().numpy()
             return refit_error(moments, (z[1:] - z[0]).T)
-        # a single-factor or otherwise non-refittable chain: its response to each patch direction
-        chain = chain.double()
+        # a single-factor or otherwise non-refittable chain: its response to each patch direction, in float64
+        flat = _valid(chain).double()
         basis = torch.cat([torch.zeros(1, p, dtype=torch.float64), torch.eye(p, dtype=torch.float64)])
         if isinstance(layer, nn.Conv2d):
-            windows = basis.reshape(p + 1, layer.in_channels, *layer.kernel_size)
-            outputs = _valid(chain)(windows).reshape(p + 1, -1)
+            outputs = flat(basis.reshape(p + 1, layer.in_channels, *layer.kernel_size)).reshape(p + 1, -1)
         else:
-            outputs = chain(basis)
+            outputs = flat(basis)
         outputs = outputs.numpy()
     return affine_error(moments, (outputs[1:] - outputs[0]).T, outputs[0])
 
 
 def _valid(chain: nn.Module) -> nn.Module:
-    """The chain with stride 1, no padding and no dilation: applied to one (c, kh, kw) patch it gives the
-    output at that patch's position (the patch already holds the layer's stride, padding and dilation)."""
-    import copy
-
+    """A copy of the chain with stride 1, no padding and no dilation: applied to one (c, kh, kw) patch it gives
+    the output at that patch's position (the patch already holds the layer's stride, padding and dilation); a
+    chain of Linear layers is copied as it is."""
     flat = copy.deepcopy(chain)
     for conv in flat.modules():
         if isinstance(conv, nn.Conv2d):
