@@ -10,7 +10,8 @@ Nothing else decides a rank: the budget engines of :mod:`lowrank_fm.ranks` and
 Order of decisions for a target layer: an override (``layer_ranks``) -> VBMF (``ranks="vbmf"``) -> the
 per-layer energy, or with ``speedup`` the budget strategy -> rounding to ``rank_multiple`` (never past
 break-even) -> the latency re-plan (``budget="latency"``) -> break-even (a rank whose MACs are not below the
-original's keeps the layer, unless ``force``) -> the speed gate (a layer not faster is kept, ``slower``).
+original's keeps the layer, unless ``force``) -> the speed gate (a layer not faster is kept, ``slower``; under a
+MAC ``speedup`` the other layers are planned again to make up the budget).
 """
 
 from __future__ import annotations
@@ -484,22 +485,40 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
         weighting whose plan moves them least
     measure_plan : ``(ranks, contexts) -> {"median", "min", "max", "rounds"}``, the measured speedup of a
         plan (``budget="latency"``)
-    gate : ``(name, context, rank) -> bool``, True when the factorized layer is faster (the speed gate);
+    gate : ``(name, context, rank) -> bool``, True when the factorized layer is faster (the speed gate;
+        under a MAC ``speedup`` the plan is made again without the slower layers, :func:`_gate_and_replan`);
         None: no gate
     """
     spectrum = _Spectra(method)
     chosen, options, selection = _choose(method, contexts, macs, config, spectrum, latency, output_errors, progress,
                                          divergence)
-    notes = selection.get("auto", {}).get("notes", {})
     _check_reachable(config, selection, latency)
     if latency is not None and measure_plan is not None:
         chosen, options, selection = _replan_for_latency(method, contexts, macs, config, spectrum, latency,
                                                          output_errors, chosen, options, selection, measure_plan,
                                                          divergence=divergence)
+    plan = _layer_plans(method, layers, contexts, macs, reasons, config, spectrum, chosen, options, selection)
+    if gate is not None:
+        plan, selection = _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, plan, selection,
+                                           gate, output_errors=output_errors, latency=latency, progress=progress,
+                                           divergence=divergence)
+    return Plan(plan, selection, spectrum.values)
+
+
+def _layer_plans(method: Method, layers: Mapping[str, nn.Module], contexts: dict[str, LayerContext],
+                 macs: dict[str, int], reasons: Mapping[str, str | None], config, spectrum: _Spectra,
+                 chosen: dict[str, int | None], options: dict[str, dict], selection: dict,
+                 slower: frozenset = frozenset()) -> dict[str, LayerPlan]:
+    """One :class:`LayerPlan` per layer from the chosen ranks: kept with its reason (not a target, ``slower``
+    than the original, left original by the budget, or a rank past break-even), or factorized."""
+    notes = selection.get("auto", {}).get("notes", {})
     plan: dict[str, LayerPlan] = {}
     for name in layers:
         if reasons[name] is not None:
             plan[name] = LayerPlan(name, None, reasons[name], macs[name], macs[name])
+            continue
+        if name in slower:
+            plan[name] = LayerPlan(name, None, "slower", macs[name], macs[name])
             continue
         ctx = _with_options(contexts[name], options.get(name))
         full, rank = method.full_rank(ctx), chosen[name]
@@ -514,16 +533,63 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
             continue
         plan[name] = LayerPlan(name, rank, None, macs[name], new_macs, full, rank, energy, dict(ctx.options),
                                notes.get(name))
-    if gate is not None:
-        checks = [n for n, p in plan.items() if p.rank is not None]
-        slower = sorted(n for n in progress(checks, "speed gate")
-                        if not gate(n, _with_options(contexts[n], plan[n].options), plan[n].rank))
-        if slower:
-            log.info("speed gate: %s not faster than the original; kept", slower)
-            if config.speedup is not None:
-                log.warning("speed gate kept %d layer(s) original: the theoretical speedup falls short of %.2fx",
-                            len(slower), config.speedup)
-        for name in slower:
-            plan[name] = LayerPlan(name, None, "slower", macs[name], macs[name])
-        selection["speed_gate"] = {"slower": slower}
-    return Plan(plan, selection, spectrum.values)
+    return plan
+
+
+#: How many times a ``speedup`` plan is made again without the layers the speed gate found slower.
+GATE_REPLANS = 2
+
+
+def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, plan, selection, gate, *,
+                     output_errors, latency, progress, divergence, replans: int = GATE_REPLANS) -> tuple:
+    """The speed gate: each factorized layer is timed against the original (``gate(name, context, rank)``,
+    True when faster) and a slower one is kept original with reason ``slower``.
+
+    Under a MAC ``speedup`` budget the plan is then made again without the slower layers, whose MACs become a
+    fixed cost, so that the layers that do run faster make up the budget (``fixed + sum_l macs_l(r_l) <=
+    total / S``); the new ranks are gated in turn, up to ``replans`` times. When the other layers cannot reach
+    S on their own the last plan that could is kept, and the theoretical speedup falls short of S (a warning).
+    A latency budget is not re-planned: its plan was timed whole and a slower layer costs what it measured."""
+    verdicts: dict[tuple, bool] = {}
+
+    def faster(name: str) -> bool:
+        layer = plan[name]
+        key = (name, layer.rank, tuple(sorted(layer.options.items())))
+        if key not in verdicts:
+            verdicts[key] = gate(name, _with_options(contexts[name], layer.options), layer.rank)
+        return verdicts[key]
+
+    slower: set[str] = set()
+    rounds = 0
+    while True:
+        new = sorted(n for n in progress([n for n, p in plan.items() if p.rank is not None], "speed gate")
+                     if not faster(n))
+        if not new:
+            break
+        slower.update(new)
+        log.info("speed gate: %s not faster than the original; kept", new)
+        if config.speedup is None or latency is not None or rounds == replans:
+            break
+        rest = {n: c for n, c in contexts.items() if n not in slower}
+        chosen, options, replanned = _choose(method, rest, macs, config, spectrum, None, output_errors, progress,
+                                             divergence)
+        if replanned.get("reachable") is False:
+            log.info("speed gate: without the slower layers %.2fx is out of reach (%.2fx); the plan stands",
+                     config.speedup, float(replanned.get("planned_speedup") or 1.0))
+            break
+        rounds += 1
+        if "auto" in replanned and "auto" in selection:  # the candidate curves were measured in the first plan
+            for stage in ("curves_s", "choice_s"):
+                replanned["auto"][stage] += selection["auto"][stage]
+        selection = replanned
+        plan = _layer_plans(method, layers, rest, macs, reasons, config, spectrum, chosen, options, selection,
+                            frozenset(slower))
+    for name in slower:
+        plan[name] = LayerPlan(name, None, "slower", macs[name], macs[name])
+    total = sum(macs.values())
+    achieved = total / max(1, total - sum(p.macs_before - p.macs_after for p in plan.values()))
+    if slower and config.speedup is not None and (latency is not None or achieved < config.speedup * (1 - 1e-3)):
+        log.warning("speed gate kept %d layer(s) original: the theoretical speedup falls short of %.2fx",
+                    len(slower), config.speedup)
+    selection["speed_gate"] = {"slower": sorted(slower), "replans": rounds}
+    return plan, selection

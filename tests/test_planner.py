@@ -3,6 +3,9 @@ cannot honour are refused before any work, and method settings are taken by name
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -81,3 +84,46 @@ def test_the_command_line_passes_method_settings_by_name() -> None:
     assert args.method_settings == [("group_options", (1, 2)), ("restarts", 3)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--method-setting", "no-equals-sign"])
+
+
+def _gated_plan(speedup: float, gate=None) -> tuple:
+    """svd on three (16, 16, 3, 3) convs of 6x6 maps: rank r costs 160 r MACs per position against 2304."""
+    torch.manual_seed(0)
+    convs = {name: nn.Conv2d(16, 16, 3, padding=1) for name in "abc"}
+    contexts = {name: dataclasses.replace(layer_context(conv, torch.randn(1, 16, 6, 6)), name=name)
+                for name, conv in convs.items()}
+    macs = {name: 2304 * ctx.positions for name, ctx in contexts.items()}
+    plan = plan_ranks(get_method("svd"), convs, contexts, macs, {name: None for name in convs},
+                      ApproxConfig(method="svd", speedup=speedup), gate=gate)
+    positions = contexts["a"].positions
+    after = sum(2304 if p.rank is None else 160 * p.rank for p in plan.layers.values()) * positions
+    return plan, sum(macs.values()) / after
+
+
+def test_the_gate_plans_the_other_layers_again_to_make_up_a_mac_budget() -> None:
+    plain, plain_speedup = _gated_plan(1.5)
+    timed = []
+
+    def gate(name, ctx, rank):
+        timed.append((name, rank))
+        return name != "a"
+
+    plan, speedup = _gated_plan(1.5, gate)
+    assert plain_speedup >= 1.5 and speedup >= 1.5  # 2304 + 160 (r_b + r_c) <= 3 * 2304 / 1.5
+    assert plan.layers["a"].rank is None and plan.layers["a"].reason == "slower"
+    for name in "bc":  # a kept at full cost: b and c share 2304 MACs where they had about 3072
+        assert plan.layers[name].rank < plain.layers[name].rank
+        assert (name, plan.layers[name].rank) in timed  # the new ranks were gated too
+    assert plan.layers["b"].rank + plan.layers["c"].rank <= 2304 // 160
+    assert plan.selection["speed_gate"] == {"slower": ["a"], "replans": 1}
+
+
+def test_when_the_faster_layers_cannot_reach_the_budget_the_plan_stands_with_a_warning(caplog) -> None:
+    plain, _ = _gated_plan(2.9)
+    with caplog.at_level(logging.WARNING, logger="lowrank_fm.planner"):
+        plan, speedup = _gated_plan(2.9, lambda name, ctx, rank: name != "a")
+    # b and c alone would have to fit in 3 * 2304 / 2.9 - 2304 = 79 MACs per position: below rank 1 of each
+    assert speedup < 2.9 and plan.layers["a"].reason == "slower"
+    assert [plan.layers[n].rank for n in "bc"] == [plain.layers[n].rank for n in "bc"]
+    assert plan.selection["speed_gate"] == {"slower": ["a"], "replans": 0}
+    assert "theoretical speedup falls short of 2.90x" in caplog.text

@@ -234,7 +234,7 @@ def _gate_says_slower(monkeypatch, slow_names):
     monkeypatch.setattr(SpeedGate, "check", check)
 
 
-def test_a_slower_layer_stays_original_and_the_others_keep_their_ranks(digits_run, monkeypatch):
+def test_a_slower_layer_stays_original_and_the_others_make_up_the_budget(digits_run, monkeypatch):
     model, loader, n = digits_run
     _, plain = approximate(model, loader, n_images=n, method="svd", speedup=1.6, progress=False, speed_gate=False)
     assert all(l.reason != "slower" for l in plain.layers) and "speed_gate" not in plain.selection
@@ -245,15 +245,19 @@ def test_a_slower_layer_stays_original_and_the_others_keep_their_ranks(digits_ru
     assert by_name[slow].status == "kept" and by_name[slow].reason == "slower"
     assert isinstance(dict(new_model.named_modules())[slow], nn.Conv2d | nn.Linear)
     assert by_name[slow].to_dict()["original_ms"] > 0
-    assert report.selection["speed_gate"]["slower"] == [slow]
+    assert report.selection["speed_gate"]["slower"] == [slow] and report.selection["speed_gate"]["replans"] == 1
     gate = report.selection["speed_gate"]  # the layout the layers were timed in: the whole model's faster one
     assert gate["layout"] == min(("nchw", "channels_last"), key=lambda name: gate[f"model_{name}_ms"])
     assert by_name[slow].macs_after == by_name[slow].macs_before
-    # the other layers keep the ranks the budget gave them (no deeper cuts to make up for the kept layer)
+    # the plan was made again without the slower layer: the others are cut deeper (never less) and the
+    # theoretical speedup still reaches the target
+    deeper = 0
     for layer in plain.layers:
-        if layer.name != slow:
-            assert (by_name[layer.name].rank, by_name[layer.name].status) == (layer.rank, layer.status)
-    assert report.totals["theoretical_speedup"] < plain.totals["theoretical_speedup"]
+        if layer.name != slow and layer.status == "approximated":
+            assert by_name[layer.name].status == "approximated" and by_name[layer.name].rank <= layer.rank
+            deeper += by_name[layer.name].rank < layer.rank
+    assert deeper >= 1
+    assert report.totals["theoretical_speedup"] >= 1.6 and plain.totals["theoretical_speedup"] >= 1.6
 
 
 def test_rank_multiple_rounds_every_factorized_rank(digits_run):
