@@ -78,7 +78,9 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
         # the output allocation with one sensitivity weighting, s_l^1 (the default until the plans of gamma = 0,
         # 0.5 and 1 were compared by simulation; "auto" is gamma = 0)
         runs += [BenchmarkRun("auto, allocation output, sensitivity weights fixed (gamma 1)", s,
-                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (1.0,)})]
+                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (1.0,)}),
+                 BenchmarkRun("auto, allocation output, sensitivity weights fixed (gamma 0.5)", s,
+                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (0.5,)})]
         # before / after the shortcut compensation (on by default; residual networks only)
         runs += [BenchmarkRun("fm, rmsprop, no shortcut compensation", s,
                               {"method": "fm", "solver": "rmsprop", "shortcut_compensation": False}),
