@@ -95,3 +95,15 @@ def test_the_rerun_commands_cover_every_current_cell_once_and_only_those():
         ["benchmark.py", "--models", "vgg-fmnist", "--speedups", "4", "--labels", "spatial (weight-only)", "fm, rmsprop",
          "auto"]]
     assert orphans == [("vgg-fmnist", "a label from an old grid", 3.0, 10000)]
+
+
+def test_a_row_names_the_layers_the_speed_gate_kept(tmp_path, vgg_digits, monkeypatch):
+    from lowrank_fm.bench.benchmark import BenchmarkRun, run_benchmark
+    from lowrank_fm.speedgate import SpeedGate
+
+    monkeypatch.setattr(SpeedGate, "check", lambda self, name, original, factorized, in_shape: name != "features.3")
+    grid = {"vgg-digits": [BenchmarkRun("svd (weight-only)", 1.5, {"method": "svd"}),
+                           BenchmarkRun("svd (weight-only), no speed gate", 1.5, {"method": "svd", "speed_gate": False})]}
+    gated, ungated = run_benchmark(grid, tmp_path / "rows.jsonl")
+    assert gated["speed_gate"]["slower"] == ["features.3"] and gated["speed_gate"]["replans"] == 1
+    assert "speed_gate" not in ungated

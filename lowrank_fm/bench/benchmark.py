@@ -182,6 +182,8 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
             "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
             "threads": torch.get_num_threads(),
         }
+        if "speed_gate" in report.selection:  # the layers the gate kept, and how often the plan was made again
+            row["speed_gate"] = {k: report.selection["speed_gate"].get(k) for k in ("slower", "replans")}
         row["provenance"] = provenance(load_before)
         log.info("%s %s %.1fx: top-1 %.4f -> %.4f (%.2f points), %.1f s", model_name, run.label,
                  row["theoretical_speedup"], top1_before, after["top1"], row["drop_points"], wall)
