@@ -168,6 +168,7 @@ class _Spectra:
 
     def __init__(self, method: Method) -> None:
         self.method, self.values, self.points = method, {}, {}
+        self.slower: dict[str, dict[str, int]] = {}  # layer -> {candidate method: lowest rank the gate found slower}
 
     def __call__(self, ctx: LayerContext) -> np.ndarray:
         if ctx.name not in self.values:
@@ -175,9 +176,17 @@ class _Spectra:
         return self.values[ctx.name]
 
     def candidate_points(self, ctx: LayerContext, original_macs: int) -> list:
+        """The layer's candidate points, less those of a method the speed gate found slower on it."""
         if ctx.name not in self.points:
             self.points[ctx.name] = self.method.candidate_points(ctx, original_macs)
-        return self.points[ctx.name]
+        slower = self.slower.get(ctx.name, {})
+        return [p for p in self.points[ctx.name] if p.method not in slower]
+
+    def exclude_slower(self, name: str, method: str, rank: int) -> None:
+        """The gate found ``method`` at ``rank`` (the budget's choice) on layer ``name`` slower than the original:
+        drop the method from the layer's candidates (its lower ranks cost less accuracy only near that rank, where
+        a chain's fixed passes keep its time close: trying them one by one would spend the re-plans)."""
+        self.slower.setdefault(name, {})[method] = rank
 
 
 def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
@@ -545,11 +554,13 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
     """The speed gate: each factorized layer is timed against the original (``gate(name, context, rank)``,
     True when faster) and a slower one is kept original with reason ``slower``.
 
-    Under a MAC ``speedup`` budget the plan is then made again without the slower layers, whose MACs become a
-    fixed cost, so that the layers that do run faster make up the budget (``fixed + sum_l macs_l(r_l) <=
-    total / S``); the new ranks are gated in turn, up to ``replans`` times. When the other layers cannot reach
-    S on their own the last plan that could is kept, and the theoretical speedup falls short of S (a warning).
-    A latency budget is not re-planned: its plan was timed whole and a slower layer costs what it measured."""
+    Under a MAC ``speedup`` budget the plan is then made again so that layers that do run faster make up the
+    budget (``fixed + sum_l macs_l(r_l) <= total / S``, the slower layers' MACs now part of the fixed cost):
+    without the slower layers, or with ``auto`` without the slower method of each such layer, so that the
+    layer can take another candidate method (or stay original, as the budget decides). The new ranks are gated in turn, up to
+    ``replans`` times; what is still slower after that is kept original. When the faster layers cannot reach
+    S the last plan that could is kept, and the theoretical speedup falls short of S (a warning). A latency
+    budget is not re-planned: its plan was timed whole and a slower layer costs what it measured."""
     verdicts: dict[tuple, bool] = {}
 
     def faster(name: str) -> bool:
@@ -559,31 +570,39 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
             verdicts[key] = gate(name, _with_options(contexts[name], layer.options), layer.rank)
         return verdicts[key]
 
-    slower: set[str] = set()
+    per_candidate = "auto" in method.allocations
+    excluded: set[str] = set()  # layers planned without
+    still_slower: list[str] = []
     rounds = 0
     while True:
         new = sorted(n for n in progress([n for n, p in plan.items() if p.rank is not None], "speed gate")
                      if not faster(n))
         if not new:
             break
-        slower.update(new)
-        log.info("speed gate: %s not faster than the original; kept", new)
+        log.info("speed gate: %s not faster than the original%s", new,
+                 "" if config.speedup is None or latency is not None else "; planned again without them")
+        still_slower = new
         if config.speedup is None or latency is not None or rounds == replans:
             break
-        rest = {n: c for n, c in contexts.items() if n not in slower}
+        by_candidate = {n for n in new if per_candidate and "method" in plan[n].options}  # not an override's
+        for name in by_candidate:
+            spectrum.exclude_slower(name, plan[name].options["method"], plan[name].rank)
+        trial = excluded | (set(new) - by_candidate)
+        rest = {n: c for n, c in contexts.items() if n not in trial}
         chosen, options, replanned = _choose(method, rest, macs, config, spectrum, None, output_errors, progress,
                                              divergence)
         if replanned.get("reachable") is False:
             log.info("speed gate: without the slower layers %.2fx is out of reach (%.2fx); the plan stands",
                      config.speedup, float(replanned.get("planned_speedup") or 1.0))
             break
-        rounds += 1
+        excluded, still_slower, rounds = trial, [], rounds + 1
         if "auto" in replanned and "auto" in selection:  # the candidate curves were measured in the first plan
             for stage in ("curves_s", "choice_s"):
                 replanned["auto"][stage] += selection["auto"][stage]
         selection = replanned
         plan = _layer_plans(method, layers, rest, macs, reasons, config, spectrum, chosen, options, selection,
-                            frozenset(slower))
+                            frozenset(excluded))
+    slower = excluded | set(still_slower)
     for name in slower:
         plan[name] = LayerPlan(name, None, "slower", macs[name], macs[name])
     total = sum(macs.values())
@@ -592,4 +611,6 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
         log.warning("speed gate kept %d layer(s) original: the theoretical speedup falls short of %.2fx",
                     len(slower), config.speedup)
     selection["speed_gate"] = {"slower": sorted(slower), "replans": rounds}
+    if spectrum.slower:
+        selection["speed_gate"]["slower_candidates"] = {n: dict(m) for n, m in spectrum.slower.items()}
     return plan, selection

@@ -218,6 +218,32 @@ def test_a_latency_budget_costs_each_candidate_by_its_measured_time():
     assert rest_ms + 0.05 * chosen.rank <= budget_ms < rest_ms + 0.05 * (chosen.rank + 1)
 
 
+def test_a_candidate_the_speed_gate_finds_slower_gives_way_to_another_method_of_the_same_layer():
+    """The separable layer under a 2x MAC budget takes spatial; when the gate finds spatial's chain slower than
+    the original, the plan is made again without spatial on that layer, and the layer takes fm at a
+    rank that still halves its MACs instead of being kept original."""
+    conv, ctx, macs = _separable_layer()
+    method = get_method("auto", {"candidates": ("fm", "spatial")})
+    layers, reasons = {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: None, "rest": "not targeted"}
+    config = ApproxConfig(method="auto", speedup=2.0)
+    first = plan_ranks(method, layers, {ctx.name: ctx}, macs, reasons, config).layers[ctx.name]
+    assert first.options == {"method": "spatial"}
+    gated = []
+
+    def gate(name, layer_ctx, rank):
+        gated.append((layer_ctx.options["method"], rank))
+        return layer_ctx.options["method"] != "spatial"
+
+    plan = plan_ranks(method, layers, {ctx.name: ctx}, macs, reasons, config, gate=gate)
+    chosen = plan.layers[ctx.name]
+    assert chosen.options == {"method": "fm"} and chosen.reason is None
+    # fm's chain on 16 -> 16 3x3: a 3x3 conv to r channels and a 1x1 back, r (16 * 9 + 16) MACs per position
+    assert chosen.macs_after == 160 * chosen.rank * ctx.positions <= macs[ctx.name] / 2
+    assert gated == [("spatial", first.rank), ("fm", chosen.rank)]
+    assert plan.selection["speed_gate"] == {"slower": [], "replans": 1,
+                                            "slower_candidates": {ctx.name: {"spatial": first.rank}}}
+
+
 def test_a_latency_plan_that_misses_is_planned_again_on_the_same_candidate_points(monkeypatch):
     """A whole-plan measurement that always misses the target makes the planner plan twice more; the layer's
     candidates are probed once for the three plans."""
