@@ -11,7 +11,7 @@ Order of decisions for a target layer: an override (``layer_ranks``) -> VBMF (``
 per-layer energy, or with ``speedup`` the budget strategy -> rounding to ``rank_multiple`` (never past
 break-even) -> the latency re-plan (``budget="latency"``) -> break-even (a rank whose MACs are not below the
 original's keeps the layer, unless ``force``) -> the speed gate (a layer not faster is kept, ``slower``; under a
-MAC ``speedup`` the other layers are planned again to make up the budget).
+MAC ``speedup`` the plan is made again with it at most half its rank, then without it).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class _Spectra:
 
     def __init__(self, method: Method) -> None:
         self.method, self.values, self.points = method, {}, {}
-        self.slower: dict[str, dict[str, int]] = {}  # layer -> {candidate method: lowest rank the gate found slower}
+        self.caps: dict[str, dict[str | None, int]] = {}  # layer -> {method (None: the run's): highest rank left}
 
     def __call__(self, ctx: LayerContext) -> np.ndarray:
         if ctx.name not in self.values:
@@ -176,17 +176,19 @@ class _Spectra:
         return self.values[ctx.name]
 
     def candidate_points(self, ctx: LayerContext, original_macs: int) -> list:
-        """The layer's candidate points, less those of a method the speed gate found slower on it."""
+        """The layer's candidate points, less those above their method's :meth:`rank_cap`."""
         if ctx.name not in self.points:
             self.points[ctx.name] = self.method.candidate_points(ctx, original_macs)
-        slower = self.slower.get(ctx.name, {})
-        return [p for p in self.points[ctx.name] if p.method not in slower]
+        caps = self.caps.get(ctx.name, {})
+        return [p for p in self.points[ctx.name] if p.rank <= caps.get(p.method, p.rank)]
 
-    def exclude_slower(self, name: str, method: str, rank: int) -> None:
-        """The gate found ``method`` at ``rank`` (the budget's choice) on layer ``name`` slower than the original:
-        drop the method from the layer's candidates (its lower ranks cost less accuracy only near that rank, where
-        a chain's fixed passes keep its time close: trying them one by one would spend the re-plans)."""
-        self.slower.setdefault(name, {})[method] = rank
+    def rank_cap(self, name: str, method: str | None = None) -> int | None:
+        """The highest rank layer ``name`` may take (with candidate ``method``; None: the run's method) after
+        the speed gate found a higher one slower (0: none); None where the gate set no cap."""
+        return self.caps.get(name, {}).get(method)
+
+    def cap_rank(self, name: str, method: str | None, rank: int) -> None:
+        self.caps.setdefault(name, {})[method] = rank
 
 
 def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output_errors=None, progress=None,
@@ -203,8 +205,11 @@ def _greedy(method, free, macs, config, *, fixed, spectrum, latency=None, output
         elif allocation in ("error", "output"):
             # relative error of the symmetric projection at rank r: discarded energy / E||y||^2
             errors = tail_error(values, ctx.stats.mean if ctx.stats is not None else np.zeros(1))
-        if latency is None:
-            cost_at, original = (lambda r, ctx=ctx: method.macs(ctx, r)), macs[name]
+        if latency is None:  # a rank above the speed gate's cap costs more than the original: never chosen
+            cap = spectrum.rank_cap(name)
+            cost_at = (lambda r, ctx=ctx, cap=cap, name=name:
+                       method.macs(ctx, r) if cap is None or r <= cap else macs[name] + r)
+            original = macs[name]
         else:  # integer nanoseconds, + r so that the cost strictly grows with the rank
             curve = latency[0][name][None]
             cost_at, original = (lambda r, curve=curve: int(1e6 * curve.at(r)) + r), int(1e6 * curve.original_ms)
@@ -495,7 +500,8 @@ def plan_ranks(method: Method, layers: Mapping[str, nn.Module], contexts: dict[s
     measure_plan : ``(ranks, contexts) -> {"median", "min", "max", "rounds"}``, the measured speedup of a
         plan (``budget="latency"``)
     gate : ``(name, context, rank) -> bool``, True when the factorized layer is faster (the speed gate;
-        under a MAC ``speedup`` the plan is made again without the slower layers, :func:`_gate_and_replan`);
+        under a MAC ``speedup`` the plan is made again with each slower layer at most half its rank, then
+        without it, :func:`_gate_and_replan`);
         None: no gate
     """
     spectrum = _Spectra(method)
@@ -545,8 +551,8 @@ def _layer_plans(method: Method, layers: Mapping[str, nn.Module], contexts: dict
     return plan
 
 
-#: How many times a ``speedup`` plan is made again without the layers the speed gate found slower.
-GATE_REPLANS = 2
+#: How many times a ``speedup`` plan is made again after the speed gate found layers slower.
+GATE_REPLANS = 3
 
 
 def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, plan, selection, gate, *,
@@ -554,13 +560,15 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
     """The speed gate: each factorized layer is timed against the original (``gate(name, context, rank)``,
     True when faster) and a slower one is kept original with reason ``slower``.
 
-    Under a MAC ``speedup`` budget the plan is then made again so that layers that do run faster make up the
-    budget (``fixed + sum_l macs_l(r_l) <= total / S``, the slower layers' MACs now part of the fixed cost):
-    without the slower layers, or with ``auto`` without the slower method of each such layer, so that the
-    layer can take another candidate method (or stay original, as the budget decides). The new ranks are gated in turn, up to
-    ``replans`` times; what is still slower after that is kept original. When the faster layers cannot reach
-    S the last plan that could is kept, and the theoretical speedup falls short of S (a warning). A latency
-    budget is not re-planned: its plan was timed whole and a slower layer costs what it measured."""
+    Under a MAC ``speedup`` budget the plan is then made again so that what does run faster makes up the
+    budget (``fixed + sum_l macs_l(r_l) <= total / S``): a layer found slower at rank r may take at most r // 2
+    (a chain's time falls with its rank; the budget decides how the others share what it gives up), and when
+    it is found slower again it is planned without (its MACs part of the fixed cost). With ``auto`` the cap and
+    then the exclusion apply to the slower method on that layer, which can take another candidate or stay
+    original as the budget decides. The new ranks are gated in turn, up to ``replans`` times; what is still
+    slower after that is kept original. When the rest cannot reach S the last plan that could is kept, and
+    the theoretical speedup falls short of S (a warning). A latency budget is not re-planned: its plan was
+    timed whole and a slower layer costs what it measured."""
     verdicts: dict[tuple, bool] = {}
 
     def faster(name: str) -> bool:
@@ -584,10 +592,17 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
         still_slower = new
         if config.speedup is None or latency is not None or rounds == replans:
             break
-        by_candidate = {n for n in new if per_candidate and "method" in plan[n].options}  # not an override's
-        for name in by_candidate:
-            spectrum.exclude_slower(name, plan[name].options["method"], plan[name].rank)
-        trial = excluded | (set(new) - by_candidate)
+        trial = set(excluded)
+        for name in new:  # first at most half the slower rank (a chain's time falls with it), then without it
+            candidate = plan[name].options.get("method") if per_candidate else None
+            if name in config.layer_ranks or (candidate is None and per_candidate):
+                trial.add(name)  # an override's rank is the user's: keep the layer original
+            elif spectrum.rank_cap(name, candidate) is None and plan[name].rank >= 2:
+                spectrum.cap_rank(name, candidate, plan[name].rank // 2)
+            elif candidate is not None:
+                spectrum.cap_rank(name, candidate, 0)
+            else:
+                trial.add(name)
         rest = {n: c for n, c in contexts.items() if n not in trial}
         chosen, options, replanned = _choose(method, rest, macs, config, spectrum, None, output_errors, progress,
                                              divergence)
@@ -611,6 +626,7 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
         log.warning("speed gate kept %d layer(s) original: the theoretical speedup falls short of %.2fx",
                     len(slower), config.speedup)
     selection["speed_gate"] = {"slower": sorted(slower), "replans": rounds}
-    if spectrum.slower:
-        selection["speed_gate"]["slower_candidates"] = {n: dict(m) for n, m in spectrum.slower.items()}
+    if spectrum.caps:  # {layer: {method (auto) or "*": highest rank left}}
+        selection["speed_gate"]["rank_caps"] = {n: {m or "*": r for m, r in caps.items()}
+                                                for n, caps in spectrum.caps.items()}
     return plan, selection

@@ -220,8 +220,9 @@ def test_a_latency_budget_costs_each_candidate_by_its_measured_time():
 
 def test_a_candidate_the_speed_gate_finds_slower_gives_way_to_another_method_of_the_same_layer():
     """The separable layer under a 2x MAC budget takes spatial; when the gate finds spatial's chain slower than
-    the original, the plan is made again without spatial on that layer, and the layer takes fm at a
-    rank that still halves its MACs instead of being kept original."""
+    the original at every rank, the plan is made again with spatial at most half that rank (exact from rank 2,
+    so still chosen, and slower again), then without spatial on that layer, which takes fm at a rank that still
+    halves its MACs instead of being kept original."""
     conv, ctx, macs = _separable_layer()
     method = get_method("auto", {"candidates": ("fm", "spatial")})
     layers, reasons = {ctx.name: conv, "rest": nn.Linear(2, 2)}, {ctx.name: None, "rest": "not targeted"}
@@ -239,9 +240,9 @@ def test_a_candidate_the_speed_gate_finds_slower_gives_way_to_another_method_of_
     assert chosen.options == {"method": "fm"} and chosen.reason is None
     # fm's chain on 16 -> 16 3x3: a 3x3 conv to r channels and a 1x1 back, r (16 * 9 + 16) MACs per position
     assert chosen.macs_after == 160 * chosen.rank * ctx.positions <= macs[ctx.name] / 2
-    assert gated == [("spatial", first.rank), ("fm", chosen.rank)]
-    assert plan.selection["speed_gate"] == {"slower": [], "replans": 1,
-                                            "slower_candidates": {ctx.name: {"spatial": first.rank}}}
+    assert [m for m, _ in gated] == ["spatial", "spatial", "fm"] and gated[0][1] == first.rank
+    assert 2 <= gated[1][1] <= first.rank // 2 and gated[2][1] == chosen.rank
+    assert plan.selection["speed_gate"] == {"slower": [], "replans": 2, "rank_caps": {ctx.name: {"spatial": 0}}}
 
 
 def test_a_latency_plan_that_misses_is_planned_again_on_the_same_candidate_points(monkeypatch):

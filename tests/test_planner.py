@@ -104,26 +104,40 @@ def test_the_gate_plans_the_other_layers_again_to_make_up_a_mac_budget() -> None
     plain, plain_speedup = _gated_plan(1.5)
     timed = []
 
-    def gate(name, ctx, rank):
+    def gate(name, ctx, rank):  # a is slower than the original at every rank
         timed.append((name, rank))
         return name != "a"
 
     plan, speedup = _gated_plan(1.5, gate)
     assert plain_speedup >= 1.5 and speedup >= 1.5  # 2304 + 160 (r_b + r_c) <= 3 * 2304 / 1.5
     assert plan.layers["a"].rank is None and plan.layers["a"].reason == "slower"
+    # a was tried again at half its rank (slower again), then planned without
+    half = plain.layers["a"].rank // 2
+    assert [r for n, r in timed if n == "a"][0] == plain.layers["a"].rank
+    assert 1 <= [r for n, r in timed if n == "a"][1] <= half
     for name in "bc":  # a kept at full cost: b and c share 2304 MACs where they had about 3072
         assert plan.layers[name].rank < plain.layers[name].rank
         assert (name, plan.layers[name].rank) in timed  # the new ranks were gated too
     assert plan.layers["b"].rank + plan.layers["c"].rank <= 2304 // 160
-    assert plan.selection["speed_gate"] == {"slower": ["a"], "replans": 1}
+    assert plan.selection["speed_gate"] == {"slower": ["a"], "replans": 2, "rank_caps": {"a": {"*": half}}}
+
+
+def test_a_layer_slower_at_its_rank_takes_at_most_half_of_it_and_stays_factorized() -> None:
+    plain, _ = _gated_plan(1.5)
+    half = plain.layers["a"].rank // 2
+    plan, speedup = _gated_plan(1.5, lambda name, ctx, rank: name != "a" or rank <= half)
+    assert speedup >= 1.5 and plan.selection["speed_gate"] == {"slower": [], "replans": 1,
+                                                                 "rank_caps": {"a": {"*": half}}}
+    assert 1 <= plan.layers["a"].rank <= half and plan.layers["a"].reason is None
 
 
 def test_when_the_faster_layers_cannot_reach_the_budget_the_plan_stands_with_a_warning(caplog) -> None:
     plain, _ = _gated_plan(2.9)
     with caplog.at_level(logging.WARNING, logger="lowrank_fm.planner"):
         plan, speedup = _gated_plan(2.9, lambda name, ctx, rank: name != "a")
-    # b and c alone would have to fit in 3 * 2304 / 2.9 - 2304 = 79 MACs per position: below rank 1 of each
+    # without a, b and c would have to fit in 3 * 2304 / 2.9 - 2304 = 79 MACs per position: below rank 1 of
+    # each; the plan with a capped at half its rank stands, a kept original
     assert speedup < 2.9 and plan.layers["a"].reason == "slower"
-    assert [plan.layers[n].rank for n in "bc"] == [plain.layers[n].rank for n in "bc"]
-    assert plan.selection["speed_gate"] == {"slower": ["a"], "replans": 0}
+    assert all(plan.layers[n].rank is not None for n in "bc")
+    assert plan.selection["speed_gate"]["slower"] == ["a"] and plan.selection["speed_gate"]["replans"] == 1
     assert "theoretical speedup falls short of 2.90x" in caplog.text

@@ -245,12 +245,12 @@ def test_a_slower_layer_stays_original_and_the_others_make_up_the_budget(digits_
     assert by_name[slow].status == "kept" and by_name[slow].reason == "slower"
     assert isinstance(dict(new_model.named_modules())[slow], nn.Conv2d | nn.Linear)
     assert by_name[slow].to_dict()["original_ms"] > 0
-    assert report.selection["speed_gate"]["slower"] == [slow] and report.selection["speed_gate"]["replans"] == 1
+    assert report.selection["speed_gate"]["slower"] == [slow] and report.selection["speed_gate"]["replans"] == 2
     gate = report.selection["speed_gate"]  # the layout the layers were timed in: the whole model's faster one
     assert gate["layout"] == min(("nchw", "channels_last"), key=lambda name: gate[f"model_{name}_ms"])
     assert by_name[slow].macs_after == by_name[slow].macs_before
-    # the plan was made again without the slower layer: the others are cut deeper (never less) and the
-    # theoretical speedup still reaches the target
+    # the plan was made again with the slower layer at half its rank (slower again: the gate says so at every
+    # rank), then without it: the others are cut deeper (never less) and the theoretical speedup reaches the target
     deeper = 0
     for layer in plain.layers:
         if layer.name != slow and layer.status == "approximated":
