@@ -588,7 +588,7 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
         if not new:
             break
         log.info("speed gate: %s not faster than the original%s", new,
-                 "" if config.speedup is None or latency is not None else "; planned again without them")
+                 "" if config.speedup is None or latency is not None else "; planned again")
         still_slower = new
         if config.speedup is None or latency is not None or rounds == replans:
             break
