@@ -28,9 +28,9 @@ power gamma (``sensitivity_exponents``, by default 0.5: the one-layer-at-a-time 
 With several exponents it simulates each plan whole (:func:`lowrank_fm.sensitivity.joint_output_divergence` on
 ``divergence_images`` further calibration images: every layer's responses projected at once to its predicted
 error, the outputs compared by softmax KL) and keeps the one whose outputs move least: one forward pass of
-those images per plan and one of the original (``rank_selection.auto.choice_s``). Until 2026-11-27 the default
-compared 0 and 1 that way; 0.5 alone lost less on 7 of the 10 cells of issue 17 and as much on the others
-(README, "auto").
+those images per plan and one of the original (``rank_selection.auto.choice_s``). Until commit 5c6d0be the
+default compared 0 and 1 that way; 0.5 alone lost less on 6 of the 10 cells of issue 17, as much on one and more
+on three (README, "auto").
 
 Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
 the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
