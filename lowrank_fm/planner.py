@@ -277,8 +277,9 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     errors are weighted by a power of its sensitivity s_l = median over the measured ranks of e_out(r) / e(r),
     e(r) the layer's own error there (:func:`~lowrank_fm.predicted_error.tail_error`): the sum minimised is
     sum_l s_l^(2 gamma) e_l^2. gamma = 1 counts the layers' errors as the network's output sees them, one
-    layer at a time; gamma = 0 ignores the sensitivity. Their sum misses how the errors interact (deep residual
-    networks gain from the weights, plain ones can lose), so with several exponents
+    layer at a time; gamma = 0 ignores the sensitivity; the default, 0.5, half trusts it. Their sum misses how
+    the errors interact (deep residual networks gain from the weights, plain ones can lose), so with several
+    exponents
     (``AutoSettings.sensitivity_exponents``) and ``divergence`` ({layer name: predicted error} ->
     :func:`~lowrank_fm.sensitivity.joint_output_divergence` on calibration images other than the sensitivity's),
     each exponent's plan is simulated whole and the one whose outputs move least is kept.
@@ -558,7 +559,8 @@ GATE_REPLANS = 3
 def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, plan, selection, gate, *,
                      output_errors, latency, progress, divergence, replans: int = GATE_REPLANS) -> tuple:
     """The speed gate: each factorized layer is timed against the original (``gate(name, context, rank)``,
-    True when faster) and a slower one is kept original with reason ``slower``.
+    True when faster; a layer found slower is timed once more and counts as slower only when both agree) and a
+    slower one is kept original with reason ``slower``.
 
     Under a MAC ``speedup`` budget the plan is then made again so that what does run faster makes up the
     budget (``fixed + sum_l macs_l(r_l) <= total / S``): a layer found slower at rank r may take at most r // 2
@@ -571,11 +573,12 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
     timed whole and a slower layer costs what it measured."""
     verdicts: dict[tuple, bool] = {}
 
-    def faster(name: str) -> bool:
+    def faster(name: str) -> bool:  # slower only when a second timing agrees (a near tie flips between runs)
         layer = plan[name]
         key = (name, layer.rank, tuple(sorted(layer.options.items())))
         if key not in verdicts:
-            verdicts[key] = gate(name, _with_options(contexts[name], layer.options), layer.rank)
+            ctx = _with_options(contexts[name], layer.options)
+            verdicts[key] = gate(name, ctx, layer.rank) or gate(name, ctx, layer.rank)
         return verdicts[key]
 
     per_candidate = "auto" in method.allocations

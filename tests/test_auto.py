@@ -240,8 +240,9 @@ def test_a_candidate_the_speed_gate_finds_slower_gives_way_to_another_method_of_
     assert chosen.options == {"method": "fm"} and chosen.reason is None
     # fm's chain on 16 -> 16 3x3: a 3x3 conv to r channels and a 1x1 back, r (16 * 9 + 16) MACs per position
     assert chosen.macs_after == 160 * chosen.rank * ctx.positions <= macs[ctx.name] / 2
-    assert [m for m, _ in gated] == ["spatial", "spatial", "fm"] and gated[0][1] == first.rank
-    assert 2 <= gated[1][1] <= first.rank // 2 and gated[2][1] == chosen.rank
+    assert gated[0] == gated[1] == ("spatial", first.rank)  # slower twice: a second timing agrees
+    assert gated[2] == gated[3] and gated[2][0] == "spatial" and 2 <= gated[2][1] <= first.rank // 2
+    assert gated[4:] == [("fm", chosen.rank)]
     assert plan.selection["speed_gate"] == {"slower": [], "replans": 2, "rank_caps": {ctx.name: {"spatial": 0}}}
 
 
