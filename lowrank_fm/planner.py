@@ -590,10 +590,10 @@ def _gate_and_replan(method, layers, contexts, macs, reasons, config, spectrum, 
                      if not faster(n))
         if not new:
             break
-        log.info("speed gate: %s not faster than the original%s", new,
-                 "" if config.speedup is None or latency is not None else "; planned again")
         still_slower = new
-        if config.speedup is None or latency is not None or rounds == replans:
+        replan = config.speedup is not None and latency is None and rounds < replans
+        log.info("speed gate: %s not faster than the original%s", new, "; planned again" if replan else "")
+        if not replan:
             break
         trial = set(excluded)
         for name in new:  # first at most half the slower rank (a chain's time falls with it), then without it
