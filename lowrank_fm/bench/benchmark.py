@@ -75,12 +75,13 @@ def _grid(speedups: tuple[float, ...]) -> list[BenchmarkRun]:
                               {"method": "auto", "allocation": "output", "output_matching": True}),
                  BenchmarkRun("auto, allocation output, fit from the store", s,
                               _FROM_STORE | {"method": "auto", "allocation": "output"})]
-        # the output allocation with one sensitivity weighting, s_l^1 (the default until the plans of gamma = 0,
-        # 0.5 and 1 were compared by simulation; "auto" is gamma = 0)
+        # other sensitivity weightings of the output allocation (the default is s_l^0.5 since commit 5c6d0be;
+        # "auto" is gamma = 0): s_l^1 alone (the default before any comparison), and the plans of gamma 0 and 1
+        # compared by simulation (the default until commit 5c6d0be)
         runs += [BenchmarkRun("auto, allocation output, sensitivity weights fixed (gamma 1)", s,
                               {"method": "auto", "allocation": "output", "sensitivity_exponents": (1.0,)}),
-                 BenchmarkRun("auto, allocation output, sensitivity weights fixed (gamma 0.5)", s,
-                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (0.5,)})]
+                 BenchmarkRun("auto, allocation output, gamma 0 and 1 compared", s,
+                              {"method": "auto", "allocation": "output", "sensitivity_exponents": (0.0, 1.0)})]
         # before / after the shortcut compensation (on by default; residual networks only)
         runs += [BenchmarkRun("fm, rmsprop, no shortcut compensation", s,
                               {"method": "fm", "solver": "rmsprop", "shortcut_compensation": False}),
