@@ -7,6 +7,8 @@
     python scripts/benchmark.py --speed --models vgg16 # only the vgg16 speed-only cell (random weights)
     python scripts/benchmark.py --readme               # rewrite the README's tables and the peers plots from results/
                                                        # (runs nothing; the peers run itself: scripts/peers.py)
+    python scripts/benchmark.py --models resnet-fmnist --speedups 4 --seeds 0 1 2 3 4 --labels "cp + correction"
+                                                       # a cell on 5 calibration draws -> results/draws.jsonl
     python scripts/benchmark.py --all                  # re-run everything the README shows, then --readme
     python scripts/benchmark.py --torchvision          # issue 19's table: the five torchvision architectures
                                                        # whose CIFAR-10 checkpoints are cached (the others: one
@@ -56,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speedups", nargs="*", type=float, default=None,
                         help="override the grid's targets (--torchvision: only the cells at these targets)")
     parser.add_argument("--labels", nargs="*", default=None, help="only the runs (--torchvision: cells) with these labels")
-    parser.add_argument("--out", default=None, help="default results/accuracy.jsonl (--speed: results/latency.jsonl)")
+    parser.add_argument("--out", default=None, help="default results/accuracy.jsonl (--speed: results/latency.jsonl; "
+                        "--seeds: results/draws.jsonl)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run the cells once per calibration draw (seed s draws the 1%% subset and seeds the "
+                             "method; the accuracy table's rows are seed 0), rows to results/draws.jsonl, whose "
+                             "README table gives each method's mean drop over the draws and its paired difference "
+                             "from auto's")
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the README table)")
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return _speed(args)
     if args.torchvision:
         return _torchvision(args)
-    args.out = args.out or "results/accuracy.jsonl"
+    args.out = args.out or ("results/draws.jsonl" if args.seeds else "results/accuracy.jsonl")
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
         print(markdown_table([r for r in rows if not args.models or r["model"] in args.models]))
@@ -108,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels:
             runs = [r for r in runs if r.label in args.labels]
         grid[model] = runs
-    rows = run_benchmark(grid, args.out, eval_images=args.eval_images, data_dir=args.data_dir, jobs=args.jobs)
+    rows = []
+    for seed in args.seeds or [0]:
+        rows += run_benchmark(grid, args.out, seed=seed, eval_images=args.eval_images, data_dir=args.data_dir,
+                              jobs=args.jobs)
+    if args.seeds:
+        from lowrank_fm.bench.draws import draws_table
+        from lowrank_fm.bench.provenance import read_rows
+
+        print(draws_table(read_rows(Path(args.out))))
+        return 0
     print(markdown_table(rows))
     return 0
 

@@ -181,7 +181,7 @@ def run_cells(model_name: str, runs: list[BenchmarkRun], *, calib_fraction: floa
             "drop_se_points": 100 * drop_standard_error(before["top1_hits"], after["top1_hits"]),
             "approximate_wall_s": wall, "run_wall_s": wall + evaluate, "timing": report.timing, "calib_images": len(indices),
             "output_matching": report.output_matching, "ranks": {l.name: l.rank for l in report.layers},
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "calibration_seed": seed,
         }
         if "speed_gate" in report.selection:  # the layers the gate kept, and how often the plan was made again
             row["speed_gate"] = {k: report.selection["speed_gate"].get(k) for k in ("slower", "replans")}

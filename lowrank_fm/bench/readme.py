@@ -130,6 +130,13 @@ def _sigma(results: Path, *models: str) -> str:
     return "\n".join(lines)
 
 
+def _draws(results: Path, *models: str) -> str:
+    from .draws import draws_table
+
+    rows = read_rows(results / "draws.jsonl")
+    return draws_table([r for r in rows if not models or r["model"] in models])
+
+
 def _peers(results: Path, *models: str) -> str:
     from .peers import peers_table
 
@@ -138,7 +145,7 @@ def _peers(results: Path, *models: str) -> str:
 
 
 TABLES: dict[str, Callable[..., str]] = {"accuracy": _accuracy, "speed": _speed, "calibration": _calibration,
-                                         "sigma": _sigma, "peers": _peers,
+                                         "sigma": _sigma, "peers": _peers, "draws": _draws,
                                          "scale": _scale, "training": _training, "torchvision": _torchvision}
 
 
