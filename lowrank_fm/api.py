@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .building import build_layers, heldout_errors, in_network_errors
+from .building import build_layers, layer_errors
 from .config import ApproxConfig
 from .cost import measure_costs, module_params
 from .distributed import split_range
@@ -245,11 +245,9 @@ def approximate(
         with _stage(timing, "heldout_error"):  # under torchrun: each rank its part, the sums reduced
             part = split_range(n_fit, total_images, rank, size) if size > 1 else (n_fit, total_images)
             heldout = shard_inputs(data, to_input, part, size, config.device)
-            for name, error in heldout_errors(reference, replacements, heldout, reduce=size > 1).items():
-                records[name].rel_error = error
-            heldout = shard_inputs(data, to_input, part, size, config.device)
-            for name, error in in_network_errors(reference, work, replacements, heldout, reduce=size > 1).items():
-                records[name].rel_error_network = error
+            alone, in_network = layer_errors(reference, work, replacements, heldout, reduce=size > 1)
+            for name in replacements:
+                records[name].rel_error, records[name].rel_error_network = alone[name], in_network[name]
             after = measure_costs(work, probe)
             for name in replacements:  # the MACs actually counted in the new model's forward
                 records[name].macs_after = sum(c.macs for n, c in after.items() if n.startswith(name + "."))

@@ -18,71 +18,58 @@ from .patches import patches_at
 from .samples import layer_data_from_maps
 from .surgery import get_module
 
-__all__ = ["build_layers", "heldout_errors", "in_network_errors", "corrects", "correct_last_factor"]
+__all__ = ["build_layers", "layer_errors", "corrects", "correct_last_factor"]
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def heldout_errors(reference: nn.Module, replacements: dict[str, nn.Module], inputs: Iterable,
-                   reduce: bool = False) -> dict[str, float]:
-    """||y - yhat||_F / ||y||_F per replaced layer, over every output position of the held-out inputs.
+IN_NETWORK_CHUNK = 8  # images per forward in :func:`layer_errors` (it holds every replaced layer's output)
 
-    y is the original layer's output inside the reference (original, folded) network; yhat is the
-    replacement applied to the very same layer input. With ``reduce`` (under torch.distributed, each rank
-    given its own part of the held-out images) the sums of squares are added over the ranks before the ratio.
-    """
+
+def _ratios(sums: dict[str, list[float]], reduce: bool) -> dict[str, float]:
+    """sqrt(err / ref) per name from its [err, ref] sums of squares (added over the ranks with ``reduce``)."""
     from .distributed import all_reduce_sums
 
-    sums = {name: [0.0, 0.0] for name in replacements}
-    handles = []
-    for name, replacement in replacements.items():
-        def hook(_module, args, output, name=name, replacement=replacement):
-            approx = replacement(args[0])
-            sums[name][0] += float((output.double() - approx.double()).pow(2).sum())
-            sums[name][1] += float(output.double().pow(2).sum())
-
-        handles.append(get_module(reference, name).register_forward_hook(hook))
-    try:
-        for batch in inputs:
-            reference(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
     if reduce:
         flat = all_reduce_sums([value for pair in sums.values() for value in pair])
         sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}
     return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
 
 
-IN_NETWORK_CHUNK = 8  # images per forward in :func:`in_network_errors` (it holds every replaced layer's output)
-
-
 @torch.no_grad()
-def in_network_errors(reference: nn.Module, approximated: nn.Module, names: Iterable[str], inputs: Iterable,
-                      reduce: bool = False) -> dict[str, float]:
-    """||y_l - yhat_l||_F / ||y_l||_F per replaced layer l, each network fed its own inputs.
+def layer_errors(reference: nn.Module, approximated: nn.Module | None, replacements: dict[str, nn.Module | None],
+                 inputs: Iterable, reduce: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """Two relative errors per replaced layer l over every output position of the held-out inputs, from one
+    forward of the reference (original, folded) network and one of ``approximated`` per chunk of images:
 
-    y_l is layer l's output inside the reference (original, folded) network and yhat_l the replacement's output
-    inside ``approximated`` on the same images, so yhat_l carries the error of every layer before l. Where
-    :func:`heldout_errors` measures a replacement alone on the original input, this is the error the user's
-    network has at that layer: for a layer whose last factor was refitted to the approximated network's inputs
-    (the whole-model correction) the first can be large while this is small. A tensor batch is run in chunks of
-    ``IN_NETWORK_CHUNK`` images (every replaced layer's output of a chunk is held at once); ``reduce`` as in
-    :func:`heldout_errors`."""
-    from .distributed import all_reduce_sums
+        alone_l      = ||y_l - R_l(x_l)||_F / ||y_l||_F   (R_l = ``replacements[l]`` on the reference's own input
+                                                           x_l of layer l; layers whose replacement is None skip it)
+        in_network_l = ||y_l - yhat_l||_F / ||y_l||_F     (yhat_l: layer l's output inside ``approximated`` fed the
+                                                           same images; none when ``approximated`` is None)
 
-    names = list(names)
-    sums = {name: [0.0, 0.0] for name in names}
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}  # a module called twice: two outputs
+    y_l is layer l's output inside the reference. yhat_l carries the error of every layer before l: for a layer
+    whose last factor was refitted to the approximated network's inputs (the whole-model correction) alone_l can
+    be large while in_network_l is small. A tensor batch is run in chunks of ``IN_NETWORK_CHUNK`` images when
+    ``approximated`` is given (every replaced layer's output of a chunk is kept until the second network has run).
+    With ``reduce`` (under torch.distributed, each rank given its own part of the held-out images) the sums of
+    squares are added over the ranks before the ratios. Returns ``(alone, in_network)``."""
+    names = list(replacements)
+    alone_sums = {name: [0.0, 0.0] for name in names if replacements[name] is not None}
+    network_sums = {name: [0.0, 0.0] for name in names} if approximated is not None else {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in names}  # a module called twice: two outputs
 
-    def keep(_module, _args, output, name):  # a copy: an in-place activation after the layer would change it
-        outputs[name].append(output.clone())
+    def observe(_module, args, output, name):
+        if name in alone_sums:
+            approx = replacements[name](args[0])
+            alone_sums[name][0] += float((output.double() - approx.double()).pow(2).sum())
+            alone_sums[name][1] += float(output.double().pow(2).sum())
+        if network_sums:  # a copy: an in-place activation after the layer would change it
+            kept[name].append(output.clone())
 
     def compare(_module, _args, output, name):
-        y = outputs[name].pop(0).double()
-        sums[name][0] += float((y - output.double()).pow(2).sum())
-        sums[name][1] += float(y.pow(2).sum())
+        y = kept[name].pop(0).double()
+        network_sums[name][0] += float((y - output.double()).pow(2).sum())
+        network_sums[name][1] += float(y.pow(2).sum())
 
     def run(network, hook, batch):
         handles = [get_module(network, name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
@@ -94,14 +81,12 @@ def in_network_errors(reference: nn.Module, approximated: nn.Module, names: Iter
                 handle.remove()
 
     for batch in inputs:
-        chunks = batch.split(IN_NETWORK_CHUNK) if torch.is_tensor(batch) else [batch]
+        chunks = batch.split(IN_NETWORK_CHUNK) if torch.is_tensor(batch) and network_sums else [batch]
         for chunk in chunks:
-            run(reference, keep, chunk)
-            run(approximated, compare, chunk)
-    if reduce:
-        flat = all_reduce_sums([value for pair in sums.values() for value in pair])
-        sums = {name: flat[2 * i:2 * i + 2] for i, name in enumerate(sums)}
-    return {name: (np.sqrt(err / ref) if ref > 0 else float(err > 0)) for name, (err, ref) in sums.items()}
+            run(reference, observe, chunk)
+            if network_sums:
+                run(approximated, compare, chunk)
+    return _ratios(alone_sums, reduce), _ratios(network_sums, reduce)
 
 
 def corrects(method: Method, config) -> bool:

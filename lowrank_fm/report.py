@@ -23,7 +23,7 @@ class LayerRecord:
     spectrum it keeps (None when not computed), ``rel_error`` = ||y - yhat||_F / ||y||_F over every output
     position of the held-out calibration images with the replacement applied to the original network's input
     to the layer, ``rel_error_network`` the same with yhat the replacement's output inside the approximated
-    network (its input carries the error of the layers before; :func:`lowrank_fm.building.in_network_errors`).
+    network (its input carries the error of the layers before; :func:`lowrank_fm.building.layer_errors`).
     Both are None when the layer is kept or not measured. For a layer whose last factor was refitted to the
     approximated network's inputs (the whole-model correction), ``rel_error`` can be far larger than
     ``rel_error_network``: the refit compensates for errors its original input does not have.

@@ -164,11 +164,12 @@ def test_vbmf_ranks_are_refused_for_methods_without_them(digits, model):
         approximate(model, _loader(digits, 32), method="fm-linear", ranks="vbmf", progress=False)
 
 
-def test_in_network_errors_against_prefix_forwards():
+def test_layer_errors_against_prefix_forwards():
     """Layer l's in-network error from hooks equals ||A[:l+1](x) - B[:l+1](x)|| / ||A[:l+1](x)|| computed by
-    running each network's prefix (nn.Sequential slicing), over several batches and chunks; the in-place ReLU
-    after layer 2 must not change the output kept for it."""
-    from lowrank_fm.building import in_network_errors
+    running each network's prefix (nn.Sequential slicing), and its error alone equals
+    ||A[:l+1](x) - B[l](A[:l](x))|| / ||A[:l+1](x)||, over several batches and chunks, from one pass of each
+    network; the in-place ReLU after layer 2 must not change the output kept for it."""
+    from lowrank_fm.building import layer_errors
 
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
@@ -179,13 +180,21 @@ def test_in_network_errors_against_prefix_forwards():
         for index in (2, 4):
             approximated[index].weight.add_(0.1 * torch.randn_like(approximated[index].weight))
     batches = [torch.randn(11, 3, 6, 6), torch.randn(5, 3, 6, 6)]
-    errors = in_network_errors(reference, approximated, ["2", "4"], batches)
+    calls = {"reference": 0}
+    reference.register_forward_pre_hook(lambda *_: calls.__setitem__("reference", calls["reference"] + 1))
+    replacements = {"2": approximated[2], "4": approximated[4]}
+    alone, errors = layer_errors(reference, approximated, replacements, batches)
+    assert calls["reference"] == 2 + 1  # one forward of the reference per chunk of 8 images: 11 -> 2, 5 -> 1
     x = torch.cat(batches)
     with torch.no_grad():
         for index in (2, 4):
             y, y_hat = reference[:index + 1](x), approximated[:index + 1](x)
             assert errors[str(index)] == pytest.approx(float((y - y_hat).norm() / y.norm()), rel=1e-5)
-    assert errors["4"] > 0 and errors["2"] > 0
+            y_alone = approximated[index](reference[:index](x))
+            assert alone[str(index)] == pytest.approx(float((y - y_alone).norm() / y.norm()), rel=1e-5)
+    assert errors["4"] > alone["4"] > 0  # layer 4's input carries layer 2's error inside the approximated network
+    only_alone, none = layer_errors(reference, None, replacements, batches)
+    assert none == {} and only_alone == pytest.approx(alone, rel=1e-9)
 
 
 def test_report_gives_each_layers_error_inside_the_approximated_network(approximated):

@@ -234,7 +234,7 @@ def run_sharded_pass(settings: dict, method: str = "fm", solver: str = "rmsprop"
     from lowrank_fm.layerwise import LayerwisePass
 
     seen = {"pass_images": [], "heldout_images": 0, "rows": {}}
-    run, correct, heldout = LayerwisePass.run, building.correct_last_factor, api.heldout_errors
+    run, correct, heldout = LayerwisePass.run, building.correct_last_factor, api.layer_errors
     from lowrank_fm.methods.fm_nonlinear import FeatureMap
     build = FeatureMap.build
 
@@ -253,14 +253,14 @@ def run_sharded_pass(settings: dict, method: str = "fm", solver: str = "rmsprop"
         seen["rows"][name] = (data.inputs, data.targets, data.heldout)
         return correct(layer, replacement, data, seed)
 
-    def counting_heldout(reference, replacements, inputs, reduce=False):
+    def counting_heldout(reference, approximated, replacements, inputs, reduce=False):
         def counted():
             for batch in inputs:
                 seen["heldout_images"] += batch_size_of(batch)
                 yield batch
-        return heldout(reference, replacements, counted(), reduce)
+        return heldout(reference, approximated, replacements, counted(), reduce)
 
-    LayerwisePass.run, api.heldout_errors = counting_run, counting_heldout
+    LayerwisePass.run, api.layer_errors = counting_run, counting_heldout
     FeatureMap.build, building.correct_last_factor = recording_build, recording_correct
     try:
         model, report = approximate(tiny_model(), loader(), calib_file=settings["calib_file"], energy=0.9,
@@ -268,7 +268,7 @@ def run_sharded_pass(settings: dict, method: str = "fm", solver: str = "rmsprop"
                                     method=method, speed_gate=False, sharded_solvers=sharded,  # (no timings)
                                     **({"solver": solver} if method.startswith("fm") else {}))
     finally:
-        LayerwisePass.run, api.heldout_errors = run, heldout
+        LayerwisePass.run, api.layer_errors = run, heldout
         FeatureMap.build, building.correct_last_factor = build, correct
     seen.update(state=model.state_dict(), ranks=[r.rank for r in report.layers],
                 errors=[e for r in report.layers for e in (r.rel_error, r.rel_error_network)], extra=[r.extra for r in report.layers])
@@ -306,7 +306,8 @@ def test_two_gloo_processes_share_the_layerwise_pass_and_give_the_single_process
     With ``sharded_solvers`` the solvers add their row sums over the ranks:
 
     - fm without refinement (float64 regression only): the single-process factors, largest difference measured
-      0.0 (asserted < 1e-9), the same decisions, held-out errors (alone and in the network) within 1e-7 relative.
+      0.0 (asserted < 1e-9), the same decisions, held-out errors (alone and in the network) within 1e-6 relative (float32 forwards of
+      9 held-out images in chunks of 8 + 1 against 5 and 4: measured up to 1.1e-7).
     - fm and tucker2 (whole-model correction) with RMSProp: 300 float32 steps amplify the float32 summation
       order of the gradient sums (a 1e-7 perturbation of one process's inputs moves the factors as much:
       test_two_shards_of_rmsprop_differ_as_little_as_float32_rounding_of_one_process). Measured largest factor
@@ -345,7 +346,7 @@ def test_two_gloo_processes_share_the_layerwise_pass_and_give_the_single_process
             elif exact:
                 assert difference < 1e-9
                 assert [_without_floats(e) for e in result["extra"]] == [_without_floats(e) for e in one["extra"]]
-                np.testing.assert_allclose(*errors, rtol=1e-7)
+                np.testing.assert_allclose(*errors, rtol=1e-6)
             else:
                 np.testing.assert_allclose(*errors, rtol=0.05)
                 assert method != "tucker2" or difference < 1e-5
