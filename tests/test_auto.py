@@ -314,6 +314,25 @@ def test_layers_wider_than_the_probe_limit_take_fm_without_an_input_covariance(v
                 assert read_input_stats(reader, layer.name)[2] > 0
 
 
+def test_a_linear_layer_takes_svd_sigma_for_the_response_projection_unless_too_wide_to_probe():
+    """On a Linear layer fm, fm-3d and svd-sigma build the same chain with one predicted error: svd-sigma takes
+    it (its closed-form factors; fm's RMSProp refinement overfits one row per image), fm where the layer is too
+    wide for an input covariance; on a conv fm stays first."""
+    from lowrank_fm.methods.auto import LINEAR_PROJECTION
+
+    linear = nn.Linear(64, 32)
+    ctx = layer_context(linear, torch.randn(200, 64))
+    narrow, wide = get_method("auto"), get_method("auto", {"probe_limit": 32})
+    assert LINEAR_PROJECTION == "svd-sigma"
+    assert narrow._applicable(ctx)[:3] == ["svd-sigma", "fm", "fm-3d"]
+    assert wide._applicable(ctx)[0] == "fm"  # (a layer too wide to probe takes the first candidate alone)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    assert narrow._applicable(layer_context(conv, torch.randn(6, 4, 8, 8)))[0] == "fm"
+    # their points tie (same MACs, the same tail error): the envelope keeps the one listed first
+    tied = [CandidatePoint(name, 4, 1000, 0.1) for name in narrow._applicable(ctx)[:3]]
+    assert [p.method for p in pareto_envelope(tied, 2048, lambda p: p.macs)] == ["svd-sigma"]
+
+
 def test_auto_keeps_the_input_moments_over_about_input_rows_times_p_patches(vgg_digits, digits_loader, tmp_path):
     """Each probed layer's moments come from ceil(input_rows p / n) positions of each of the n calibration images
     (all of a smaller map): count n min(k, L); None keeps every patch, n L."""
