@@ -288,7 +288,7 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     a point's cost is its method's measured time at its rank instead of its MACs, and the budget is the
     model's measured time over the target: a candidate whose chain runs slowly for its MACs (cp's depthwise
     convs on a CPU) is chosen only where its error pays for its time."""
-    from .sensitivity import rank_grid  # (sensitivity imports the planner)
+    from .sensitivity import rank_grid, sensitivity_highest  # (sensitivity imports the planner)
 
     start = time.perf_counter()
     progress = progress or (lambda items, desc: items)
@@ -296,7 +296,7 @@ def _auto(method, free, macs, config, *, fixed, spectrum, latency=None, output_e
     for name in progress(list(free), "auto: candidate curves"):
         points[name] = spectrum.candidate_points(free[name], macs[name])
         if output_errors is not None and name in output_errors:  # measured where output_errors_for measured it
-            measured = rank_grid(highest_cheaper_rank(method, free[name], macs[name]), method.sensitivity_points())
+            measured = rank_grid(sensitivity_highest(method, free[name], macs[name]), method.sensitivity_points())
             sensitivity[name] = _sensitivity(output_errors[name], free[name], measured)
     curves_s = time.perf_counter() - start
     exponents = method.settings.sensitivity_exponents if sensitivity else (0.0,)

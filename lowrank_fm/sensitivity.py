@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .methods.base import ResponseStats
 from .predicted_error import tail_error
 
-__all__ = ["rank_grid", "project_responses", "output_error_curves", "rank_for_error", "joint_output_divergence"]
+__all__ = ["rank_grid", "project_responses", "output_error_curves", "output_errors_for", "sensitivity_highest",
+           "rank_for_error", "joint_output_divergence"]
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,25 @@ def output_error_curves(model: nn.Module, modules: dict[str, nn.Module], stats: 
     return curves
 
 
+def sensitivity_highest(method, ctx, original_macs: int) -> int:
+    """The highest rank at which a layer's output error is measured: the method's highest rank below break-even
+    (:func:`lowrank_fm.planner.highest_cheaper_rank`; for ``auto`` its first candidate's), at most the response
+    width d (projected on d directions the responses are unchanged). The planner's sensitivity reads the curve at
+    the same ranks."""
+    from .planner import highest_cheaper_rank
+
+    return min(highest_cheaper_rank(method, ctx, original_macs), ctx.out_channels)
+
+
 def output_errors_for(method, work, contexts: dict, macs: dict[str, int], batches: list, config) -> dict | None:
     """Per-layer output error curves for ``allocation="output"`` of the layers without a rank override (None
     when they cannot be measured: no response statistics, or outputs that are not tensors)."""
-    from .planner import highest_cheaper_rank
     from .surgery import get_module
 
     free = {n: c for n, c in contexts.items() if n not in config.layer_ranks}
-    if not free or any(c.stats is None or c.stats.eigenvalues.size != method.full_rank(c) for c in free.values()):
+    if not free or any(c.stats is None or c.stats.eigenvalues.size != c.out_channels for c in free.values()):
         return None
-    highest = {n: highest_cheaper_rank(method, c, macs[n]) for n, c in free.items()}
+    highest = {n: sensitivity_highest(method, c, macs[n]) for n, c in free.items()}
     curves = output_error_curves(work, {n: get_module(work, n) for n in free}, {n: c.stats for n, c in free.items()},
                                  highest, batches, points=method.sensitivity_points(), progress=config.progress)
     if curves is None:

@@ -410,6 +410,20 @@ def test_the_output_allocation_weighs_each_layer_by_how_much_of_its_error_reache
     assert report.selection["allocation_signal"].startswith("output error on")
 
 
+def test_the_output_allocation_weighs_every_layer_whatever_candidate_comes_first(vgg_digits, digits_loader):
+    """The sensitivity is measured on the responses (d principal directions), not in the first candidate's ranks:
+    with ``spatial`` first (a CP-like full rank, no Linear layers) every approximated layer is still weighed (it
+    was silently unweighted), and a Linear layer without a choice falls to the first candidate supporting it."""
+    config = ApproxConfig(method="auto", speedup=2.0, speed_gate=False, progress=False,
+                          method_settings={"candidates": ("spatial", "fm")})
+    _, report = approximate(vgg_digits, digits_loader, config)
+    approximated = {l.name for l in report.layers if l.status == "approximated"}
+    assert approximated and set(report.selection["auto"]["sensitivity"]) >= approximated
+    assert "classifier.1" in report.selection["auto"]["sensitivity"]
+    assert get_method("auto", {"candidates": ("spatial", "fm")}).for_layer(
+        layer_context(nn.Linear(16, 8), torch.randn(4, 16))).name == "fm"
+
+
 def test_the_output_allocation_keeps_the_sensitivity_weighting_whose_simulated_plan_moves_the_outputs_least(
         vgg_digits, digits_loader):
     """Several exponents: each plan simulated, the least divergent one kept, and it is the plan that exponent

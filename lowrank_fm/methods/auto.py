@@ -34,7 +34,7 @@ on three (README, "auto").
 
 Everything else (spectrum, full rank, MACs, build) is the chosen method's, so the planner, the speed gate and
 the layer-wise pass treat an ``auto`` layer exactly like a layer of that method. Without a choice in
-``ctx.options`` (an override of ``layer_ranks``), the first candidate (``fm``) is used.
+``ctx.options`` (an override of ``layer_ranks``), the first candidate that supports the layer is used (``fm``).
 """
 
 from __future__ import annotations
@@ -175,7 +175,9 @@ class Auto(Method):
         return int(self.settings.divergence_images) if len(self.settings.sensitivity_exponents) > 1 else 0
 
     def for_layer(self, ctx: LayerContext) -> Method:
-        choice = ctx.options.get("method", self.settings.candidates[0])
+        choice = ctx.options.get("method") or next(  # without a choice: the first candidate for this layer
+            (name for name, method in self.delegates.items() if method.supports(ctx.module) is None),
+            self.settings.candidates[0])
         if choice not in self.delegates:
             raise ValueError(f"layer {ctx.name!r}: method {choice!r} is not one of auto's candidates "
                              f"{list(self.delegates)}")
