@@ -68,13 +68,13 @@ def draw_summary(rows: list[dict], reference: str = REFERENCE_LABEL) -> list[dic
         if label != reference and len(common) >= 2:
             deltas = [float(by_seed[s]["drop_points"]) - float(base[s]["drop_points"]) for s in common]
             paired = (*_mean_and_se(deltas), len(common))
-        commits = sorted({(by_seed[s_]["provenance"].get("commit") or "?")[:8] for s_ in seeds})
-        latest = max((by_seed[s_]["provenance"].get("date_utc") or "") for s_ in seeds)
+        runs = [by_seed[seed] for seed in seeds]
         summaries.append({"model": model, "target": target, "label": label, "seeds": seeds, "drops": drops,
-                          "mean": mean, "se": se, "paired": paired, "speedups": [float(by_seed[s][
-                              "theoretical_speedup"]) for s in seeds],
-                          "approximate_s": float(np.mean([by_seed[s]["approximate_wall_s"] for s in seeds])),
-                          "commits": commits, "latest_date": latest[:10]})
+                          "mean": mean, "se": se, "paired": paired,
+                          "speedups": [float(r["theoretical_speedup"]) for r in runs],
+                          "approximate_s": float(np.mean([r["approximate_wall_s"] for r in runs])),
+                          "commits": sorted({(r["provenance"].get("commit") or "?")[:8] for r in runs}),
+                          "latest_date": max(r["provenance"].get("date_utc") or "" for r in runs)[:10]})
     return summaries
 
 

@@ -65,9 +65,9 @@ ALS_CANDIDATES = ("cp", "cp-sigma")
 #: one predicted error) where its input covariance is kept: svd-sigma's factors from the input-weighted SVD, the
 #: last refitted in closed form by the correction, rather than fm's RMSProp refinement of both factors, which a
 #: Linear layer's few rows (one per calibration image, about 540 against r (p + d) weights) overfit:
-#: vgg-fmnist-narrow at 4x, calibration draws 0 / 1 / 3, lost 0.50 / 0.44 / 0.33 points against 0.49 / 0.63 / 0.60
-#: with fm on its classifier.1 (diagnostics of commit 8424f5c, 2026-11-27). Wider layers (no input covariance)
-#: keep fm, the first candidate.
+#: vgg-fmnist-narrow at 4x over five calibration draws lost 0.44 points on average against 0.54 with fm on its
+#: classifier.1 (results/draws.jsonl, rows of 626fbbe and 8424f5c). Wider layers (no input covariance) keep fm,
+#: the first candidate.
 LINEAR_PROJECTION = "svd-sigma"
 #: settings of the layers auto builds with a candidate, where they differ from the method's defaults: one CP-ALS
 #: start (from the SVD), the whole-model correction refitting its last factor after it
